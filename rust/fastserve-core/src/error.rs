@@ -1,0 +1,84 @@
+//! The one error type of the serving path, mapped once to protocol status codes.
+
+use http::StatusCode;
+
+/// Every failure a request can meet. The message is written for the API user:
+/// it names tensors, models and shapes, never internal paths or Rust types.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ServeError {
+    /// Malformed request, wrong name/dtype/shape/element count, missing input.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Unknown model, version or route.
+    #[error("{0}")]
+    NotFound(String),
+    /// The model exists but cannot take requests (not ready, unloading, shutting down).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The model's queue is at `max_queue_size`.
+    #[error("{0}")]
+    QueueFull(String),
+    /// Body or message larger than the configured limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The model itself failed while executing.
+    #[error("{0}")]
+    ModelError(String),
+    /// A bug or an invariant violated inside the server.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Shorthand for the request path.
+pub type Result<T, E = ServeError> = std::result::Result<T, E>;
+
+impl ServeError {
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        Self::BadRequest(msg.into())
+    }
+
+    pub fn not_found(msg: impl Into<String>) -> Self {
+        Self::NotFound(msg.into())
+    }
+
+    pub fn unavailable(msg: impl Into<String>) -> Self {
+        Self::Unavailable(msg.into())
+    }
+
+    /// The HTTP status of the KServe V2 REST protocol for this error.
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unavailable(_) | Self::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ModelError(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short, stable label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) | Self::PayloadTooLarge(_) => "bad_request",
+            Self::NotFound(_) => "not_found",
+            Self::Unavailable(_) => "unavailable",
+            Self::QueueFull(_) => "queue_full",
+            Self::ModelError(_) => "model_error",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_v2_protocol() {
+        assert_eq!(ServeError::bad_request("x").http_status(), 400);
+        assert_eq!(ServeError::not_found("x").http_status(), 404);
+        assert_eq!(ServeError::QueueFull("x".into()).http_status(), 503);
+        assert_eq!(ServeError::PayloadTooLarge("x".into()).http_status(), 413);
+        assert_eq!(ServeError::ModelError("x".into()).http_status(), 500);
+    }
+}

@@ -1,0 +1,21 @@
+//! fastserve core: the KServe V2 protocol, per-model request queues and dynamic batching, and the
+//! network front ends. Plain Rust, usable and tested without Python; models plug in through
+//! [`scheduler::Instance`].
+
+pub mod batcher;
+pub mod datatype;
+pub mod error;
+pub mod http;
+pub mod infer;
+pub mod json_codec;
+pub mod logging;
+pub mod registry;
+pub mod scheduler;
+pub mod server;
+pub mod spec;
+pub mod state;
+pub mod tensor;
+
+pub use datatype::DataType;
+pub use error::{Result, ServeError};
+pub use tensor::{Tensor, TensorData};

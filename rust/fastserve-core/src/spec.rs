@@ -1,0 +1,254 @@
+//! What a model version accepts and returns, and the checks that turn a decoded request
+//! into a job the scheduler can batch.
+
+use crate::datatype::DataType;
+use crate::error::{Result, ServeError};
+use crate::infer::InferRequest;
+use crate::tensor::{Tensor, TensorData};
+
+/// One input or output as declared by config or read from the model; `dims` exclude the batch dim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub datatype: DataType,
+    /// -1 marks a variable dimension.
+    pub dims: Vec<i64>,
+}
+
+impl TensorSpec {
+    pub fn new(name: impl Into<String>, datatype: DataType, dims: Vec<i64>) -> Self {
+        Self { name: name.into(), datatype, dims }
+    }
+}
+
+/// The served interface of one model version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub version: u64,
+    /// Triton-style platform string, e.g. `onnxruntime_onnx` or `python`.
+    pub platform: String,
+    /// 0 disables batching: tensors carry no batch dimension.
+    pub max_batch_size: usize,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// A request that passed validation: inputs in the model's declared order.
+#[derive(Debug)]
+pub struct ValidatedRequest {
+    pub inputs: Vec<Tensor>,
+    /// Rows along the batch dimension (1 when the model does not batch).
+    pub rows: usize,
+}
+
+fn shape_str(shape: impl IntoIterator<Item = i64>) -> String {
+    let parts: Vec<String> = shape.into_iter().map(|d| d.to_string()).collect();
+    format!("[{}]", parts.join(","))
+}
+
+impl ModelSpec {
+    pub fn batching(&self) -> bool {
+        self.max_batch_size > 0
+    }
+
+    /// The shape clients see: the batch dimension (as -1) first when batching.
+    pub fn full_dims(&self, t: &TensorSpec) -> Vec<i64> {
+        let mut dims = Vec::with_capacity(t.dims.len() + 1);
+        if self.batching() {
+            dims.push(-1);
+        }
+        dims.extend_from_slice(&t.dims);
+        dims
+    }
+
+    pub fn output(&self, name: &str) -> Option<&TensorSpec> {
+        self.outputs.iter().find(|o| o.name == name)
+    }
+
+    /// Checks names, datatypes, shapes and batch size; returns the inputs in declared order.
+    pub fn validate(&self, request: &mut InferRequest) -> Result<ValidatedRequest> {
+        for (i, t) in request.inputs.iter().enumerate() {
+            if !self.inputs.iter().any(|s| s.name == t.name) {
+                let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(ServeError::bad_request(format!(
+                    "unexpected input '{}' for model '{}' (inputs are {:?})",
+                    t.name, self.name, known
+                )));
+            }
+            if request.inputs[..i].iter().any(|o| o.name == t.name) {
+                return Err(ServeError::bad_request(format!("input '{}' given more than once", t.name)));
+            }
+        }
+        for o in &request.outputs {
+            if self.output(&o.name).is_none() {
+                let known: Vec<&str> = self.outputs.iter().map(|s| s.name.as_str()).collect();
+                return Err(ServeError::bad_request(format!(
+                    "unknown output '{}' requested from model '{}' (outputs are {:?})",
+                    o.name, self.name, known
+                )));
+            }
+        }
+        let mut given = std::mem::take(&mut request.inputs);
+        let mut inputs = Vec::with_capacity(self.inputs.len());
+        let mut rows: Option<usize> = None;
+        for spec in &self.inputs {
+            let pos = given
+                .iter()
+                .position(|t| t.name == spec.name)
+                .ok_or_else(|| ServeError::bad_request(format!("missing input '{}' for model '{}'", spec.name, self.name)))?;
+            let t = given.swap_remove(pos);
+            self.check_input(spec, &t)?;
+            if self.batching() {
+                let r = t.shape[0];
+                match rows {
+                    Some(prev) if prev != r => {
+                        return Err(ServeError::bad_request(format!(
+                            "input '{}': batch size {} differs from the other inputs' {}",
+                            t.name, r, prev
+                        )))
+                    }
+                    _ => rows = Some(r),
+                }
+            }
+            inputs.push(t);
+        }
+        let rows = rows.unwrap_or(1);
+        if self.batching() {
+            if rows == 0 {
+                return Err(ServeError::bad_request("batch size must be at least 1"));
+            }
+            if rows > self.max_batch_size {
+                return Err(ServeError::bad_request(format!(
+                    "batch size {} exceeds max_batch_size {} of model '{}'",
+                    rows, self.max_batch_size, self.name
+                )));
+            }
+        }
+        Ok(ValidatedRequest { inputs, rows })
+    }
+
+    fn check_input(&self, spec: &TensorSpec, t: &Tensor) -> Result<()> {
+        if t.datatype != spec.datatype {
+            return Err(ServeError::bad_request(format!(
+                "input '{}': expected datatype {}, got {}",
+                spec.name, spec.datatype, t.datatype
+            )));
+        }
+        let expected = self.full_dims(spec);
+        let matches = expected.len() == t.shape.len()
+            && expected.iter().zip(&t.shape).all(|(&e, &g)| e < 0 || e as usize == g);
+        if !matches {
+            return Err(ServeError::bad_request(format!(
+                "input '{}': expected shape {}, got {}",
+                spec.name,
+                shape_str(expected),
+                shape_str(t.shape.iter().map(|&d| d as i64))
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks what a model returned for a batch of `rows` rows; a mismatch is the model's fault.
+    pub fn check_outputs(&self, outputs: &[Tensor], rows: usize) -> Result<()> {
+        for spec in &self.outputs {
+            let t = outputs.iter().find(|t| t.name == spec.name).ok_or_else(|| {
+                ServeError::ModelError(format!("model '{}' did not return output '{}'", self.name, spec.name))
+            })?;
+            if t.datatype != spec.datatype {
+                return Err(ServeError::ModelError(format!(
+                    "model '{}' returned output '{}' as {}, but it is declared {}",
+                    self.name, spec.name, t.datatype, spec.datatype
+                )));
+            }
+            if self.batching() && t.shape.first() != Some(&rows) {
+                return Err(ServeError::ModelError(format!(
+                    "model '{}' returned output '{}' with shape {}, but the batch has {} rows",
+                    self.name,
+                    spec.name,
+                    shape_str(t.shape.iter().map(|&d| d as i64)),
+                    rows
+                )));
+            }
+            if let (TensorData::Raw(_), None) | (TensorData::Strings(_), Some(_)) = (&t.data, t.datatype.size()) {
+                return Err(ServeError::Internal(format!("output '{}' has the wrong representation", t.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::RequestedOutput;
+
+    fn spec(max_batch_size: usize) -> ModelSpec {
+        ModelSpec {
+            name: "m".into(),
+            version: 1,
+            platform: "python".into(),
+            max_batch_size,
+            inputs: vec![TensorSpec::new("A", DataType::Fp32, vec![-1, 4]), TensorSpec::new("B", DataType::Int32, vec![1])],
+            outputs: vec![TensorSpec::new("Y", DataType::Fp32, vec![-1])],
+        }
+    }
+
+    fn tensor(name: &str, dt: DataType, shape: Vec<usize>) -> Tensor {
+        let n: usize = shape.iter().product();
+        Tensor::new(name, dt, shape, TensorData::Raw(vec![0u8; n * dt.size().unwrap()].into())).unwrap()
+    }
+
+    fn request(inputs: Vec<Tensor>) -> InferRequest {
+        InferRequest { inputs, ..Default::default() }
+    }
+
+    #[test]
+    fn orders_inputs_and_counts_rows() {
+        let mut r = request(vec![tensor("B", DataType::Int32, vec![3, 1]), tensor("A", DataType::Fp32, vec![3, 2, 4])]);
+        let v = spec(8).validate(&mut r).unwrap();
+        assert_eq!(v.rows, 3);
+        assert_eq!(v.inputs[0].name, "A");
+    }
+
+    #[test]
+    fn reports_problems_in_user_terms() {
+        let s = spec(8);
+        let cases = [
+            (vec![tensor("A", DataType::Fp32, vec![1, 2, 3]), tensor("B", DataType::Int32, vec![1, 1])], "input 'A': expected shape [-1,-1,4], got [1,2,3]"),
+            (vec![tensor("A", DataType::Fp64, vec![1, 2, 4]), tensor("B", DataType::Int32, vec![1, 1])], "input 'A': expected datatype FP32, got FP64"),
+            (vec![tensor("A", DataType::Fp32, vec![1, 2, 4])], "missing input 'B'"),
+            (vec![tensor("C", DataType::Fp32, vec![1])], "unexpected input 'C'"),
+            (vec![tensor("A", DataType::Fp32, vec![9, 2, 4]), tensor("B", DataType::Int32, vec![9, 1])], "batch size 9 exceeds max_batch_size 8"),
+            (vec![tensor("A", DataType::Fp32, vec![2, 2, 4]), tensor("B", DataType::Int32, vec![3, 1])], "batch size 3 differs"),
+        ];
+        for (inputs, msg) in cases {
+            let err = s.validate(&mut request(inputs)).unwrap_err();
+            assert!(matches!(err, ServeError::BadRequest(_)));
+            assert!(err.to_string().contains(msg), "{err} should contain {msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_requested_output_is_rejected() {
+        let mut r = request(vec![tensor("A", DataType::Fp32, vec![1, 1, 4]), tensor("B", DataType::Int32, vec![1, 1])]);
+        r.outputs.push(RequestedOutput { name: "Z".into(), ..Default::default() });
+        assert!(spec(8).validate(&mut r).unwrap_err().to_string().contains("unknown output 'Z'"));
+    }
+
+    #[test]
+    fn without_batching_there_is_no_batch_dim() {
+        let mut r = request(vec![tensor("A", DataType::Fp32, vec![2, 4]), tensor("B", DataType::Int32, vec![1])]);
+        assert_eq!(spec(0).validate(&mut r).unwrap().rows, 1);
+    }
+
+    #[test]
+    fn model_output_mistakes_are_model_errors() {
+        let s = spec(8);
+        let err = s.check_outputs(&[], 1).unwrap_err();
+        assert!(matches!(err, ServeError::ModelError(_)));
+        let err = s.check_outputs(&[tensor("Y", DataType::Fp32, vec![2, 3])], 3).unwrap_err();
+        assert!(err.to_string().contains("batch has 3 rows"));
+        s.check_outputs(&[tensor("Y", DataType::Fp32, vec![3, 3])], 3).unwrap();
+    }
+}
