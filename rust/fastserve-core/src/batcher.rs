@@ -27,8 +27,7 @@ pub trait Batchable {
 
 /// Requests can share a batch when every input agrees on everything but the batch dimension.
 pub fn compatible(a: &[Tensor], b: &[Tensor]) -> bool {
-    a.len() == b.len()
-        && a.iter().zip(b).all(|(x, y)| x.datatype == y.datatype && x.shape.get(1..) == y.shape.get(1..))
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.datatype == y.datatype && x.shape.get(1..) == y.shape.get(1..))
 }
 
 /// The next batch: indices into the queue (oldest first) and whether to send it now.

@@ -29,7 +29,12 @@ pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 type Body = Full<Bytes>;
 
 /// Accepts connections until `shutdown` flips, then waits up to `drain` for open requests.
-pub async fn serve(listener: TcpListener, state: Arc<ServerState>, mut shutdown: watch::Receiver<bool>, drain: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
@@ -151,7 +156,12 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<(http::reques
     Ok((parts, collected.to_bytes()))
 }
 
-async fn infer(state: &ServerState, model: &str, version: Option<&str>, req: Request<Incoming>) -> Result<Response<Body>> {
+async fn infer(
+    state: &ServerState,
+    model: &str,
+    version: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
     // Resolve first so an unknown model is a 404 without reading the body.
     let mv: Arc<ModelVersion> = state.registry.resolve(model, version)?;
     let scheduler = mv.scheduler()?.clone();

@@ -71,8 +71,8 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>) -> Result<In
             )))
         }
     };
-    let wire: WireRequest<'_> =
-        serde_json::from_slice(&json).map_err(|e| ServeError::bad_request(format!("malformed infer request JSON: {e}")))?;
+    let wire: WireRequest<'_> = serde_json::from_slice(&json)
+        .map_err(|e| ServeError::bad_request(format!("malformed infer request JSON: {e}")))?;
     let mut inputs = Vec::with_capacity(wire.inputs.len());
     for input in wire.inputs {
         inputs.push(decode_input(input, &mut binary)?);
@@ -92,7 +92,12 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>) -> Result<In
             let binary = match o.parameters.as_ref().and_then(|p| p.get("binary_data")) {
                 None | Some(Value::Null) => default_binary,
                 Some(Value::Bool(b)) => *b,
-                Some(_) => return Err(ServeError::bad_request(format!("output '{}': parameter 'binary_data' must be a boolean", o.name))),
+                Some(_) => {
+                    return Err(ServeError::bad_request(format!(
+                        "output '{}': parameter 'binary_data' must be a boolean",
+                        o.name
+                    )))
+                }
             };
             Ok(RequestedOutput { name: o.name, binary })
         })
@@ -104,12 +109,10 @@ fn decode_input(input: WireInput<'_>, binary: &mut Bytes) -> Result<Tensor> {
     let name = input.name;
     let datatype = DataType::parse(&input.datatype)
         .ok_or_else(|| ServeError::bad_request(format!("input '{name}': unknown datatype '{}'", input.datatype)))?;
-    let shape = input
-        .shape
-        .iter()
-        .map(|&d| usize::try_from(d))
-        .collect::<std::result::Result<Vec<usize>, _>>()
-        .map_err(|_| ServeError::bad_request(format!("input '{name}': shape {:?} has a negative dimension", input.shape)))?;
+    let shape =
+        input.shape.iter().map(|&d| usize::try_from(d)).collect::<std::result::Result<Vec<usize>, _>>().map_err(
+            |_| ServeError::bad_request(format!("input '{name}': shape {:?} has a negative dimension", input.shape)),
+        )?;
     let elements = element_count(&shape)
         .ok_or_else(|| ServeError::bad_request(format!("input '{name}': shape {:?} is too large", input.shape)))?;
     let data = if let Some(size) = param_u64(&input.parameters, "binary_data_size")? {
@@ -123,9 +126,9 @@ fn decode_input(input: WireInput<'_>, binary: &mut Bytes) -> Result<Tensor> {
         let chunk = binary.split_to(size);
         decode_binary(&name, datatype, elements, chunk)?
     } else {
-        let raw = input
-            .data
-            .ok_or_else(|| ServeError::bad_request(format!("input '{name}' has neither 'data' nor binary_data_size")))?;
+        let raw = input.data.ok_or_else(|| {
+            ServeError::bad_request(format!("input '{name}' has neither 'data' nor binary_data_size"))
+        })?;
         decode_json_data(&name, datatype, elements, raw.get())?
     };
     Tensor::new(name, datatype, shape, data)
@@ -543,16 +546,31 @@ mod tests {
     #[test]
     fn rejects_bad_data_with_clear_messages() {
         let cases = [
-            (r#"{"inputs":[{"name":"x","shape":[2],"datatype":"UINT8","data":[1,256]}]}"#, "input 'x': value 256 is out of range for UINT8"),
-            (r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#, "input 'x': shape needs 3 elements, data has 2"),
+            (
+                r#"{"inputs":[{"name":"x","shape":[2],"datatype":"UINT8","data":[1,256]}]}"#,
+                "input 'x': value 256 is out of range for UINT8",
+            ),
+            (
+                r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#,
+                "input 'x': shape needs 3 elements, data has 2",
+            ),
             (r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1,2]}]}"#, "more than the 1 elements"),
-            (r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":[1.5]}]}"#, "expected an integer for INT32"),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT32","data":[1.5]}]}"#,
+                "expected an integer for INT32",
+            ),
             (r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FLOAT","data":[1]}]}"#, "unknown datatype 'FLOAT'"),
             (r#"{"inputs":[{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}]}"#, "negative dimension"),
             (r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#, "neither 'data' nor binary_data_size"),
-            (r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[null]}]}"#, "null is not a tensor element"),
+            (
+                r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[null]}]}"#,
+                "null is not a tensor element",
+            ),
             (r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","data":[1]}]}"#, "expected true or false"),
-            (r#"{"inputs":[{"name":"x","shape":[4294967296,4294967296,4294967296],"datatype":"FP32","data":[1]}]}"#, "too large"),
+            (
+                r#"{"inputs":[{"name":"x","shape":[4294967296,4294967296,4294967296],"datatype":"FP32","data":[1]}]}"#,
+                "too large",
+            ),
             (r#"{"inputs": [}"#, "malformed infer request JSON"),
             (r#"{"outputs": []}"#, "malformed infer request JSON: missing field `inputs`"),
         ];

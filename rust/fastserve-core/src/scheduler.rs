@@ -70,7 +70,11 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Starts the batcher and one thread per instance.
-    pub fn start(spec: Arc<ModelSpec>, config: SchedulerConfig, instances: Vec<Box<dyn Instance>>) -> Result<Arc<Self>> {
+    pub fn start(
+        spec: Arc<ModelSpec>,
+        config: SchedulerConfig,
+        instances: Vec<Box<dyn Instance>>,
+    ) -> Result<Arc<Self>> {
         if instances.is_empty() {
             return Err(ServeError::Internal(format!("model '{}' has no instances", spec.name)));
         }
@@ -82,7 +86,9 @@ impl Scheduler {
         let mut threads = Vec::with_capacity(instances.len() + 1);
         for (i, instance) in instances.into_iter().enumerate() {
             let (spec, idle_tx, batch_rx) = (spec.clone(), idle_tx.clone(), batch_rx.clone());
-            threads.push(spawn(format!("fs-inst-{label}-{i}"), move || instance_loop(instance, &spec, idle_tx, batch_rx))?);
+            threads.push(spawn(format!("fs-inst-{label}-{i}"), move || {
+                instance_loop(instance, &spec, idle_tx, batch_rx)
+            })?);
         }
         drop((idle_tx, batch_rx));
         let (policy, q) = (config.policy.clone(), queued.clone());
@@ -169,7 +175,13 @@ fn pull_ready(rx: &Receiver<Msg>, backlog: &mut VecDeque<Job>, closing: &mut boo
     }
 }
 
-fn batcher_loop(rx: Receiver<Msg>, idle_rx: Receiver<()>, batch_tx: Sender<Vec<Job>>, policy: BatchPolicy, queued: Arc<AtomicUsize>) {
+fn batcher_loop(
+    rx: Receiver<Msg>,
+    idle_rx: Receiver<()>,
+    batch_tx: Sender<Vec<Job>>,
+    policy: BatchPolicy,
+    queued: Arc<AtomicUsize>,
+) {
     let mut backlog: VecDeque<Job> = VecDeque::new();
     let mut closing = false;
     let mut have_instance = false;
@@ -333,7 +345,10 @@ mod tests {
     }
 
     /// Starts a scheduler whose first batch blocks until the returned gate is released.
-    fn gated(max: usize, queue: usize) -> (Arc<Scheduler>, crossbeam_channel::Receiver<usize>, crossbeam_channel::Sender<()>) {
+    fn gated(
+        max: usize,
+        queue: usize,
+    ) -> (Arc<Scheduler>, crossbeam_channel::Receiver<usize>, crossbeam_channel::Sender<()>) {
         let (seen_tx, seen) = crossbeam_channel::unbounded();
         let (gate_tx, gate_rx) = crossbeam_channel::unbounded();
         let inst = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: None };
@@ -378,7 +393,8 @@ mod tests {
         let (seen_tx, seen) = crossbeam_channel::unbounded();
         let mut cfg = config(8, 10);
         cfg.policy.max_queue_delay = Duration::from_millis(5);
-        let s = Scheduler::start(spec(8), cfg, vec![Box::new(Doubler { seen: seen_tx, gate: None, fail_on: None })]).unwrap();
+        let s = Scheduler::start(spec(8), cfg, vec![Box::new(Doubler { seen: seen_tx, gate: None, fail_on: None })])
+            .unwrap();
         assert_eq!(values(s.submit(request(&[1.0, 2.0])).unwrap().await.unwrap()), vec![2.0, 4.0]);
         assert_eq!(seen.recv().unwrap(), 2);
     }

@@ -93,10 +93,9 @@ impl ModelSpec {
         let mut inputs = Vec::with_capacity(self.inputs.len());
         let mut rows: Option<usize> = None;
         for spec in &self.inputs {
-            let pos = given
-                .iter()
-                .position(|t| t.name == spec.name)
-                .ok_or_else(|| ServeError::bad_request(format!("missing input '{}' for model '{}'", spec.name, self.name)))?;
+            let pos = given.iter().position(|t| t.name == spec.name).ok_or_else(|| {
+                ServeError::bad_request(format!("missing input '{}' for model '{}'", spec.name, self.name))
+            })?;
             let t = given.swap_remove(pos);
             self.check_input(spec, &t)?;
             if self.batching() {
@@ -136,8 +135,8 @@ impl ModelSpec {
             )));
         }
         let expected = self.full_dims(spec);
-        let matches = expected.len() == t.shape.len()
-            && expected.iter().zip(&t.shape).all(|(&e, &g)| e < 0 || e as usize == g);
+        let matches =
+            expected.len() == t.shape.len() && expected.iter().zip(&t.shape).all(|(&e, &g)| e < 0 || e as usize == g);
         if !matches {
             return Err(ServeError::bad_request(format!(
                 "input '{}': expected shape {}, got {}",
@@ -189,7 +188,10 @@ mod tests {
             version: 1,
             platform: "python".into(),
             max_batch_size,
-            inputs: vec![TensorSpec::new("A", DataType::Fp32, vec![-1, 4]), TensorSpec::new("B", DataType::Int32, vec![1])],
+            inputs: vec![
+                TensorSpec::new("A", DataType::Fp32, vec![-1, 4]),
+                TensorSpec::new("B", DataType::Int32, vec![1]),
+            ],
             outputs: vec![TensorSpec::new("Y", DataType::Fp32, vec![-1])],
         }
     }
@@ -215,12 +217,24 @@ mod tests {
     fn reports_problems_in_user_terms() {
         let s = spec(8);
         let cases = [
-            (vec![tensor("A", DataType::Fp32, vec![1, 2, 3]), tensor("B", DataType::Int32, vec![1, 1])], "input 'A': expected shape [-1,-1,4], got [1,2,3]"),
-            (vec![tensor("A", DataType::Fp64, vec![1, 2, 4]), tensor("B", DataType::Int32, vec![1, 1])], "input 'A': expected datatype FP32, got FP64"),
+            (
+                vec![tensor("A", DataType::Fp32, vec![1, 2, 3]), tensor("B", DataType::Int32, vec![1, 1])],
+                "input 'A': expected shape [-1,-1,4], got [1,2,3]",
+            ),
+            (
+                vec![tensor("A", DataType::Fp64, vec![1, 2, 4]), tensor("B", DataType::Int32, vec![1, 1])],
+                "input 'A': expected datatype FP32, got FP64",
+            ),
             (vec![tensor("A", DataType::Fp32, vec![1, 2, 4])], "missing input 'B'"),
             (vec![tensor("C", DataType::Fp32, vec![1])], "unexpected input 'C'"),
-            (vec![tensor("A", DataType::Fp32, vec![9, 2, 4]), tensor("B", DataType::Int32, vec![9, 1])], "batch size 9 exceeds max_batch_size 8"),
-            (vec![tensor("A", DataType::Fp32, vec![2, 2, 4]), tensor("B", DataType::Int32, vec![3, 1])], "batch size 3 differs"),
+            (
+                vec![tensor("A", DataType::Fp32, vec![9, 2, 4]), tensor("B", DataType::Int32, vec![9, 1])],
+                "batch size 9 exceeds max_batch_size 8",
+            ),
+            (
+                vec![tensor("A", DataType::Fp32, vec![2, 2, 4]), tensor("B", DataType::Int32, vec![3, 1])],
+                "batch size 3 differs",
+            ),
         ];
         for (inputs, msg) in cases {
             let err = s.validate(&mut request(inputs)).unwrap_err();

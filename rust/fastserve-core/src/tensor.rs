@@ -49,8 +49,9 @@ impl Tensor {
 
     /// Checks that data, datatype and shape agree.
     pub fn check_consistent(&self) -> Result<()> {
-        let expected = element_count(&self.shape)
-            .ok_or_else(|| ServeError::bad_request(format!("tensor '{}': shape {:?} is too large", self.name, self.shape)))?;
+        let expected = element_count(&self.shape).ok_or_else(|| {
+            ServeError::bad_request(format!("tensor '{}': shape {:?} is too large", self.name, self.shape))
+        })?;
         match (&self.data, self.datatype.size()) {
             (TensorData::Raw(b), Some(size)) => {
                 if b.len() != expected.saturating_mul(size) {

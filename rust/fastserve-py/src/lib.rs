@@ -1,1 +1,183 @@
+//! `fastserve._core`: the thin PyO3 boundary over `fastserve-core`.
 
+mod convert;
+mod instance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fastserve_core::batcher::BatchPolicy;
+use fastserve_core::registry::ModelVersion;
+use fastserve_core::scheduler::{Instance, Scheduler, SchedulerConfig};
+use fastserve_core::server::{Server, ServerConfig};
+use fastserve_core::spec::{ModelSpec, TensorSpec};
+use fastserve_core::state::Limits;
+use fastserve_core::DataType;
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::instance::PyInstance;
+
+/// `(name, datatype, dims)` as the Python layer passes tensor specs.
+type SpecTuple = (String, String, Vec<i64>);
+
+fn tensor_specs(what: &str, list: Vec<SpecTuple>) -> PyResult<Vec<TensorSpec>> {
+    list.into_iter()
+        .map(|(name, dt, dims)| {
+            let datatype = DataType::parse(&dt)
+                .ok_or_else(|| PyValueError::new_err(format!("{what} '{name}': unknown datatype '{dt}'")))?;
+            if dims.iter().any(|&d| d < -1) {
+                return Err(PyValueError::new_err(format!(
+                    "{what} '{name}': dims {dims:?} must be -1 or non-negative"
+                )));
+            }
+            Ok(TensorSpec { name, datatype, dims })
+        })
+        .collect()
+}
+
+/// The serving engine: network front ends, model registry, schedulers.
+#[pyclass(module = "fastserve._core", name = "CoreServer", frozen)]
+struct CoreServer {
+    server: Server,
+}
+
+#[pymethods]
+impl CoreServer {
+    #[new]
+    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0))]
+    fn new(
+        host: String,
+        http_port: u16,
+        max_body_bytes: usize,
+        worker_threads: usize,
+        drain_timeout_s: f64,
+    ) -> PyResult<Self> {
+        let mut config = ServerConfig { host, http_port, limits: Limits { max_body_bytes }, ..ServerConfig::default() };
+        if worker_threads > 0 {
+            config.worker_threads = worker_threads;
+        }
+        config.drain_timeout = Duration::try_from_secs_f64(drain_timeout_s)
+            .map_err(|_| PyValueError::new_err("drain_timeout_s must be a non-negative number"))?;
+        Ok(Self { server: Server::new(config) })
+    }
+
+    /// Registers a loaded model version and starts its scheduler (replacing one of the same version).
+    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, max_batch_size = 0, max_queue_delay_us = 0, preferred_batch_sizes = Vec::new(), max_queue_size = 1024))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_model(
+        &self,
+        py: Python<'_>,
+        name: String,
+        version: u64,
+        platform: String,
+        inputs: Vec<SpecTuple>,
+        outputs: Vec<SpecTuple>,
+        instances: Vec<Py<PyAny>>,
+        max_batch_size: usize,
+        max_queue_delay_us: u64,
+        preferred_batch_sizes: Vec<usize>,
+        max_queue_size: usize,
+    ) -> PyResult<()> {
+        if instances.is_empty() {
+            return Err(PyValueError::new_err(format!("model '{name}': at least one instance is required")));
+        }
+        let spec = Arc::new(ModelSpec {
+            name: name.clone(),
+            version,
+            platform,
+            max_batch_size,
+            inputs: tensor_specs("input", inputs)?,
+            outputs: tensor_specs("output", outputs)?,
+        });
+        let label = format!("model '{name}' version {version}");
+        let instances = instances
+            .into_iter()
+            .map(|obj| PyInstance::new(py, obj, label.clone()).map(|i| Box::new(i) as Box<dyn Instance>))
+            .collect::<PyResult<Vec<_>>>()?;
+        let config = SchedulerConfig {
+            policy: BatchPolicy {
+                max_batch_size,
+                max_queue_delay: Duration::from_micros(max_queue_delay_us),
+                preferred_batch_sizes,
+            },
+            max_queue_size,
+        };
+        // Replacing a version drains the old one, whose threads need the GIL.
+        py.detach(|| {
+            let scheduler =
+                Scheduler::start(spec, config, instances).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+            self.server.registry().insert(ModelVersion::ready(scheduler));
+            Ok(())
+        })
+    }
+
+    /// Records a version that failed to load, so ready/metadata answers carry the reason.
+    fn add_failed_model(&self, py: Python<'_>, name: String, version: u64, reason: String) {
+        py.detach(|| self.server.registry().insert(ModelVersion::failed(name, version, reason)));
+    }
+
+    /// Unloads a model (or one version) after draining its queue; returns how many versions went.
+    #[pyo3(signature = (name, version = None))]
+    fn remove_model(&self, py: Python<'_>, name: String, version: Option<u64>) -> usize {
+        py.detach(|| self.server.registry().remove(&name, version))
+    }
+
+    /// Names and versions currently registered, with readiness.
+    fn models(&self) -> Vec<(String, u64, bool)> {
+        self.server
+            .registry()
+            .models()
+            .into_iter()
+            .flat_map(|(name, entry)| {
+                entry.versions.values().map(move |v| (name.clone(), v.version, v.is_ready())).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Binds and starts serving in background threads; returns the bound HTTP port.
+    fn start(&self) -> PyResult<u16> {
+        self.server.start().map(|addr| addr.port()).map_err(|e| PyOSError::new_err(e.to_string()))
+    }
+
+    /// Stops accepting, drains in-flight requests and every model, then returns.
+    fn stop(&self, py: Python<'_>) {
+        py.detach(|| self.server.stop());
+    }
+
+    #[getter]
+    fn http_port(&self) -> Option<u16> {
+        self.server.http_addr().map(|a| a.port())
+    }
+
+    fn is_ready(&self) -> bool {
+        self.server.state().is_ready()
+    }
+}
+
+/// Sets up Rust-side logging to stderr (`text` or `json`); returns False if already set up.
+#[pyfunction]
+#[pyo3(signature = (level = "info", json = false))]
+fn init_logging(level: &str, json: bool) -> bool {
+    fastserve_core::logging::init(level, json)
+}
+
+/// Writes a log record through the Rust logger, so Python and Rust share one sink and format.
+#[pyfunction]
+fn log(level: &str, target: &str, message: &str) {
+    match level {
+        "error" => tracing::error!(logger = target, "{message}"),
+        "warning" => tracing::warn!(logger = target, "{message}"),
+        "debug" => tracing::debug!(logger = target, "{message}"),
+        _ => tracing::info!(logger = target, "{message}"),
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<CoreServer>()?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(log, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,40 @@
+"""Type stubs for the native module built from rust/fastserve-py."""
+
+from collections.abc import Sequence
+from typing import Any
+
+__version__: str
+
+class CoreServer:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        http_port: int = 8000,
+        max_body_bytes: int = ...,
+        worker_threads: int = 0,
+        drain_timeout_s: float = 30.0,
+    ) -> None: ...
+    def add_model(
+        self,
+        name: str,
+        version: int,
+        platform: str,
+        inputs: Sequence[tuple[str, str, list[int]]],
+        outputs: Sequence[tuple[str, str, list[int]]],
+        instances: Sequence[Any],
+        max_batch_size: int = 0,
+        max_queue_delay_us: int = 0,
+        preferred_batch_sizes: Sequence[int] = ...,
+        max_queue_size: int = 1024,
+    ) -> None: ...
+    def add_failed_model(self, name: str, version: int, reason: str) -> None: ...
+    def remove_model(self, name: str, version: int | None = None) -> int: ...
+    def models(self) -> list[tuple[str, int, bool]]: ...
+    def start(self) -> int: ...
+    def stop(self) -> None: ...
+    @property
+    def http_port(self) -> int | None: ...
+    def is_ready(self) -> bool: ...
+
+def init_logging(level: str = "info", json: bool = False) -> bool: ...
+def log(level: str, target: str, message: str) -> None: ...

@@ -1,0 +1,90 @@
+"""The ``fastserve`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from . import __version__
+from .logs import setup_logging
+from .server import Server
+
+log = logging.getLogger("fastserve")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One clear line and exit status 2, as for every usage error.
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastserve", description="Serve models over the KServe V2 protocol.")
+    parser.add_argument("--version", action="version", version=f"fastserve {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = sub.add_parser("serve", help="serve a model repository")
+    serve.add_argument("--model-repository", required=True, type=Path, help="directory of models")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
+    serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
+    serve.add_argument("--log-format", default="text", choices=["text", "json"])
+    serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit")
+    serve.add_argument("--drain-timeout-s", type=float, default=30.0, help="how long shutdown waits for requests")
+    serve.add_argument("--worker-threads", type=int, default=0, help="network threads (default: one per core)")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    repo: Path = args.model_repository
+    if not repo.is_dir():
+        sys.stderr.write(f"fastserve: error: model repository '{repo}' is not a directory\n")
+        return 2
+    if not 0 <= args.http_port <= 65535:
+        sys.stderr.write(f"fastserve: error: --http-port {args.http_port} is not a valid port\n")
+        return 2
+    setup_logging(args.log_level, args.log_format)
+    server = Server(
+        host=args.host,
+        http_port=args.http_port,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout_s,
+        worker_threads=args.worker_threads,
+    )
+    statuses = server.load_repository(repo)
+    failed = [s for s in statuses if not s.ready]
+    log.info("%d model version(s) ready, %d failed", len(statuses) - len(failed), len(failed))
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("received %s, draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        server.start()
+    except OSError as e:
+        log.error("%s", e)
+        server.stop()
+        return 1
+    stop.wait()
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

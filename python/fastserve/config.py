@@ -1,0 +1,195 @@
+"""``config.toml``: the per-model settings of a model repository.
+
+Keys mirror Triton's model configuration so its users feel at home. Unknown keys are errors, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .tensor import Tensor
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BACKENDS = ("onnxruntime", "python")
+INSTANCE_KINDS = ("cpu", "gpu")
+
+
+class ConfigError(ValueError):
+    """A model's config.toml is malformed or contradicts its model."""
+
+
+@dataclass
+class DynamicBatching:
+    max_queue_delay_us: int = 0
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    max_queue_size: int = 1024
+
+
+@dataclass
+class InstanceGroup:
+    count: int = 1
+    kind: str = "cpu"
+
+
+@dataclass
+class VersionPolicy:
+    """Which numeric version directories are served: the latest N, all, or specific ones."""
+
+    latest: int | None = 1
+    all: bool = False
+    specific: list[int] | None = None
+
+    def select(self, available: list[int]) -> list[int]:
+        ordered = sorted(available)
+        if self.all:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in set(self.specific)]
+        return ordered[-(self.latest or 1) :]
+
+
+@dataclass
+class ModelConfig:
+    backend: str | None = None
+    max_batch_size: int | None = None
+    dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
+    instance_group: InstanceGroup = field(default_factory=InstanceGroup)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+    if key not in table:
+        return default
+    value = table.pop(key)
+    # bool is an int in Python; never accept it where a number is meant.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"{where}{key} must be {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}{key} must be {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", str: "a string", bool: "a boolean", list: "a list", dict: "a table"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _no_leftovers(table: dict[str, Any], where: str) -> None:
+    if table:
+        raise ConfigError(f"unknown key(s) in {where or 'config.toml'}: {', '.join(sorted(table))}")
+
+
+def _int_list(values: Any, where: str, minimum: int) -> list[int]:
+    if not isinstance(values, list) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values
+    ):
+        raise ConfigError(f"{where} must be a list of integers >= {minimum}")
+    return list(values)
+
+
+def _tensors(items: Any, key: str) -> list[Tensor]:
+    if not isinstance(items, list):
+        raise ConfigError(f"[[{key}]] must be an array of tables")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ConfigError(f"[[{key}]] entry {i} must be a table")
+        item = dict(item)
+        where = f"[[{key}]] entry {i}: "
+        name = _take(item, "name", str, where)
+        datatype = _take(item, "datatype", str, where)
+        dims = _int_list(_take(item, "dims", list, where, []), f"{where}dims", -1)
+        if name is None or datatype is None:
+            raise ConfigError(f"{where}name and datatype are required")
+        _no_leftovers(item, f"[[{key}]] entry {i}")
+        try:
+            out.append(Tensor(name, datatype, dims))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return out
+
+
+def parse_config(data: dict[str, Any]) -> ModelConfig:
+    """Validates a parsed TOML document into a ModelConfig."""
+    raw = dict(data)
+    table = dict(data)
+    cfg = ModelConfig(raw=raw)
+    cfg.backend = _take(table, "backend", str, "")
+    if cfg.backend is not None and cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{cfg.backend}'")
+    cfg.max_batch_size = _take(table, "max_batch_size", int, "")
+    if cfg.max_batch_size is not None and cfg.max_batch_size < 0:
+        raise ConfigError("max_batch_size must be >= 0")
+
+    db = dict(_take(table, "dynamic_batching", dict, "", {}))
+    where = "[dynamic_batching] "
+    cfg.dynamic_batching = DynamicBatching(
+        max_queue_delay_us=_take(db, "max_queue_delay_us", int, where, 0),
+        preferred_batch_sizes=_int_list(
+            _take(db, "preferred_batch_sizes", list, where, []), f"{where}preferred_batch_sizes", 1
+        ),
+        max_queue_size=_take(db, "max_queue_size", int, where, 1024),
+    )
+    if cfg.dynamic_batching.max_queue_delay_us < 0:
+        raise ConfigError(f"{where}max_queue_delay_us must be >= 0")
+    if cfg.dynamic_batching.max_queue_size < 1:
+        raise ConfigError(f"{where}max_queue_size must be >= 1")
+    _no_leftovers(db, "[dynamic_batching]")
+
+    ig = dict(_take(table, "instance_group", dict, "", {}))
+    where = "[instance_group] "
+    cfg.instance_group = InstanceGroup(
+        count=_take(ig, "count", int, where, 1), kind=_take(ig, "kind", str, where, "cpu")
+    )
+    if cfg.instance_group.count < 1:
+        raise ConfigError(f"{where}count must be >= 1")
+    if cfg.instance_group.kind not in INSTANCE_KINDS:
+        raise ConfigError(f"{where}kind must be one of {', '.join(INSTANCE_KINDS)}")
+    _no_leftovers(ig, "[instance_group]")
+
+    vp = dict(_take(table, "version_policy", dict, "", {}))
+    where = "[version_policy] "
+    latest = _take(vp, "latest", int, where)
+    all_versions = _take(vp, "all", bool, where, False)
+    specific = _take(vp, "specific", list, where)
+    if sum(x is not None and x is not False for x in (latest, all_versions or None, specific)) > 1:
+        raise ConfigError(f"{where}set only one of latest, all, specific")
+    if latest is not None and latest < 1:
+        raise ConfigError(f"{where}latest must be >= 1")
+    cfg.version_policy = VersionPolicy(
+        latest=latest if latest is not None else 1,
+        all=all_versions,
+        specific=_int_list(specific, f"{where}specific", 0) if specific is not None else None,
+    )
+    _no_leftovers(vp, "[version_policy]")
+
+    cfg.inputs = _tensors(table.pop("input", []), "input")
+    cfg.outputs = _tensors(table.pop("output", []), "output")
+    cfg.parameters = dict(_take(table, "parameters", dict, "", {}))
+    _no_leftovers(table, "")
+    return cfg
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """Reads ``model_dir/config.toml``; a missing file means all defaults."""
+    path = model_dir / "config.toml"
+    if not path.is_file():
+        return ModelConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config.toml is not valid TOML: {e}") from None
+    return parse_config(data)

@@ -1,0 +1,33 @@
+"""One log sink for Rust and Python: Python ``logging`` records are forwarded to the Rust
+``tracing`` subscriber, so both share the level and the text/JSON format."""
+
+from __future__ import annotations
+
+import logging
+
+from . import _core
+
+_LEVELS = {logging.ERROR: "error", logging.WARNING: "warning", logging.INFO: "info", logging.DEBUG: "debug"}
+
+
+class RustLogHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            level = next(
+                (name for lvl, name in sorted(_LEVELS.items(), reverse=True) if record.levelno >= lvl), "debug"
+            )
+            _core.log(level, record.name, message)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    """Routes Python logging (root logger) through the Rust subscriber."""
+    _core.init_logging(level, fmt == "json")
+    root = logging.getLogger()
+    if not any(isinstance(h, RustLogHandler) for h in root.handlers):
+        handler = RustLogHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")

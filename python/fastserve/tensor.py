@@ -1,0 +1,58 @@
+"""Tensor declarations: the name, V2 datatype and dims a model accepts or returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DATATYPES = (
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+)
+
+# V2 datatype -> NumPy dtype name; BYTES travel as object arrays of ``bytes``.
+NUMPY_DTYPES = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A model input or output. ``dims`` exclude the batch dimension; -1 marks a variable dim."""
+
+    name: str
+    datatype: str
+    dims: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("tensor name must not be empty")
+        if self.datatype not in DATATYPES:
+            raise ValueError(f"tensor '{self.name}': unknown datatype '{self.datatype}' (use one of {DATATYPES})")
+        if any(not isinstance(d, int) or d < -1 for d in self.dims):
+            raise ValueError(f"tensor '{self.name}': dims {self.dims} must be integers >= -1")
+
+    def as_tuple(self) -> tuple[str, str, list[int]]:
+        return (self.name, self.datatype, list(self.dims))

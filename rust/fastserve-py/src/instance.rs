@@ -1,0 +1,54 @@
+//! A Python object with `execute(inputs) -> outputs` as a model instance of the Rust scheduler.
+
+use fastserve_core::scheduler::Instance;
+use fastserve_core::{ServeError, Tensor};
+use pyo3::prelude::*;
+
+use crate::convert::NumpyCache;
+
+pub struct PyInstance {
+    model: Py<PyAny>,
+    label: String,
+    numpy: NumpyCache,
+}
+
+impl PyInstance {
+    pub fn new(py: Python<'_>, model: Py<PyAny>, label: String) -> PyResult<Self> {
+        if !model.bind(py).hasattr("execute")? {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "{label}: the model object has no execute() method"
+            )));
+        }
+        Ok(Self { model, label, numpy: NumpyCache::new(py)? })
+    }
+}
+
+impl Instance for PyInstance {
+    /// One GIL acquisition per batch: build the input dict, call `execute`, read the outputs.
+    fn execute(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ServeError> {
+        Python::attach(|py| {
+            let args = self
+                .numpy
+                .inputs_to_dict(py, inputs)
+                .map_err(|e| ServeError::Internal(format!("cannot build model inputs: {e}")))?;
+            let result = self.model.bind(py).call_method1("execute", (args,)).map_err(|e| {
+                tracing::warn!(model = %self.label, error = %e, "execute() raised");
+                ServeError::ModelError(format!("{} raised {}", self.label, e))
+            })?;
+            self.numpy.outputs_from_dict(&result)
+        })
+    }
+}
+
+impl Drop for PyInstance {
+    fn drop(&mut self) {
+        Python::attach(|py| {
+            let model = self.model.bind(py);
+            if model.hasattr("finalize").unwrap_or(false) {
+                if let Err(e) = model.call_method0("finalize") {
+                    tracing::warn!(model = %self.label, error = %e, "finalize() raised");
+                }
+            }
+        });
+    }
+}

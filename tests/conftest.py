@@ -1,0 +1,108 @@
+"""Shared fixtures: real servers on 127.0.0.1 with ephemeral ports, started as the `fastserve`
+command (subprocess) or embedded in this process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "models"
+LISTENING = re.compile(r"HTTP listening.*address=http://([0-9.]+):(\d+)")
+
+
+class ServerProcess:
+    """A `fastserve serve` subprocess; its stderr is collected line by line."""
+
+    def __init__(self, repo: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo), "--http-port", "0", *extra]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = LISTENING.search(line)
+                if m and self.port is None:
+                    self.port = int(m.group(2))
+                    ready.set()
+            ready.set()
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        # Bounded only as a guard against a hung start; normal starts take well under a second.
+        ready.wait(timeout=120)
+        if self.port is None:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        self._pump.join(timeout=10)
+        return code
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def start_server() -> Iterator:
+    started: list[ServerProcess] = []
+
+    def start(repo: Path, *extra: str) -> ServerProcess:
+        server = ServerProcess(repo, *extra)
+        started.append(server)
+        return server
+
+    yield start
+    for s in started:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def example_server() -> Iterator[ServerProcess]:
+    server = ServerProcess(EXAMPLES)
+    yield server
+    server.close()
+
+
+def write_model(repo: Path, name: str, config: str, model_py: str | None = None, version: int = 1) -> Path:
+    """Writes a model directory: config.toml and, for Python models, <version>/model.py."""
+    model_dir = repo / name
+    (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.toml").write_text(textwrap.dedent(config))
+    if model_py is not None:
+        (model_dir / str(version) / "model.py").write_text(textwrap.dedent(model_py))
+    return model_dir
+
+
+def infer_json(url: str, model: str, inputs: list[dict], **extra: object) -> requests.Response:
+    return requests.post(f"{url}/v2/models/{model}/infer", json={"inputs": inputs, **extra}, timeout=60)
