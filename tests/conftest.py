@@ -30,12 +30,15 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []
         self.port: int | None = None
+        self._new_line = threading.Condition()
         ready = threading.Event()
 
         def pump() -> None:
             assert self.proc.stderr is not None
             for line in self.proc.stderr:
-                self.lines.append(line)
+                with self._new_line:
+                    self.lines.append(line)
+                    self._new_line.notify_all()
                 m = LISTENING.search(line)
                 if m and self.port is None:
                     self.port = int(m.group(2))
@@ -60,6 +63,12 @@ class ServerProcess:
 
     def log(self) -> str:
         return "".join(self.lines)
+
+    def wait_for_log(self, text: str, timeout: float = 60) -> None:
+        """Blocks until a log line contains ``text`` (woken by each new line, no polling)."""
+        with self._new_line:
+            if not self._new_line.wait_for(lambda: text in self.log(), timeout=timeout):
+                raise AssertionError(f"log never showed {text!r}:\n{self.log()}")
 
     def terminate(self, timeout: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -57,22 +57,31 @@ def load_model(core: Any, repo: Path, name: str) -> list[VersionStatus]:
     try:
         config = load_config(path)
     except ConfigError as e:
-        return [_failed(core, name, v, str(e)) for v in (versions or [1])]
+        return [_failed(core, name, v, str(e), repo) for v in (versions or [1])]
     if not versions:
-        return [_failed(core, name, 1, "no numeric version directories")]
+        return [_failed(core, name, 1, "no numeric version directories", repo)]
     selected = config.version_policy.select(versions)
     if not selected:
-        return [_failed(core, name, versions[-1], f"version_policy selects none of the versions {versions}")]
-    return [_load_version(core, name, path, v, config) for v in selected]
+        return [_failed(core, name, versions[-1], f"version_policy selects none of the versions {versions}", repo)]
+    return [_load_version(core, repo, name, v, config) for v in selected]
 
 
-def _failed(core: Any, name: str, version: int, reason: str) -> VersionStatus:
+def _public(reason: str, repo: Path) -> str:
+    """The reason as API clients see it: without the server's filesystem layout."""
+    for prefix in {str(repo.resolve()), str(repo.absolute()), str(repo)}:
+        reason = reason.replace(prefix, "<repository>")
+    return reason
+
+
+def _failed(core: Any, name: str, version: int, reason: str, repo: Path) -> VersionStatus:
     log.error("model '%s' version %s failed to load: %s", name, version, reason)
-    core.add_failed_model(name, version, reason)
-    return VersionStatus(name, version, False, reason)
+    public = _public(reason, repo)
+    core.add_failed_model(name, version, public)
+    return VersionStatus(name, version, False, public)
 
 
-def _load_version(core: Any, name: str, path: Path, version: int, config: ModelConfig) -> VersionStatus:
+def _load_version(core: Any, repo: Path, name: str, version: int, config: ModelConfig) -> VersionStatus:
+    path = repo / name
     ctx = LoadContext(name=name, version=version, model_dir=path, version_dir=path / str(version), config=config)
     try:
         loaded = load_version(ctx)
@@ -90,10 +99,10 @@ def _load_version(core: Any, name: str, path: Path, version: int, config: ModelC
             max_queue_size=batching.max_queue_size,
         )
     except (LoadError, ConfigError, ValueError) as e:
-        return _failed(core, name, version, str(e))
+        return _failed(core, name, version, str(e), repo)
     except Exception as e:  # a backend bug must not take the other models down
         log.exception("unexpected error loading model '%s' version %s", name, version)
-        return _failed(core, name, version, f"{type(e).__name__}: {e}")
+        return _failed(core, name, version, f"{type(e).__name__}: {e}", repo)
     log.info(
         "loaded model '%s' version %s (%s, max_batch_size %s, %s instance(s))",
         name,
