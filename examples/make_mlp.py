@@ -8,6 +8,7 @@ checks that it matches what is committed.
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def build(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, initializers = [], []
     current = "INPUT0"
-    for layer, (fan_in, fan_out) in enumerate(zip(SIZES, SIZES[1:], strict=False)):
+    for layer, (fan_in, fan_out) in enumerate(itertools.pairwise(SIZES)):
         w = (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
         b = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
         initializers += [numpy_helper.from_array(w, f"W{layer}"), numpy_helper.from_array(b, f"B{layer}")]

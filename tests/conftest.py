@@ -18,7 +18,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
-LISTENING = re.compile(r"HTTP listening.*address=http://([0-9.]+):(\d+)")
+LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)")
 
 
 class ServerProcess:

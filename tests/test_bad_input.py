@@ -8,6 +8,7 @@ import socket
 import numpy as np
 import pytest
 import requests
+
 from conftest import EXAMPLES, ServerProcess, infer_json
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as httpclient
-from conftest import EXAMPLES, infer_json
 from fastserve import Server, Tensor
+
+from conftest import EXAMPLES, infer_json
 
 DTYPES = {
     "BOOL": np.bool_,

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import requests
 import tritonclient.http as httpclient
+
 from conftest import EXAMPLES, ServerProcess, infer_json
 
 

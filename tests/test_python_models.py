@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
+
 from conftest import infer_json, write_model
 
 SCALE_CONFIG = """
