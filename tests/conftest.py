@@ -19,17 +19,31 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
 LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)")
+METRICS_LISTENING = re.compile(r"metrics listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)/metrics")
 
 
 class ServerProcess:
     """A `fastserve serve` subprocess; its stderr is collected line by line."""
 
     def __init__(self, repo: Path, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo), "--http-port", "0", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "fastserve",
+            "serve",
+            "--model-repository",
+            str(repo),
+            "--http-port",
+            "0",
+            "--metrics-port",
+            "0",
+            *extra,
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._new_line = threading.Condition()
         ready = threading.Event()
 
@@ -39,6 +53,9 @@ class ServerProcess:
                 with self._new_line:
                     self.lines.append(line)
                     self._new_line.notify_all()
+                metrics = METRICS_LISTENING.search(line)
+                if metrics:
+                    self.metrics_port = int(metrics.group(2))
                 m = LISTENING.search(line)
                 if m and self.port is None:
                     self.port = int(m.group(2))
@@ -56,6 +73,10 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     @property
     def address(self) -> str:

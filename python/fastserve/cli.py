@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", required=True, type=Path, help="directory of models")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
+    serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one")
+    serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    serve.add_argument("--access-log", action="store_true", help="log one line per inference request")
     serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit")
@@ -44,9 +47,11 @@ def serve(args: argparse.Namespace) -> int:
     if not repo.is_dir():
         sys.stderr.write(f"fastserve: error: model repository '{repo}' is not a directory\n")
         return 2
-    if not 0 <= args.http_port <= 65535:
-        sys.stderr.write(f"fastserve: error: --http-port {args.http_port} is not a valid port\n")
-        return 2
+    for flag in ("http_port", "metrics_port"):
+        port = getattr(args, flag)
+        if not 0 <= port <= 65535:
+            sys.stderr.write(f"fastserve: error: --{flag.replace('_', '-')} {port} is not a valid port\n")
+            return 2
     setup_logging(args.log_level, args.log_format)
     server = Server(
         host=args.host,
@@ -54,6 +59,8 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout_s,
         worker_threads=args.worker_threads,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        access_log=args.access_log,
     )
     statuses = server.load_repository(repo)
     failed = [s for s in statuses if not s.ready]

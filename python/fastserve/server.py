@@ -41,13 +41,19 @@ class Server:
         max_body_bytes: int = 64 * 1024 * 1024,
         drain_timeout_s: float = 30.0,
         worker_threads: int = 0,
+        metrics_port: int | None = None,
+        access_log: bool = False,
     ) -> None:
+        """``metrics_port``: serve Prometheus ``/metrics`` there (0 = any free port, None = off).
+        ``access_log``: one log line per inference request."""
         self._core = _core.CoreServer(
             host=host,
             http_port=http_port,
             max_body_bytes=max_body_bytes,
             worker_threads=worker_threads,
             drain_timeout_s=drain_timeout_s,
+            metrics_port=metrics_port,
+            access_log=access_log,
         )
         self._repository: Path | None = None
 
@@ -121,6 +127,10 @@ class Server:
     @property
     def http_port(self) -> int | None:
         return self._core.http_port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._core.metrics_port
 
     @property
     def is_ready(self) -> bool:

@@ -2,11 +2,12 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -21,20 +22,57 @@ use tokio::sync::watch;
 use crate::error::{Result, ServeError};
 use crate::infer::{InferResponse, ResponseOutput};
 use crate::json_codec::{encode_infer_response, error_body, parse_infer_request};
-use crate::registry::ModelVersion;
+use crate::metrics::{self, Protocol, ServerCollector};
+use crate::scheduler::Scheduler;
 use crate::state::ServerState;
 
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+pub const REQUEST_ID: &str = "x-request-id";
 
 type Body = Full<Bytes>;
 
 /// Accepts connections until `shutdown` flips, then waits up to `drain` for open requests.
-pub async fn serve(
+pub async fn serve(listener: TcpListener, state: Arc<ServerState>, shutdown: watch::Receiver<bool>, drain: Duration) {
+    let handler_state = state.clone();
+    serve_with(listener, state, shutdown, drain, move |req| handle(handler_state.clone(), req)).await
+}
+
+/// The Prometheus endpoint on its own listener: `GET /metrics` and nothing else.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let registry = Arc::new(ServerCollector::registry(state.clone()));
+    serve_with(listener, state, shutdown, drain, move |req: Request<Incoming>| {
+        let registry = registry.clone();
+        async move {
+            let resp = if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let (body, content_type) = metrics::encode(&registry, accept);
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+                resp
+            } else {
+                error_response(&ServeError::not_found("only GET /metrics is served on this port"))
+            };
+            Ok::<_, Infallible>(resp)
+        }
+    })
+    .await
+}
+
+async fn serve_with<F, Fut>(
     listener: TcpListener,
     state: Arc<ServerState>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
-) {
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = std::result::Result<Response<Body>, Infallible>> + Send + 'static,
+{
     let graceful = GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());
     loop {
@@ -50,14 +88,14 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let state = state.clone();
-                let service = service_fn(move |req| handle(state.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let open = state.transport.connection(false);
+                let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler.clone())).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    drop(open);
                 });
             }
             _ = shutdown.changed() => break,
@@ -103,6 +141,7 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
         ["v2"] if get => Ok(ok_json(state.server_metadata())),
         ["v2", "health", "live"] if get => Ok(status_only(state.is_live())),
         ["v2", "health", "ready"] if get => Ok(status_only(state.is_ready())),
+        ["v2", "models", "stats"] if get => Ok(ok_json(state.model_stats(None, None)?)),
         ["v2", "models", model, rest @ ..] => {
             let (version, action) = match rest {
                 ["versions", v, action @ ..] => (Some(*v), action),
@@ -111,8 +150,9 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
             match action {
                 [] if get => model_metadata(state, model, version),
                 ["ready"] if get => model_ready(state, model, version),
-                ["infer"] if post => infer(state, model, version, req).await,
-                [] | ["ready"] | ["infer"] => Err(method_not_allowed(&method, &path)),
+                ["stats"] if get => Ok(ok_json(state.model_stats(Some(model), version)?)),
+                ["infer"] if post => Ok(infer_endpoint(state, model, version, req).await),
+                [] | ["ready"] | ["infer"] | ["stats"] => Err(method_not_allowed(&method, &path)),
                 _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
             }
         }
@@ -156,15 +196,90 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<(http::reques
     Ok((parts, collected.to_bytes()))
 }
 
-async fn infer(
+/// What the access log needs to know about one served request.
+#[derive(Default)]
+struct Served {
+    id: Option<String>,
+    version: Option<u64>,
+    queue: Duration,
+    compute: Duration,
+    batch_size: usize,
+}
+
+/// Runs an infer request and accounts for it: statistics, protocol counters, request id, access log.
+async fn infer_endpoint(
     state: &ServerState,
     model: &str,
     version: Option<&str>,
     req: Request<Incoming>,
-) -> Result<Response<Body>> {
+) -> Response<Body> {
+    let start = Instant::now();
+    let protocol =
+        if req.headers().contains_key(HEADER_CONTENT_LENGTH) { Protocol::HttpBinary } else { Protocol::Http };
+    state.transport.request(protocol);
+    let header_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let mut served = Served::default();
+    let mut stats = None;
     // Resolve first so an unknown model is a 404 without reading the body.
-    let mv: Arc<ModelVersion> = state.registry.resolve(model, version)?;
-    let scheduler = mv.scheduler()?.clone();
+    let result = match state.registry.resolve(model, version) {
+        Err(e) => {
+            state.transport.unknown_model();
+            Err(e)
+        }
+        Ok(mv) => {
+            served.version = Some(mv.version);
+            match mv.scheduler() {
+                Ok(scheduler) => {
+                    stats = Some(scheduler.stats().clone());
+                    infer(state, scheduler.clone(), req, &mut served).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    if let Some(stats) = &stats {
+        stats.record_request(result.as_ref().map(|_| ()), start.elapsed());
+    }
+    let mut resp = result.unwrap_or_else(|e| error_response(&e));
+    let id = served.id.or(header_id).unwrap_or_else(generate_request_id);
+    if state.access_log {
+        tracing::info!(
+            target: "fastserve::access",
+            request_id = %id,
+            model,
+            version = served.version.unwrap_or(0),
+            protocol = protocol.as_str(),
+            status = resp.status().as_u16(),
+            duration_us = start.elapsed().as_micros() as u64,
+            queue_us = served.queue.as_micros() as u64,
+            compute_us = served.compute.as_micros() as u64,
+            batch_size = served.batch_size,
+            "request"
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// A process-unique id for requests that bring none.
+fn generate_request_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+    });
+    format!("{:016x}", seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)))
+}
+
+async fn infer(
+    state: &ServerState,
+    scheduler: Arc<Scheduler>,
+    req: Request<Incoming>,
+    served: &mut Served,
+) -> Result<Response<Body>> {
     let (parts, body) = read_body(req, state.limits.max_body_bytes).await?;
     let header_len = match parts.headers.get(HEADER_CONTENT_LENGTH) {
         None => None,
@@ -173,17 +288,21 @@ async fn infer(
         })?),
     };
     let mut request = parse_infer_request(&body, header_len)?;
+    served.id = request.id.clone();
     let spec = scheduler.spec().clone();
     let validated = spec.validate(&mut request)?;
     let reply = scheduler.submit(validated)?;
-    let outputs = reply
+    let executed = reply
         .await
         .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
+    served.queue = executed.queue;
+    served.compute = executed.phases.total();
+    served.batch_size = executed.batch_size;
     let default_binary = request.binary_outputs_by_default();
     let outputs = if request.outputs.is_empty() {
-        outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect()
+        executed.outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect()
     } else {
-        let mut all: Vec<Option<_>> = outputs.into_iter().map(Some).collect();
+        let mut all: Vec<Option<_>> = executed.outputs.into_iter().map(Some).collect();
         request
             .outputs
             .iter()

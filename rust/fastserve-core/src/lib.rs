@@ -9,11 +9,13 @@ pub mod http;
 pub mod infer;
 pub mod json_codec;
 pub mod logging;
+pub mod metrics;
 pub mod registry;
 pub mod scheduler;
 pub mod server;
 pub mod spec;
 pub mod state;
+pub mod stats;
 pub mod tensor;
 
 pub use datatype::DataType;

@@ -2,6 +2,7 @@
 //! Reads are lock-free snapshots (request path); writes replace the snapshot.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -71,15 +72,26 @@ impl ModelEntry {
     }
 }
 
-#[derive(Default)]
 pub struct Registry {
     models: ArcSwap<HashMap<String, Arc<ModelEntry>>>,
     write: Mutex<()>,
+    histograms: AtomicBool,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self { models: ArcSwap::default(), write: Mutex::new(()), histograms: AtomicBool::new(true) }
+    }
 }
 
 impl Registry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Whether versions registered from now on record latency histograms.
+    pub fn set_histograms(&self, on: bool) {
+        self.histograms.store(on, Ordering::Relaxed);
     }
 
     fn update<R>(&self, f: impl FnOnce(&mut HashMap<String, Arc<ModelEntry>>) -> R) -> R {
@@ -92,6 +104,9 @@ impl Registry {
 
     /// Adds or replaces a version; the replaced one is drained before this returns.
     pub fn insert(&self, version: ModelVersion) {
+        if let VersionState::Ready(s) = &version.state {
+            s.stats().set_histograms(self.histograms.load(Ordering::Relaxed));
+        }
         let version = Arc::new(version);
         let replaced = self.update(|models| {
             let mut entry = models.get(&version.name).map(|e| ModelEntry::clone(e)).unwrap_or_default();

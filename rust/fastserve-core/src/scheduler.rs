@@ -10,7 +10,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
@@ -18,16 +18,58 @@ use tokio::sync::oneshot;
 use crate::batcher::{concat_inputs, plan_batch, split_outputs, BatchPolicy, Batchable};
 use crate::error::{Result, ServeError};
 use crate::spec::{ModelSpec, ValidatedRequest};
+use crate::stats::{ModelStats, Phases};
 use crate::tensor::Tensor;
 
 /// A loaded copy of a model. Each instance is driven by one thread, so it needs no locking.
 pub trait Instance: Send + 'static {
     /// Runs one batch (batch dimension first when the model batches) and returns every output.
-    fn execute(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>>;
+    /// Marking `clock` splits the time into input conversion, the model itself, and output reading.
+    fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>>;
 }
 
-/// What a request gets back: all of the model's outputs for its own rows.
-pub type Reply = Result<Vec<Tensor>>;
+/// Timestamps an instance sets around the model call; unmarked time counts as inference.
+pub struct PhaseClock {
+    start: Instant,
+    infer_start: Option<Instant>,
+    infer_end: Option<Instant>,
+}
+
+impl PhaseClock {
+    fn new() -> Self {
+        Self { start: Instant::now(), infer_start: None, infer_end: None }
+    }
+
+    pub fn infer_started(&mut self) {
+        self.infer_start = Some(Instant::now());
+    }
+
+    pub fn infer_finished(&mut self) {
+        self.infer_end = Some(Instant::now());
+    }
+
+    fn phases(&self, end: Instant) -> Phases {
+        let infer_start = self.infer_start.unwrap_or(self.start);
+        let infer_end = self.infer_end.unwrap_or(end).max(infer_start);
+        Phases {
+            input: infer_start - self.start,
+            infer: infer_end - infer_start,
+            output: end.saturating_duration_since(infer_end),
+        }
+    }
+}
+
+/// A request's answer: the model's outputs for its own rows, and how it was served.
+#[derive(Debug)]
+pub struct Executed {
+    pub outputs: Vec<Tensor>,
+    pub queue: Duration,
+    pub phases: Phases,
+    /// Rows in the batch the request ran in.
+    pub batch_size: usize,
+}
+
+pub type Reply = Result<Executed>;
 
 /// Queue settings beyond batching.
 #[derive(Debug, Clone)]
@@ -61,6 +103,7 @@ enum Msg {
 
 pub struct Scheduler {
     spec: Arc<ModelSpec>,
+    stats: Arc<ModelStats>,
     tx: Sender<Msg>,
     queued: Arc<AtomicUsize>,
     max_queue_size: usize,
@@ -83,11 +126,12 @@ impl Scheduler {
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(instances.len());
         let queued = Arc::new(AtomicUsize::new(0));
         let label = format!("{}-v{}", spec.name, spec.version);
+        let stats = Arc::new(ModelStats::new(spec.max_batch_size));
         let mut threads = Vec::with_capacity(instances.len() + 1);
         for (i, instance) in instances.into_iter().enumerate() {
-            let (spec, idle_tx, batch_rx) = (spec.clone(), idle_tx.clone(), batch_rx.clone());
+            let (spec, stats, idle_tx, batch_rx) = (spec.clone(), stats.clone(), idle_tx.clone(), batch_rx.clone());
             threads.push(spawn(format!("fs-inst-{label}-{i}"), move || {
-                instance_loop(instance, &spec, idle_tx, batch_rx)
+                instance_loop(instance, &spec, &stats, idle_tx, batch_rx)
             })?);
         }
         drop((idle_tx, batch_rx));
@@ -95,6 +139,7 @@ impl Scheduler {
         threads.push(spawn(format!("fs-batch-{label}"), move || batcher_loop(rx, idle_rx, batch_tx, policy, q))?);
         Ok(Arc::new(Scheduler {
             spec,
+            stats,
             tx,
             queued,
             max_queue_size: config.max_queue_size,
@@ -105,6 +150,10 @@ impl Scheduler {
 
     pub fn spec(&self) -> &Arc<ModelSpec> {
         &self.spec
+    }
+
+    pub fn stats(&self) -> &Arc<ModelStats> {
+        &self.stats
     }
 
     /// Requests waiting for an instance.
@@ -237,17 +286,25 @@ fn batcher_loop(
     }
 }
 
-fn instance_loop(mut instance: Box<dyn Instance>, spec: &ModelSpec, idle_tx: Sender<()>, batch_rx: Receiver<Vec<Job>>) {
+fn instance_loop(
+    mut instance: Box<dyn Instance>,
+    spec: &ModelSpec,
+    stats: &ModelStats,
+    idle_tx: Sender<()>,
+    batch_rx: Receiver<Vec<Job>>,
+) {
     loop {
         if idle_tx.send(()).is_err() {
             break;
         }
         let Ok(jobs) = batch_rx.recv() else { break };
-        run_batch(instance.as_mut(), spec, jobs);
+        run_batch(instance.as_mut(), spec, stats, jobs);
     }
 }
 
-fn run_batch(instance: &mut dyn Instance, spec: &ModelSpec, mut jobs: Vec<Job>) {
+fn run_batch(instance: &mut dyn Instance, spec: &ModelSpec, stats: &ModelStats, mut jobs: Vec<Job>) {
+    let mut clock = PhaseClock::new();
+    let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let total: usize = rows.iter().sum();
     let mut per_job: Vec<Vec<Tensor>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.inputs)).collect();
@@ -258,7 +315,7 @@ fn run_batch(instance: &mut dyn Instance, spec: &ModelSpec, mut jobs: Vec<Job>) 
             let refs: Vec<&[Tensor]> = per_job.iter().map(Vec::as_slice).collect();
             concat_inputs(&refs)?
         };
-        let outputs = instance.execute(inputs)?;
+        let outputs = instance.execute(inputs, &mut clock)?;
         spec.check_outputs(&outputs, total)?;
         if rows.len() == 1 {
             Ok(vec![outputs])
@@ -267,10 +324,12 @@ fn run_batch(instance: &mut dyn Instance, spec: &ModelSpec, mut jobs: Vec<Job>) 
         }
     }))
     .unwrap_or_else(|_| Err(ServeError::Internal(format!("model '{}' panicked while executing", spec.name))));
+    let phases = clock.phases(Instant::now());
     match result {
         Ok(outputs) => {
-            for (job, out) in jobs.into_iter().zip(outputs) {
-                let _ = job.reply.send(Ok(out));
+            stats.record_batch(total, &waits, phases);
+            for ((job, outputs), queue) in jobs.into_iter().zip(outputs).zip(waits) {
+                let _ = job.reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
             }
         }
         Err(e) => {
@@ -298,7 +357,7 @@ mod tests {
     }
 
     impl Instance for Doubler {
-        fn execute(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        fn execute(&mut self, inputs: Vec<Tensor>, _clock: &mut PhaseClock) -> Result<Vec<Tensor>> {
             let x = &inputs[0];
             let _ = self.seen.send(x.shape[0]);
             if let Some(gate) = self.gate.take() {
@@ -332,7 +391,7 @@ mod tests {
     }
 
     fn values(reply: Reply) -> Vec<f32> {
-        let out = reply.unwrap();
+        let out = reply.unwrap().outputs;
         let TensorData::Raw(b) = &out[0].data else { unreachable!() };
         b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
     }
@@ -369,6 +428,11 @@ mod tests {
         }
         let sizes: Vec<usize> = seen.try_iter().collect();
         assert_eq!(sizes, vec![4, 4, 2]);
+        assert_eq!(s.stats().execution_count(), 4);
+        assert_eq!(s.stats().inference_count(), 11);
+        let batch_sizes: Vec<(usize, u64)> =
+            s.stats().batch_sizes().map(|(n, b)| (n, b.compute_infer.count())).collect();
+        assert_eq!(batch_sizes, vec![(1, 1), (2, 1), (4, 2)]);
     }
 
     #[tokio::test]

@@ -16,6 +16,10 @@ pub struct ServerConfig {
     /// 0 picks an ephemeral port; `http_addr` tells which.
     pub http_port: u16,
     pub limits: Limits,
+    /// Prometheus endpoint port (`None`: no metrics listener); 0 picks an ephemeral port.
+    pub metrics_port: Option<u16>,
+    /// One access log line per inference request.
+    pub access_log: bool,
     /// Tokio worker threads for the network front ends.
     pub worker_threads: usize,
     /// How long `stop` waits for in-flight requests.
@@ -28,6 +32,8 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             http_port: 8000,
             limits: Limits::default(),
+            metrics_port: None,
+            access_log: false,
             worker_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             drain_timeout: Duration::from_secs(30),
         }
@@ -37,8 +43,9 @@ impl Default for ServerConfig {
 struct Running {
     runtime: tokio::runtime::Runtime,
     shutdown: watch::Sender<bool>,
-    http_task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     http_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
 }
 
 pub struct Server {
@@ -59,7 +66,10 @@ pub enum StartError {
 
 impl Server {
     pub fn new(config: ServerConfig) -> Self {
-        let state = Arc::new(ServerState::new(Arc::new(Registry::new()), config.limits.clone()));
+        let registry = Arc::new(Registry::new());
+        // Latency histograms only feed the metrics endpoint; skip them when it is off.
+        registry.set_histograms(config.metrics_port.is_some());
+        let state = Arc::new(ServerState::new(registry, config.limits.clone(), config.access_log));
         Self { config, state, running: Mutex::new(None) }
     }
 
@@ -87,21 +97,38 @@ impl Server {
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
-        let addr = format!("{}:{}", self.config.host, self.config.http_port);
-        let listener = runtime
-            .block_on(TcpListener::bind(&addr))
-            .map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
-        let http_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        let bind = |port: u16| -> Result<TcpListener, StartError> {
+            let addr = format!("{}:{}", self.config.host, port);
+            runtime.block_on(TcpListener::bind(&addr)).map_err(|source| StartError::Bind { addr, source })
+        };
+        let local = |l: &TcpListener| {
+            l.local_addr().map_err(|source| StartError::Bind { addr: self.config.host.clone(), source })
+        };
+        let http = bind(self.config.http_port)?;
+        let http_addr = local(&http)?;
+        let metrics = self.config.metrics_port.map(bind).transpose()?;
+        let metrics_addr = metrics.as_ref().map(local).transpose()?;
         let (shutdown, rx) = watch::channel(false);
-        let http_task = runtime.spawn(crate::http::serve(listener, self.state.clone(), rx, self.config.drain_timeout));
-        self.state.set_serving(true);
+        let drain = self.config.drain_timeout;
+        let mut tasks = Vec::new();
+        if let (Some(listener), Some(addr)) = (metrics, metrics_addr) {
+            tasks.push(runtime.spawn(crate::http::serve_metrics(listener, self.state.clone(), rx.clone(), drain)));
+            tracing::info!(address = %format!("http://{addr}/metrics"), "metrics listening");
+        }
+        // Logged last: tools watching the log take this line to mean "serving".
+        tasks.push(runtime.spawn(crate::http::serve(http, self.state.clone(), rx, drain)));
         tracing::info!(address = %crate::http::describe(http_addr), "HTTP listening");
-        *running = Some(Running { runtime, shutdown, http_task, http_addr });
+        self.state.set_serving(true);
+        *running = Some(Running { runtime, shutdown, tasks, http_addr, metrics_addr });
         Ok(http_addr)
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.lock().as_ref().map(|r| r.http_addr)
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.lock().as_ref().and_then(|r| r.metrics_addr)
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the drain timeout), then drains and
@@ -111,7 +138,9 @@ impl Server {
         let running = self.lock().take();
         if let Some(r) = running {
             let _ = r.shutdown.send(true);
-            let _ = r.runtime.block_on(r.http_task);
+            for task in r.tasks {
+                let _ = r.runtime.block_on(task);
+            }
             self.state.registry.shutdown();
             r.runtime.shutdown_timeout(Duration::from_secs(1));
         } else {

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::error::Result;
+use crate::error::{Result, ServeError};
 use crate::http::tensor_metadata;
-use crate::registry::{ModelVersion, Registry};
+use crate::metrics::TransportMetrics;
+use crate::registry::{ModelVersion, Registry, VersionState};
 
 /// Request size limits.
 #[derive(Debug, Clone)]
@@ -27,13 +28,23 @@ pub const EXTENSIONS: &[&str] = &["binary_tensor_data"];
 pub struct ServerState {
     pub registry: Arc<Registry>,
     pub limits: Limits,
+    pub transport: Arc<TransportMetrics>,
+    /// One `fastserve::access` log line per inference request.
+    pub access_log: bool,
     serving: AtomicBool,
     draining: AtomicBool,
 }
 
 impl ServerState {
-    pub fn new(registry: Arc<Registry>, limits: Limits) -> Self {
-        Self { registry, limits, serving: AtomicBool::new(false), draining: AtomicBool::new(false) }
+    pub fn new(registry: Arc<Registry>, limits: Limits, access_log: bool) -> Self {
+        Self {
+            registry,
+            limits,
+            transport: Arc::default(),
+            access_log,
+            serving: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }
     }
 
     pub fn set_serving(&self, on: bool) {
@@ -85,5 +96,33 @@ impl ServerState {
             "inputs": io(&spec.inputs),
             "outputs": io(&spec.outputs),
         }))
+    }
+
+    /// The statistics API in Triton's shape: every ready version, or one model's, or one version's.
+    pub fn model_stats(&self, model: Option<&str>, version: Option<&str>) -> Result<Value> {
+        let versions: Vec<Arc<ModelVersion>> = match (model, version) {
+            (None, _) => self
+                .registry
+                .models()
+                .into_iter()
+                .flat_map(|(_, e)| e.versions.values().cloned().collect::<Vec<_>>())
+                .collect(),
+            (Some(name), None) => self.registry.model(name)?.versions.values().cloned().collect(),
+            (Some(name), Some(v)) => vec![self.registry.resolve(name, Some(v))?],
+        };
+        let mut entries = Vec::with_capacity(versions.len());
+        for v in versions {
+            match &v.state {
+                VersionState::Ready(s) => entries.push(s.stats().to_json(&v.name, v.version)),
+                VersionState::Failed(reason) if version.is_some() => {
+                    return Err(ServeError::unavailable(format!(
+                        "model '{}' version {} is not ready: {reason}",
+                        v.name, v.version
+                    )))
+                }
+                VersionState::Failed(_) => {}
+            }
+        }
+        Ok(json!({ "model_stats": entries }))
     }
 }

@@ -1,6 +1,6 @@
 //! A Python object with `execute(inputs) -> outputs` as a model instance of the Rust scheduler.
 
-use fastserve_core::scheduler::Instance;
+use fastserve_core::scheduler::{Instance, PhaseClock};
 use fastserve_core::{ServeError, Tensor};
 use pyo3::prelude::*;
 
@@ -25,13 +25,16 @@ impl PyInstance {
 
 impl Instance for PyInstance {
     /// One GIL acquisition per batch: build the input dict, call `execute`, read the outputs.
-    fn execute(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ServeError> {
+    fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>, ServeError> {
         Python::attach(|py| {
             let args = self
                 .numpy
                 .inputs_to_dict(py, inputs)
                 .map_err(|e| ServeError::Internal(format!("cannot build model inputs: {e}")))?;
-            let result = self.model.bind(py).call_method1("execute", (args,)).map_err(|e| {
+            clock.infer_started();
+            let result = self.model.bind(py).call_method1("execute", (args,));
+            clock.infer_finished();
+            let result = result.map_err(|e| {
                 tracing::warn!(model = %self.label, error = %e, "execute() raised");
                 ServeError::ModelError(format!("{} raised {}", self.label, e))
             })?;

@@ -45,15 +45,25 @@ struct CoreServer {
 #[pymethods]
 impl CoreServer {
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0))]
+    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, metrics_port = None, access_log = false))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
         http_port: u16,
         max_body_bytes: usize,
         worker_threads: usize,
         drain_timeout_s: f64,
+        metrics_port: Option<u16>,
+        access_log: bool,
     ) -> PyResult<Self> {
-        let mut config = ServerConfig { host, http_port, limits: Limits { max_body_bytes }, ..ServerConfig::default() };
+        let mut config = ServerConfig {
+            host,
+            http_port,
+            limits: Limits { max_body_bytes },
+            metrics_port,
+            access_log,
+            ..ServerConfig::default()
+        };
         if worker_threads > 0 {
             config.worker_threads = worker_threads;
         }
@@ -148,6 +158,11 @@ impl CoreServer {
     #[getter]
     fn http_port(&self) -> Option<u16> {
         self.server.http_addr().map(|a| a.port())
+    }
+
+    #[getter]
+    fn metrics_port(&self) -> Option<u16> {
+        self.server.metrics_addr().map(|a| a.port())
     }
 
     fn is_ready(&self) -> bool {

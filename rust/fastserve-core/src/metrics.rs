@@ -1,0 +1,343 @@
+//! The Prometheus endpoint. Request-path counting lives in `stats` (per model version) and
+//! [`TransportMetrics`] (per protocol), all plain atomics; this module only reads them when
+//! scraped and encodes with `prometheus-client` (Prometheus text, or OpenMetrics on request).
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use nvml_wrapper::Nvml;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::registry::VersionState;
+use crate::state::ServerState;
+use crate::stats::{Histogram, ModelStats};
+
+/// The front end a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    HttpBinary,
+    Grpc,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Http, Protocol::HttpBinary, Protocol::Grpc];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::HttpBinary => "http_binary",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
+/// Connection and request counts per protocol, plus failures that belong to no model.
+#[derive(Default)]
+pub struct TransportMetrics {
+    open_http: AtomicI64,
+    open_grpc: AtomicI64,
+    requests: [AtomicU64; 3],
+    unknown_model: AtomicU64,
+}
+
+impl TransportMetrics {
+    pub fn request(&self, p: Protocol) {
+        self.requests[p as usize].fetch_add(1, Relaxed);
+    }
+
+    /// An infer request for a model or version that does not exist. Counted without the name, so
+    /// clients cannot create unbounded label values.
+    pub fn unknown_model(&self) {
+        self.unknown_model.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a connection as open until the guard drops.
+    pub fn connection(self: &Arc<Self>, grpc: bool) -> ConnectionGuard {
+        self.gauge(grpc).fetch_add(1, Relaxed);
+        ConnectionGuard { metrics: self.clone(), grpc }
+    }
+
+    fn gauge(&self, grpc: bool) -> &AtomicI64 {
+        if grpc {
+            &self.open_grpc
+        } else {
+            &self.open_http
+        }
+    }
+}
+
+pub struct ConnectionGuard {
+    metrics: Arc<TransportMetrics>,
+    grpc: bool,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.metrics.gauge(self.grpc).fetch_sub(1, Relaxed);
+    }
+}
+
+/// Encodes everything the server knows at scrape time.
+pub struct ServerCollector {
+    state: Arc<ServerState>,
+    host_cpu: Mutex<Option<(u64, u64)>>,
+}
+
+impl fmt::Debug for ServerCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServerCollector")
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn model_labels(name: &str, version: u64) -> Labels {
+    vec![("model", name.to_string()), ("version", version.to_string())]
+}
+
+impl ServerCollector {
+    pub fn registry(state: Arc<ServerState>) -> Registry {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ServerCollector { state, host_cpu: Mutex::new(None) }));
+        registry
+    }
+
+    fn models(&self) -> Vec<(Labels, Arc<ModelStats>, usize)> {
+        let mut out = Vec::new();
+        for (name, entry) in self.state.registry.models() {
+            for v in entry.versions.values() {
+                if let VersionState::Ready(s) = &v.state {
+                    out.push((model_labels(&name, v.version), s.stats().clone(), s.pending()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Host CPU utilization since the previous scrape, from /proc/stat (Linux).
+    fn host_cpu_utilization(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+        let idle = fields.get(3)? + fields.get(4).unwrap_or(&0);
+        let total: u64 = fields.iter().sum();
+        let mut last = self.host_cpu.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = last.replace((idle, total));
+        let (pidle, ptotal) = previous?;
+        let dt = total.checked_sub(ptotal).filter(|d| *d > 0)?;
+        Some(1.0 - (idle.saturating_sub(pidle)) as f64 / dt as f64)
+    }
+}
+
+/// (cpu seconds, resident bytes) of this process, from /proc/self (Linux).
+fn process_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name, which may contain spaces, start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let rss_kib: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    // Linux exposes CPU time in USER_HZ ticks, 100 per second on every architecture.
+    Some((ticks as f64 / 100.0, rss_kib * 1024))
+}
+
+fn nvml() -> Option<&'static Nvml> {
+    static NVML: OnceLock<Option<Nvml>> = OnceLock::new();
+    NVML.get_or_init(|| match Nvml::init() {
+        Ok(n) => Some(n),
+        Err(e) => {
+            tracing::debug!(error = %e, "NVML unavailable: no GPU metrics");
+            None
+        }
+    })
+    .as_ref()
+}
+
+struct GpuSample {
+    uuid: String,
+    utilization: Option<f64>,
+    memory: Option<(u64, u64)>,
+    power_watts: Option<f64>,
+}
+
+fn gpu_samples() -> Vec<GpuSample> {
+    let Some(nvml) = nvml() else { return Vec::new() };
+    let count = nvml.device_count().unwrap_or(0);
+    (0..count)
+        .filter_map(|i| nvml.device_by_index(i).ok())
+        .filter_map(|d| {
+            Some(GpuSample {
+                uuid: d.uuid().ok()?,
+                utilization: d.utilization_rates().ok().map(|u| u.gpu as f64 / 100.0),
+                memory: d.memory_info().ok().map(|m| (m.used, m.total)),
+                power_watts: d.power_usage().ok().map(|mw| mw as f64 / 1000.0),
+            })
+        })
+        .collect()
+}
+
+fn histogram<'a>(
+    encoder: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    models: &[(Labels, Arc<ModelStats>, usize)],
+    pick: impl Fn(&ModelStats) -> &Histogram,
+) -> fmt::Result {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, stats, _) in models {
+        let (sum, count, buckets) = pick(stats).snapshot();
+        m.encode_family(labels)?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+fn counter<'a>(encoder: &mut DescriptorEncoder<'a>, name: &str, help: &str, samples: &[(Labels, u64)]) -> fmt::Result {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        m.encode_family(labels)?.encode_counter::<NoLabelSet, _, u64>(v, None)?;
+    }
+    Ok(())
+}
+
+fn gauge<'a>(encoder: &mut DescriptorEncoder<'a>, name: &str, help: &str, samples: &[(Labels, f64)]) -> fmt::Result {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        m.encode_family(labels)?.encode_gauge(v)?;
+    }
+    Ok(())
+}
+
+impl Collector for ServerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let models = self.models();
+        let e = &mut encoder;
+        let each = |f: &dyn Fn(&ModelStats) -> u64| -> Vec<(Labels, u64)> {
+            models.iter().map(|(l, s, _)| (l.clone(), f(s))).collect()
+        };
+        counter(e, "fastserve_request_success", "Inference requests that succeeded.", &each(&|s| s.success.count()))?;
+        let mut failures: Vec<(Labels, u64)> = Vec::new();
+        for (labels, stats, _) in &models {
+            for (reason, n) in stats.failures() {
+                let mut l = labels.clone();
+                l.push(("reason", reason.to_string()));
+                failures.push((l, n));
+            }
+        }
+        let unknown = self.state.transport.unknown_model.load(Relaxed);
+        failures.push((
+            vec![("model", String::new()), ("version", String::new()), ("reason", "not_found".into())],
+            unknown,
+        ));
+        counter(e, "fastserve_request_failure", "Inference requests that failed, by reason.", &failures)?;
+        counter(
+            e,
+            "fastserve_inference_count",
+            "Rows inferred (a request may carry several).",
+            &each(&|s| s.inference_count()),
+        )?;
+        counter(e, "fastserve_execution_count", "Batches executed by the model.", &each(&|s| s.execution_count()))?;
+        let pending: Vec<(Labels, f64)> = models.iter().map(|(l, _, p)| (l.clone(), *p as f64)).collect();
+        gauge(e, "fastserve_pending_requests", "Requests queued, waiting for an instance.", &pending)?;
+        histogram(e, "fastserve_request_duration_seconds", "End-to-end inference request time.", &models, |s| {
+            &s.request_hist
+        })?;
+        histogram(e, "fastserve_queue_duration_seconds", "Time requests waited in the queue.", &models, |s| {
+            &s.queue_hist
+        })?;
+        histogram(
+            e,
+            "fastserve_compute_input_duration_seconds",
+            "Batch assembly and input conversion time.",
+            &models,
+            |s| &s.compute_input_hist,
+        )?;
+        histogram(e, "fastserve_compute_infer_duration_seconds", "Model execution time.", &models, |s| {
+            &s.compute_infer_hist
+        })?;
+        histogram(e, "fastserve_compute_output_duration_seconds", "Output conversion and split time.", &models, |s| {
+            &s.compute_output_hist
+        })?;
+        let mut m =
+            e.encode_descriptor("fastserve_batch_size", "Rows per executed batch.", None, MetricType::Histogram)?;
+        for (labels, stats, _) in &models {
+            let mut bounds: Vec<usize> = std::iter::successors(Some(1usize), |b| b.checked_mul(2)).take(16).collect();
+            let max = stats.batch_sizes().map(|(n, _)| n).max().unwrap_or(1);
+            bounds.retain(|&b| b < max);
+            bounds.push(max);
+            let mut buckets: Vec<(f64, u64)> = bounds.iter().map(|&b| (b as f64, 0)).collect();
+            buckets.push((f64::INFINITY, 0));
+            let (mut sum, mut count) = (0.0, 0);
+            for (size, slot) in stats.batch_sizes() {
+                let n = slot.compute_infer.count();
+                let i = bounds.partition_point(|&b| b < size);
+                buckets[i].1 += n;
+                sum += (size as u64 * n) as f64;
+                count += n;
+            }
+            m.encode_family(labels)?.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        let t = &self.state.transport;
+        let open = vec![
+            (vec![("protocol", "http".to_string())], t.open_http.load(Relaxed) as f64),
+            (vec![("protocol", "grpc".to_string())], t.open_grpc.load(Relaxed) as f64),
+        ];
+        gauge(e, "fastserve_open_connections", "Open client connections.", &open)?;
+        let by_protocol: Vec<(Labels, u64)> = Protocol::ALL
+            .iter()
+            .map(|p| (vec![("protocol", p.as_str().to_string())], t.requests[*p as usize].load(Relaxed)))
+            .collect();
+        counter(e, "fastserve_protocol_requests", "Inference requests by protocol.", &by_protocol)?;
+        if let Some((cpu, rss)) = process_usage() {
+            let mut m = e.encode_descriptor(
+                "fastserve_process_cpu_seconds",
+                "CPU time used by the server process.",
+                None,
+                MetricType::Counter,
+            )?;
+            m.encode_counter::<NoLabelSet, _, u64>(&cpu, None)?;
+            gauge(
+                e,
+                "fastserve_process_resident_memory_bytes",
+                "Resident memory of the server process.",
+                &[(vec![], rss as f64)],
+            )?;
+        }
+        if let Some(u) = self.host_cpu_utilization() {
+            gauge(e, "fastserve_cpu_utilization_ratio", "Host CPU utilization since the last scrape.", &[(vec![], u)])?;
+        }
+        let gpus = gpu_samples();
+        if !gpus.is_empty() {
+            let by = |f: &dyn Fn(&GpuSample) -> Option<f64>| -> Vec<(Labels, f64)> {
+                gpus.iter().filter_map(|g| Some((vec![("gpu_uuid", g.uuid.clone())], f(g)?))).collect()
+            };
+            gauge(e, "fastserve_gpu_utilization_ratio", "GPU utilization (0-1).", &by(&|g| g.utilization))?;
+            gauge(e, "fastserve_gpu_memory_used_bytes", "GPU memory in use.", &by(&|g| g.memory.map(|m| m.0 as f64)))?;
+            gauge(
+                e,
+                "fastserve_gpu_memory_total_bytes",
+                "GPU memory in total.",
+                &by(&|g| g.memory.map(|m| m.1 as f64)),
+            )?;
+            gauge(e, "fastserve_gpu_power_watts", "GPU power draw.", &by(&|g| g.power_watts))?;
+        }
+        Ok(())
+    }
+}
+
+/// Encodes a scrape: OpenMetrics when the client asks for it, else Prometheus text 0.0.4.
+pub fn encode(registry: &Registry, accept: &str) -> (String, &'static str) {
+    let mut out = String::with_capacity(16 * 1024);
+    if accept.contains("application/openmetrics-text") {
+        let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+        (out, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+    } else {
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
+        (out, "text/plain; version=0.0.4; charset=utf-8")
+    }
+}

@@ -1,0 +1,298 @@
+//! Per model version statistics, recorded on the request path with relaxed atomics only (no locks,
+//! no Python). The Prometheus endpoint and the statistics API both read these at request time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::error::ServeError;
+
+/// Upper bounds (seconds) of the latency histograms.
+pub const DURATION_BUCKETS_S: [f64; 16] =
+    [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Failure reasons, the `reason` label of `fastserve_request_failure_total`.
+pub const FAILURE_REASONS: [&str; 7] =
+    ["bad_request", "not_found", "unavailable", "queue_full", "model_error", "timeout", "internal"];
+
+pub fn failure_reason_index(e: &ServeError) -> usize {
+    FAILURE_REASONS.iter().position(|r| *r == e.reason()).unwrap_or(FAILURE_REASONS.len() - 1)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A count and a total duration, as Triton's statistics report them.
+#[derive(Default)]
+pub struct Timed {
+    count: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl Timed {
+    pub fn add(&self, count: u64, d: Duration) {
+        self.count.fetch_add(count, Relaxed);
+        self.ns.fetch_add(nanos(d), Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    pub fn ns(&self) -> u64 {
+        self.ns.load(Relaxed)
+    }
+
+    fn json(&self) -> Value {
+        json!({ "count": self.count(), "ns": self.ns() })
+    }
+}
+
+/// A fixed-bucket latency histogram: one atomic per bucket.
+pub struct Histogram {
+    bounds_ns: Vec<u64>,
+    /// Per-bucket (not cumulative) counts; the last slot is +Inf.
+    counts: Vec<AtomicU64>,
+    sum_ns: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        let bounds_ns: Vec<u64> = DURATION_BUCKETS_S.iter().map(|s| (s * 1e9) as u64).collect();
+        let counts = (0..=bounds_ns.len()).map(|_| AtomicU64::new(0)).collect();
+        Self { bounds_ns, counts, sum_ns: AtomicU64::new(0) }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let ns = nanos(d);
+        let i = self.bounds_ns.partition_point(|&b| b < ns);
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+    }
+
+    /// `(sum in seconds, count, per-bucket counts with upper bounds)`.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let counts: Vec<u64> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
+        let mut buckets: Vec<(f64, u64)> = DURATION_BUCKETS_S.iter().copied().zip(counts.iter().copied()).collect();
+        buckets.push((f64::INFINITY, counts[counts.len() - 1]));
+        (self.sum_ns.load(Relaxed) as f64 / 1e9, counts.iter().sum(), buckets)
+    }
+}
+
+/// Per batch size: how many batches and how long their phases took.
+#[derive(Default)]
+pub struct BatchSlot {
+    pub compute_input: Timed,
+    pub compute_infer: Timed,
+    pub compute_output: Timed,
+}
+
+/// How long one batch spent in each compute phase.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Phases {
+    pub input: Duration,
+    pub infer: Duration,
+    pub output: Duration,
+}
+
+impl Phases {
+    pub fn total(&self) -> Duration {
+        self.input + self.infer + self.output
+    }
+}
+
+pub struct ModelStats {
+    pub success: Timed,
+    pub fail: Timed,
+    pub queue: Timed,
+    pub compute_input: Timed,
+    pub compute_infer: Timed,
+    pub compute_output: Timed,
+    failures: [AtomicU64; FAILURE_REASONS.len()],
+    inference_count: AtomicU64,
+    execution_count: AtomicU64,
+    last_inference_ms: AtomicU64,
+    /// Index = batch size (0 unused; with batching off every batch has size 1).
+    batches: Vec<BatchSlot>,
+    histograms_on: AtomicBool,
+    pub request_hist: Histogram,
+    pub queue_hist: Histogram,
+    pub compute_input_hist: Histogram,
+    pub compute_infer_hist: Histogram,
+    pub compute_output_hist: Histogram,
+}
+
+impl ModelStats {
+    pub fn new(max_batch_size: usize) -> Self {
+        Self {
+            success: Timed::default(),
+            fail: Timed::default(),
+            queue: Timed::default(),
+            compute_input: Timed::default(),
+            compute_infer: Timed::default(),
+            compute_output: Timed::default(),
+            failures: Default::default(),
+            inference_count: AtomicU64::new(0),
+            execution_count: AtomicU64::new(0),
+            last_inference_ms: AtomicU64::new(0),
+            batches: (0..=max_batch_size.max(1)).map(|_| BatchSlot::default()).collect(),
+            histograms_on: AtomicBool::new(true),
+            request_hist: Histogram::default(),
+            queue_hist: Histogram::default(),
+            compute_input_hist: Histogram::default(),
+            compute_infer_hist: Histogram::default(),
+            compute_output_hist: Histogram::default(),
+        }
+    }
+
+    /// Histograms only feed `/metrics`; without that endpoint they are skipped.
+    pub fn set_histograms(&self, on: bool) {
+        self.histograms_on.store(on, Relaxed);
+    }
+
+    fn histograms(&self) -> bool {
+        self.histograms_on.load(Relaxed)
+    }
+
+    /// One executed batch of `rows` rows made of requests that waited `queue_waits`.
+    pub fn record_batch(&self, rows: usize, queue_waits: &[Duration], phases: Phases) {
+        let requests = queue_waits.len() as u64;
+        self.execution_count.fetch_add(1, Relaxed);
+        self.inference_count.fetch_add(rows as u64, Relaxed);
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.last_inference_ms.store(now_ms, Relaxed);
+        let histograms = self.histograms();
+        for &wait in queue_waits {
+            self.queue.add(1, wait);
+            if histograms {
+                self.queue_hist.observe(wait);
+            }
+        }
+        // Like Triton, each request in the batch is charged the batch's compute time.
+        self.compute_input.add(requests, phases.input * requests as u32);
+        self.compute_infer.add(requests, phases.infer * requests as u32);
+        self.compute_output.add(requests, phases.output * requests as u32);
+        if histograms {
+            for _ in 0..requests {
+                self.compute_input_hist.observe(phases.input);
+                self.compute_infer_hist.observe(phases.infer);
+                self.compute_output_hist.observe(phases.output);
+            }
+        }
+        if let Some(slot) = self.batches.get(rows) {
+            slot.compute_input.add(1, phases.input);
+            slot.compute_infer.add(1, phases.infer);
+            slot.compute_output.add(1, phases.output);
+        }
+    }
+
+    /// The end of one request, as its front end saw it.
+    pub fn record_request(&self, outcome: Result<(), &ServeError>, elapsed: Duration) {
+        match outcome {
+            Ok(()) => self.success.add(1, elapsed),
+            Err(e) => {
+                self.fail.add(1, elapsed);
+                self.failures[failure_reason_index(e)].fetch_add(1, Relaxed);
+            }
+        }
+        if self.histograms() {
+            self.request_hist.observe(elapsed);
+        }
+    }
+
+    pub fn failures(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        FAILURE_REASONS.iter().zip(&self.failures).map(|(r, c)| (*r, c.load(Relaxed)))
+    }
+
+    pub fn inference_count(&self) -> u64 {
+        self.inference_count.load(Relaxed)
+    }
+
+    pub fn execution_count(&self) -> u64 {
+        self.execution_count.load(Relaxed)
+    }
+
+    /// `(batch size, batches executed)` for every size seen.
+    pub fn batch_sizes(&self) -> impl Iterator<Item = (usize, &BatchSlot)> + '_ {
+        self.batches.iter().enumerate().filter(|(_, s)| s.compute_infer.count() > 0)
+    }
+
+    /// One entry of the statistics API's `model_stats`, in Triton's shape.
+    pub fn to_json(&self, name: &str, version: u64) -> Value {
+        let batch_stats: Vec<Value> = self
+            .batch_sizes()
+            .map(|(size, s)| {
+                json!({
+                    "batch_size": size,
+                    "compute_input": s.compute_input.json(),
+                    "compute_infer": s.compute_infer.json(),
+                    "compute_output": s.compute_output.json(),
+                })
+            })
+            .collect();
+        let zero = json!({ "count": 0, "ns": 0 });
+        json!({
+            "name": name,
+            "version": version.to_string(),
+            "last_inference": self.last_inference_ms.load(Relaxed),
+            "inference_count": self.inference_count(),
+            "execution_count": self.execution_count(),
+            "inference_stats": {
+                "success": self.success.json(),
+                "fail": self.fail.json(),
+                "queue": self.queue.json(),
+                "compute_input": self.compute_input.json(),
+                "compute_infer": self.compute_infer.json(),
+                "compute_output": self.compute_output.json(),
+                "cache_hit": zero,
+                "cache_miss": zero,
+            },
+            "batch_stats": batch_stats,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_by_upper_bound() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(50));
+        h.observe(Duration::from_micros(60));
+        h.observe(Duration::from_secs(60));
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 3);
+        assert!((sum - 60.00011).abs() < 1e-9);
+        assert_eq!(buckets[0], (0.00005, 1), "50µs is inside the first bucket (le=5e-5)");
+        assert_eq!(buckets[1], (0.0001, 1));
+        assert_eq!(buckets.last(), Some(&(f64::INFINITY, 1)));
+    }
+
+    #[test]
+    fn batches_and_requests_are_counted_like_triton() {
+        let s = ModelStats::new(8);
+        let phases =
+            Phases { input: Duration::from_micros(1), infer: Duration::from_micros(10), output: Duration::ZERO };
+        s.record_batch(3, &[Duration::from_micros(5), Duration::from_micros(7)], phases);
+        s.record_request(Ok(()), Duration::from_micros(30));
+        s.record_request(Err(&ServeError::QueueFull("x".into())), Duration::from_micros(1));
+        let v = s.to_json("m", 2);
+        assert_eq!(v["version"], "2");
+        assert_eq!(v["inference_count"], 3);
+        assert_eq!(v["execution_count"], 1);
+        assert_eq!(v["inference_stats"]["queue"], json!({"count": 2, "ns": 12_000}));
+        assert_eq!(v["inference_stats"]["compute_infer"], json!({"count": 2, "ns": 20_000}));
+        assert_eq!(v["inference_stats"]["success"]["count"], 1);
+        assert_eq!(v["inference_stats"]["fail"]["count"], 1);
+        assert_eq!(v["batch_stats"][0]["batch_size"], 3);
+        assert_eq!(v["batch_stats"][0]["compute_infer"], json!({"count": 1, "ns": 10_000}));
+        let failures: Vec<_> = s.failures().filter(|(_, c)| *c > 0).collect();
+        assert_eq!(failures, vec![("queue_full", 1)]);
+    }
+}
