@@ -111,6 +111,25 @@ def _parameters(ctx: LoadContext) -> dict[str, Any]:
     return options
 
 
+def _wheel_conflict_hint() -> str:
+    """Both ORT wheels install the same ``onnxruntime`` module; the CPU one may have overwritten it."""
+    from importlib import metadata
+
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        return (
+            " (onnxruntime and onnxruntime-gpu are both installed and share one module: "
+            "uninstall both, then install onnxruntime-gpu alone)"
+        )
+    return ""
+
+
 def _providers(ort: Any, kind: str, device_id: int | None, tensorrt: dict[str, Any]) -> list[Any]:
     """The provider list of one session; GPU sessions name their device explicitly."""
     available = ort.get_available_providers()
@@ -119,7 +138,7 @@ def _providers(ort: Any, kind: str, device_id: int | None, tensorrt: dict[str, A
     if "CUDAExecutionProvider" not in available:
         raise LoadError(
             '[instance_group] kind = "gpu" needs onnxruntime-gpu with the CUDA execution provider; '
-            f"available providers: {', '.join(available)}"
+            f"available providers: {', '.join(available)}{_wheel_conflict_hint()}"
         )
     providers: list[Any] = []
     if tensorrt:
