@@ -41,7 +41,14 @@ def test_every_key() -> None:
     ("data", "message"),
     [
         ({"max_batch_sise": 4}, "unknown key(s) in config.toml: max_batch_sise"),
-        ({"backend": "tensorflow"}, "backend must be one of onnxruntime, python"),
+        ({"backend": "tensorflow"}, "backend must be one of onnxruntime, openvino, python"),
+        ({"device": "tpu"}, "device must be one of cpu, gpu"),
+        ({"device": "gpu", "instance_group": {"kind": "cpu"}}, 'device = "gpu" contradicts'),
+        ({"instance_group": {"gpus": [0]}}, '[instance_group] gpus needs kind = "gpu"'),
+        ({"instance_group": {"kind": "gpu", "gpus": [0, -1]}}, "gpus must be a list of integers >= 0"),
+        ({"instance_group": {"kind": "gpu", "gpus": [True]}}, "gpus must be a list of integers >= 0"),
+        ({"instance_group": {"kind": "gpu", "gpus": []}}, "gpus must list at least one device id, each once"),
+        ({"instance_group": {"kind": "gpu", "gpus": [2, 2]}}, "gpus must list at least one device id, each once"),
         ({"max_batch_size": "8"}, "max_batch_size must be an integer"),
         ({"max_batch_size": True}, "max_batch_size must be an integer"),
         ({"max_batch_size": -1}, "max_batch_size must be >= 0"),
@@ -61,6 +68,15 @@ def test_mistakes_are_clear_errors(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(data)
     assert message in str(err.value)
+
+
+def test_instance_placements() -> None:
+    assert parse_config({"instance_group": {"count": 2}}).instance_group.placements() == [None, None]
+    gpu = parse_config({"instance_group": {"kind": "gpu", "count": 2, "gpus": [1, 3]}}).instance_group
+    assert gpu.placements() == [1, 1, 3, 3], "count instances on each listed GPU"
+    assert parse_config({"instance_group": {"kind": "gpu"}}).instance_group.placements() == [0]
+    python_gpu = parse_config({"device": "gpu"})
+    assert python_gpu.device == "gpu" and python_gpu.instance_group.kind == "gpu", "device = gpu implies GPU instances"
 
 
 def test_version_policies() -> None:

@@ -18,8 +18,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ("onnxruntime", "python")
+BACKENDS = ("onnxruntime", "openvino", "python")
 INSTANCE_KINDS = ("cpu", "gpu")
+DEVICES = ("cpu", "gpu")
 
 
 class ConfigError(ValueError):
@@ -35,8 +36,17 @@ class DynamicBatching:
 
 @dataclass
 class InstanceGroup:
+    """``count`` instances on the CPU, or ``count`` instances on each GPU of ``gpus`` (kind "gpu")."""
+
     count: int = 1
     kind: str = "cpu"
+    gpus: list[int] = field(default_factory=lambda: [0])
+
+    def placements(self) -> list[int | None]:
+        """One entry per instance: the CUDA device id it runs on, or None for the CPU."""
+        if self.kind == "gpu":
+            return [gpu for gpu in self.gpus for _ in range(self.count)]
+        return [None] * self.count
 
 
 @dataclass
@@ -60,6 +70,7 @@ class VersionPolicy:
 class ModelConfig:
     backend: str | None = None
     max_batch_size: int | None = None
+    device: str = "cpu"  # python models: "gpu" hands execute() CuPy arrays
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
@@ -130,6 +141,9 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     cfg.backend = _take(table, "backend", str, "")
     if cfg.backend is not None and cfg.backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{cfg.backend}'")
+    cfg.device = _take(table, "device", str, "", "cpu")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
     cfg.max_batch_size = _take(table, "max_batch_size", int, "")
     if cfg.max_batch_size is not None and cfg.max_batch_size < 0:
         raise ConfigError("max_batch_size must be >= 0")
@@ -151,13 +165,23 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
 
     ig = dict(_take(table, "instance_group", dict, "", {}))
     where = "[instance_group] "
-    cfg.instance_group = InstanceGroup(
-        count=_take(ig, "count", int, where, 1), kind=_take(ig, "kind", str, where, "cpu")
-    )
-    if cfg.instance_group.count < 1:
+    count = _take(ig, "count", int, where, 1)
+    # A Python model with device = "gpu" is placed on GPUs without restating kind = "gpu".
+    kind = _take(ig, "kind", str, where, "gpu" if cfg.device == "gpu" else "cpu")
+    gpus = _take(ig, "gpus", list, where)
+    if count < 1:
         raise ConfigError(f"{where}count must be >= 1")
-    if cfg.instance_group.kind not in INSTANCE_KINDS:
+    if kind not in INSTANCE_KINDS:
         raise ConfigError(f"{where}kind must be one of {', '.join(INSTANCE_KINDS)}")
+    if cfg.device == "gpu" and kind != "gpu":
+        raise ConfigError(f'device = "gpu" contradicts {where}kind = "{kind}"')
+    if gpus is not None:
+        if kind != "gpu":
+            raise ConfigError(f'{where}gpus needs kind = "gpu"')
+        gpus = _int_list(gpus, f"{where}gpus", 0)
+        if not gpus or len(set(gpus)) != len(gpus):
+            raise ConfigError(f"{where}gpus must list at least one device id, each once")
+    cfg.instance_group = InstanceGroup(count=count, kind=kind, gpus=gpus if gpus is not None else [0])
     _no_leftovers(ig, "[instance_group]")
 
     vp = dict(_take(table, "version_policy", dict, "", {}))

@@ -6,6 +6,7 @@ each with ``execute(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]``.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +36,10 @@ class LoadContext:
     version_dir: Any  # pathlib.Path
     config: Any  # fastserve.config.ModelConfig
 
-    def initialize_args(self, instance_index: int) -> dict[str, Any]:
+    def initialize_args(self, instance_index: int, device_id: int | None = None) -> dict[str, Any]:
         """The dict a Python model's ``initialize`` receives."""
         return {
+            "device_id": device_id,
             "model_name": self.name,
             "model_version": self.version,
             "model_dir": str(self.model_dir),
@@ -50,10 +52,66 @@ class LoadContext:
         }
 
 
+# Used when a model's first dimension is dynamic and config.toml sets no max_batch_size.
+DEFAULT_MAX_BATCH_SIZE = 64
+
+
+def reconcile(declared: list[Tensor], model: list[Tensor], what: str, subset_ok: bool) -> list[Tensor]:
+    """Config may restate or narrow (-1 -> fixed) the model's tensors, never contradict them."""
+    if not declared:
+        return model
+    by_name = {t.name: t for t in model}
+    for t in declared:
+        m = by_name.get(t.name)
+        if m is None:
+            raise LoadError(f"config.toml declares {what} '{t.name}', but the model's {what}s are {list(by_name)}")
+        if m.datatype != t.datatype:
+            raise LoadError(f"config.toml declares {what} '{t.name}' as {t.datatype}, the model has {m.datatype}")
+        ok = len(m.dims) == len(t.dims) and all(md == -1 or md == td for md, td in zip(m.dims, t.dims, strict=True))
+        if not ok:
+            raise LoadError(f"config.toml declares {what} '{t.name}' with dims {t.dims}, the model has {m.dims}")
+    if not subset_ok and {t.name for t in declared} != set(by_name):
+        raise LoadError(f"config.toml declares {what}s {[t.name for t in declared]}, the model needs {list(by_name)}")
+    return list(declared)
+
+
+def cuda_device_count() -> int | None:
+    """How many CUDA devices this process sees (honouring CUDA_VISIBLE_DEVICES), or None when that
+    cannot be told: asked of the driver directly, so it works without CuPy or a CUDA toolkit."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0  # no NVIDIA driver: no CUDA device
+    count = ctypes.c_int(0)
+    try:
+        if driver.cuInit(0) != 0:
+            return 0
+        if driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return None
+    except AttributeError:
+        return None
+    return count.value
+
+
+def check_gpus(gpus: list[int], who: str) -> None:
+    """Refuses device ids this process cannot see, before a runtime fails less clearly."""
+    visible = cuda_device_count()
+    if visible is None:
+        return
+    missing = [g for g in gpus if g >= visible]
+    if missing:
+        raise LoadError(
+            f"{who}: [instance_group] gpus {gpus} asks for CUDA device(s) {missing}, "
+            f"but this process sees {visible} CUDA device(s)"
+        )
+
+
 def detect_backend(version_dir: Any) -> str | None:
     """The backend a version's files imply, when config.toml does not say."""
     if (version_dir / "model.py").is_file():
         return "python"
+    if (version_dir / "model.xml").is_file():
+        return "openvino"
     if (version_dir / "model.onnx").is_file():
         return "onnxruntime"
     return None
@@ -62,7 +120,14 @@ def detect_backend(version_dir: Any) -> str | None:
 def load_version(ctx: LoadContext) -> LoadedModel:
     backend = ctx.config.backend or detect_backend(ctx.version_dir)
     if backend is None:
-        raise LoadError("no model file found (expected model.onnx or model.py) and config.toml sets no backend")
+        raise LoadError(
+            "no model file found (expected model.onnx, model.xml or model.py) and config.toml sets no backend"
+        )
+    if ctx.config.device != "cpu" and backend != "python":
+        raise LoadError(
+            f'device = "{ctx.config.device}" applies to python models; '
+            f"{backend} models choose their device with [instance_group] kind or [parameters]"
+        )
     if backend == "python":
         from . import python
 
@@ -71,4 +136,8 @@ def load_version(ctx: LoadContext) -> LoadedModel:
         from . import onnxruntime
 
         return onnxruntime.load(ctx)
+    if backend == "openvino":
+        from . import openvino
+
+        return openvino.load(ctx)
     raise LoadError(f"unknown backend '{backend}'")

@@ -4,12 +4,13 @@ narrow them. ORT releases the GIL inside ``run``, so instances execute in parall
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..tensor import Tensor
-from . import LoadContext, LoadedModel, LoadError
+from . import DEFAULT_MAX_BATCH_SIZE, LoadContext, LoadedModel, LoadError, check_gpus, reconcile
 
 ORT_TO_V2 = {
     "tensor(bool)": "BOOL",
@@ -27,9 +28,6 @@ ORT_TO_V2 = {
     "tensor(string)": "BYTES",
 }
 
-# Used when the model's first dimension is dynamic and config.toml sets no max_batch_size.
-DEFAULT_MAX_BATCH_SIZE = 64
-
 
 class OnnxInstance:
     """One ORT session; ``execute`` maps the batch dict onto ``session.run``."""
@@ -39,25 +37,122 @@ class OnnxInstance:
         self.output_names = output_names
         self.string_inputs = string_inputs
 
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _decode_strings(self, inputs: dict[str, np.ndarray]) -> None:
         for name in self.string_inputs:
             # ORT string tensors hold str; the wire carries bytes.
             arr = inputs[name]
             inputs[name] = np.array([b.decode("utf-8") for b in arr.ravel()], dtype=object).reshape(arr.shape)
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._decode_strings(inputs)
         results = self.session.run(self.output_names, inputs)
         return dict(zip(self.output_names, results, strict=True))
 
 
-def _providers(ort: Any, kind: str) -> list[str]:
+class BoundOnnxInstance(OnnxInstance):
+    """A session on a device (CUDA): each batch input is copied to the device once, outputs stay
+    on the device until one copy back, instead of ORT staging every run through host memory."""
+
+    def __init__(
+        self,
+        session: Any,
+        output_names: list[str],
+        string_inputs: set[str],
+        string_outputs: set[str],
+        device_type: str,
+        device_id: int,
+    ) -> None:
+        super().__init__(session, output_names, string_inputs)
+        self.string_outputs = string_outputs
+        self.device_type = device_type
+        self.device_id = device_id
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._decode_strings(inputs)
+        binding = self.session.io_binding()
+        for name, arr in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self.output_names:
+            if name in self.string_outputs:  # strings never live on a device
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, self.device_type, self.device_id)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+
+
+def _parameters(ctx: LoadContext) -> dict[str, Any]:
+    """Checks the ORT-specific [parameters]; returns the TensorRT ones (empty when off)."""
+    params = ctx.config.parameters
+    tensorrt = params.get("tensorrt", False)
+    if not isinstance(tensorrt, bool):
+        raise LoadError(f"[parameters] tensorrt must be a boolean, got {tensorrt!r}")
+    fp16 = params.get("tensorrt_fp16", False)
+    if not isinstance(fp16, bool):
+        raise LoadError(f"[parameters] tensorrt_fp16 must be a boolean, got {fp16!r}")
+    cache = params.get("tensorrt_engine_cache_path")
+    if not tensorrt:
+        for key in ("tensorrt_fp16", "tensorrt_engine_cache_path"):
+            if key in params:
+                raise LoadError(f"[parameters] {key} needs tensorrt = true")
+        return {}
+    if ctx.config.instance_group.kind != "gpu":
+        raise LoadError('[parameters] tensorrt = true needs [instance_group] kind = "gpu"')
+    options: dict[str, Any] = {"trt_fp16_enable": fp16}
+    if cache is not None:
+        if not isinstance(cache, str) or not cache:
+            raise LoadError(f"[parameters] tensorrt_engine_cache_path must be a non-empty string, got {cache!r}")
+        # Engines are written there: keep them inside the model directory, never elsewhere on disk.
+        root = Path(ctx.model_dir).resolve()
+        path = (root / cache).resolve()
+        if path != root and root not in path.parents:
+            raise LoadError(f"[parameters] tensorrt_engine_cache_path '{cache}' must stay inside the model directory")
+        options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(path))
+    return options
+
+
+def _wheel_conflict_hint() -> str:
+    """Both ORT wheels install the same ``onnxruntime`` module; the CPU one may have overwritten it."""
+    from importlib import metadata
+
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        return (
+            " (onnxruntime and onnxruntime-gpu are both installed and share one module: "
+            "uninstall both, then install onnxruntime-gpu alone)"
+        )
+    return ""
+
+
+def _providers(ort: Any, kind: str, device_id: int | None, tensorrt: dict[str, Any]) -> list[Any]:
+    """The provider list of one session; GPU sessions name their device explicitly."""
     available = ort.get_available_providers()
-    if kind == "gpu":
-        if "CUDAExecutionProvider" not in available:
+    if kind != "gpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise LoadError(
+            '[instance_group] kind = "gpu" needs onnxruntime-gpu with the CUDA execution provider; '
+            f"available providers: {', '.join(available)}{_wheel_conflict_hint()}"
+        )
+    providers: list[Any] = []
+    if tensorrt:
+        if "TensorrtExecutionProvider" not in available:
             raise LoadError(
-                '[instance_group] kind = "gpu" needs onnxruntime-gpu with the CUDA execution provider; '
-                f"available providers: {', '.join(available)}"
+                "[parameters] tensorrt = true needs onnxruntime-gpu built with the TensorRT execution provider "
+                f"and TensorRT installed; available providers: {', '.join(available)}"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+        providers.append(("TensorrtExecutionProvider", {"device_id": device_id, **tensorrt}))
+    # A session per instance gives each instance its own CUDA compute stream; copies stay in the
+    # default stream (ORT's default, do_copy_in_default_stream = True), which ORT recommends.
+    providers.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    providers.append("CPUExecutionProvider")
+    return providers
 
 
 def _is_dynamic(dim: Any) -> bool:
@@ -75,25 +170,6 @@ def _model_tensors(nodes: list[Any], batching: bool, what: str) -> list[Tensor]:
     return out
 
 
-def _reconcile(declared: list[Tensor], model: list[Tensor], what: str, subset_ok: bool) -> list[Tensor]:
-    """Config may restate or narrow (-1 -> fixed) the model's tensors, never contradict them."""
-    if not declared:
-        return model
-    by_name = {t.name: t for t in model}
-    for t in declared:
-        m = by_name.get(t.name)
-        if m is None:
-            raise LoadError(f"config.toml declares {what} '{t.name}', but the model's {what}s are {list(by_name)}")
-        if m.datatype != t.datatype:
-            raise LoadError(f"config.toml declares {what} '{t.name}' as {t.datatype}, the model has {m.datatype}")
-        ok = len(m.dims) == len(t.dims) and all(md == -1 or md == td for md, td in zip(m.dims, t.dims, strict=True))
-        if not ok:
-            raise LoadError(f"config.toml declares {what} '{t.name}' with dims {t.dims}, the model has {m.dims}")
-    if not subset_ok and {t.name for t in declared} != set(by_name):
-        raise LoadError(f"config.toml declares {what}s {[t.name for t in declared]}, the model needs {list(by_name)}")
-    return list(declared)
-
-
 def load(ctx: LoadContext) -> LoadedModel:
     import onnxruntime as ort
 
@@ -101,20 +177,38 @@ def load(ctx: LoadContext) -> LoadedModel:
     path = ctx.version_dir / "model.onnx"
     if not path.is_file():
         raise LoadError("model.onnx not found in the version directory")
-    providers = _providers(ort, cfg.instance_group.kind)
-    count = cfg.instance_group.count
+    tensorrt = _parameters(ctx)
+    kind = cfg.instance_group.kind
+    placements = cfg.instance_group.placements()
+    if kind == "gpu":
+        _providers(ort, kind, 0, tensorrt)  # a missing provider is reported before any device probing
+        check_gpus(cfg.instance_group.gpus, "ONNX Runtime")
+        if "trt_engine_cache_path" in tensorrt:
+            Path(tensorrt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     params = cfg.parameters
     sessions = []
-    for _ in range(count):
+    for device_id in placements:
         options = ort.SessionOptions()
-        # Instances share the cores; by default split them instead of oversubscribing.
-        threads = params.get("intra_op_num_threads", max(1, (os.cpu_count() or 1) // count))
+        # CPU instances share the cores; by default split them instead of oversubscribing.
+        cpu_instances = 1 if kind == "gpu" else len(placements)
+        threads = params.get("intra_op_num_threads", max(1, (os.cpu_count() or 1) // cpu_instances))
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = int(params.get("inter_op_num_threads", 1))
         try:
-            sessions.append(ort.InferenceSession(str(path), sess_options=options, providers=providers))
+            session = ort.InferenceSession(
+                str(path), sess_options=options, providers=_providers(ort, kind, device_id, tensorrt)
+            )
         except Exception as e:
             raise LoadError(f"ONNX Runtime cannot load model.onnx: {e}") from None
+        # ORT falls back to the CPU when a GPU provider fails to start; a GPU model must not.
+        if kind == "gpu" and "CUDAExecutionProvider" not in session.get_providers():
+            raise LoadError(
+                f"ONNX Runtime could not start the CUDA execution provider on device {device_id} "
+                "(is a CUDA device visible and the CUDA/cuDNN libraries installed?)"
+            )
+        if tensorrt and "TensorrtExecutionProvider" not in session.get_providers():
+            raise LoadError(f"ONNX Runtime could not start the TensorRT execution provider on device {device_id}")
+        sessions.append(session)
 
     first = sessions[0]
     nodes_in, nodes_out = first.get_inputs(), first.get_outputs()
@@ -128,14 +222,21 @@ def load(ctx: LoadContext) -> LoadedModel:
             f"the model has inputs {[(n.name, n.shape) for n in nodes_in]}"
         )
     batching = max_batch_size > 0
-    inputs = _reconcile(cfg.inputs, _model_tensors(nodes_in, batching, "input"), "input", subset_ok=False)
-    outputs = _reconcile(cfg.outputs, _model_tensors(nodes_out, batching, "output"), "output", subset_ok=True)
+    inputs = reconcile(cfg.inputs, _model_tensors(nodes_in, batching, "input"), "input", subset_ok=False)
+    outputs = reconcile(cfg.outputs, _model_tensors(nodes_out, batching, "output"), "output", subset_ok=True)
     output_names = [t.name for t in outputs]
     string_inputs = {t.name for t in inputs if t.datatype == "BYTES"}
+    string_outputs = {t.name for t in outputs if t.datatype == "BYTES"}
+    instances: list[OnnxInstance] = []
+    for session, device_id in zip(sessions, placements, strict=True):
+        if device_id is None:
+            instances.append(OnnxInstance(session, output_names, string_inputs))
+        else:
+            instances.append(BoundOnnxInstance(session, output_names, string_inputs, string_outputs, "cuda", device_id))
     return LoadedModel(
         platform="onnxruntime_onnx",
         max_batch_size=max_batch_size,
         inputs=inputs,
         outputs=outputs,
-        instances=[OnnxInstance(s, output_names, string_inputs) for s in sessions],
+        instances=instances,
     )

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import sys
 from types import ModuleType
+from typing import Any
 
-from . import LoadContext, LoadedModel, LoadError
+import numpy as np
+
+from . import LoadContext, LoadedModel, LoadError, check_gpus
 
 log = logging.getLogger("fastserve.backends.python")
 
@@ -33,30 +37,90 @@ def _import(ctx: LoadContext) -> ModuleType:
     return module
 
 
+class CupyInstance:
+    """Runs a ``device = "gpu"`` model on one CUDA device: each batch is copied to the device once
+    (NumPy -> CuPy), the model computes there, and its outputs are copied back once. BYTES tensors
+    have no device form and stay NumPy object arrays. Each instance has its own non-blocking stream,
+    so instances sharing a GPU overlap instead of serializing on the default stream."""
+
+    def __init__(self, model: Any, cupy: Any, device_id: int) -> None:
+        self.model = model
+        self.cupy = cupy
+        self.device_id = device_id
+        with cupy.cuda.Device(device_id):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        cp = self.cupy
+        with cp.cuda.Device(self.device_id), self.stream:
+            on_device = {k: v if v.dtype == object else cp.asarray(v) for k, v in inputs.items()}
+            outputs = self.model.execute(on_device)
+            if not isinstance(outputs, dict):
+                return outputs  # the Rust side reports the wrong type
+            result = {
+                k: cp.asnumpy(v, stream=self.stream) if isinstance(v, cp.ndarray) else v for k, v in outputs.items()
+            }
+            self.stream.synchronize()
+        return result
+
+    def finalize(self) -> None:
+        finalize = getattr(self.model, "finalize", None)
+        if callable(finalize):
+            with self.cupy.cuda.Device(self.device_id):
+                finalize()
+
+
+def _cupy(gpus: list[int]) -> Any:
+    """CuPy, once it is known to see every requested device."""
+    try:
+        import cupy
+    except Exception as e:
+        raise LoadError(
+            f"device = \"gpu\" needs CuPy (pip install 'fastserve[gpu]'); importing cupy failed: {e}"
+        ) from None
+    try:
+        visible = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise LoadError(f'device = "gpu" needs a CUDA device; CuPy reports: {e}') from None
+    missing = [g for g in gpus if g >= visible]
+    if visible == 0 or missing:
+        raise LoadError(
+            f'device = "gpu": [instance_group] gpus {gpus} asks for CUDA device(s) {missing or gpus}, '
+            f"but CuPy sees {visible} CUDA device(s)"
+        )
+    return cupy
+
+
 def load(ctx: LoadContext) -> LoadedModel:
     cfg = ctx.config
     if not cfg.inputs or not cfg.outputs:
         raise LoadError("python models must declare [[input]] and [[output]] in config.toml")
-    if cfg.instance_group.kind != "cpu":
-        raise LoadError('python models run with [instance_group] kind = "cpu"')
+    cupy = None
+    if cfg.device == "gpu":
+        cupy = _cupy(cfg.instance_group.gpus)
+    elif cfg.instance_group.kind == "gpu":
+        check_gpus(cfg.instance_group.gpus, "python model")
     model_class = getattr(_import(ctx), "Model", None)
     if not isinstance(model_class, type):
         raise LoadError("model.py must define a class named Model")
     instances = []
-    for index in range(cfg.instance_group.count):
+    for index, device_id in enumerate(cfg.instance_group.placements()):
+        # Weights a GPU model creates in initialize() land on its own device.
+        on_device = cupy.cuda.Device(device_id) if cupy is not None else contextlib.nullcontext()
         try:
             model = model_class()
             if not callable(getattr(model, "execute", None)):
                 raise LoadError("class Model has no execute(inputs) method")
             initialize = getattr(model, "initialize", None)
             if callable(initialize):
-                initialize(ctx.initialize_args(index))
+                with on_device:
+                    initialize(ctx.initialize_args(index, device_id))
         except LoadError:
             raise
         except Exception as e:
             log.exception("initializing model '%s' version %s failed", ctx.name, ctx.version)
             raise LoadError(f"Model() or initialize() raised {type(e).__name__}: {e}") from None
-        instances.append(model)
+        instances.append(CupyInstance(model, cupy, device_id) if cupy is not None else model)
     return LoadedModel(
         platform="python",
         max_batch_size=cfg.max_batch_size or 0,
