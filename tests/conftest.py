@@ -91,9 +91,13 @@ class ServerProcess:
             if not self._new_line.wait_for(lambda: text in self.log(), timeout=timeout):
                 raise AssertionError(f"log never showed {text!r}:\n{self.log()}")
 
-    def terminate(self, timeout: float = 60) -> int:
+    def terminate(self, timeout: float = 120) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("server did not exit after SIGTERM:\n" + self.log()) from None
         self._pump.join(timeout=10)
         return code
 
