@@ -31,6 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", required=True, type=Path, help="directory of models")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
+    serve.add_argument(
+        "--model-control-mode",
+        default="none",
+        choices=["none", "poll", "explicit"],
+        help="none: load everything at start; poll: also rescan the repository; explicit: load on request",
+    )
+    serve.add_argument("--repository-poll-secs", type=float, default=15.0, help="rescan interval in poll mode")
+    serve.add_argument(
+        "--load-model", action="append", default=[], metavar="NAME", help="explicit mode: load NAME at start ('*': all)"
+    )
     serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     serve.add_argument("--access-log", action="store_true", help="log one line per inference request")
@@ -62,7 +72,15 @@ def serve(args: argparse.Namespace) -> int:
         metrics_port=None if args.no_metrics else args.metrics_port,
         access_log=args.access_log,
     )
-    statuses = server.load_repository(repo)
+    if args.load_model and args.model_control_mode != "explicit":
+        sys.stderr.write("fastserve: error: --load-model needs --model-control-mode explicit\n")
+        return 2
+    if args.repository_poll_secs <= 0:
+        sys.stderr.write("fastserve: error: --repository-poll-secs must be positive\n")
+        return 2
+    statuses = server.load_repository(
+        repo, control_mode=args.model_control_mode, load_models=args.load_model, poll_secs=args.repository_poll_secs
+    )
     failed = [s for s in statuses if not s.ready]
     log.info("%d model version(s) ready, %d failed", len(statuses) - len(failed), len(failed))
 

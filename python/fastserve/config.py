@@ -67,6 +67,24 @@ class VersionPolicy:
 
 
 @dataclass
+class Routing:
+    """Labels name versions (``stable = 1``); weights split requests that name no version."""
+
+    labels: dict[str, int] = field(default_factory=dict)
+    weights: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class Warmup:
+    """Sample batches run on every instance before a version reports ready."""
+
+    batch_size: int = 1
+    count: int = 1
+    data: str = "zero"  # or "random"
+    dims: dict[str, list[int]] = field(default_factory=dict)  # concrete dims for variable ones
+
+
+@dataclass
 class ModelConfig:
     backend: str | None = None
     max_batch_size: int | None = None
@@ -74,6 +92,8 @@ class ModelConfig:
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    routing: Routing = field(default_factory=Routing)
+    warmup: list[Warmup] = field(default_factory=list)
     inputs: list[Tensor] = field(default_factory=list)
     outputs: list[Tensor] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +150,53 @@ def _tensors(items: Any, key: str) -> list[Tensor]:
             out.append(Tensor(name, datatype, dims))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    return out
+
+
+def _routing(rt: dict[str, Any]) -> Routing:
+    where = "[routing] "
+    labels = dict(_take(rt, "labels", dict, where, {}))
+    weights = dict(_take(rt, "weights", dict, where, {}))
+    _no_leftovers(rt, "[routing]")
+    for label, version in labels.items():
+        # Labels share the URL slot of version numbers, so they must not look like one.
+        if not label or label.isdigit() or not label.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}label '{label}' must be a non-numeric name of letters, digits, - and _")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ConfigError(f"{where}label '{label}' must map to a version number")
+    parsed: dict[int, int] = {}
+    for version, weight in weights.items():
+        if not str(version).isdigit():
+            raise ConfigError(f"{where}weights keys must be version numbers, got '{version}'")
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise ConfigError(f"{where}weight of version {version} must be an integer >= 0")
+        parsed[int(version)] = weight
+    if parsed and not any(parsed.values()):
+        raise ConfigError(f"{where}weights must not all be 0")
+    return Routing(labels=labels, weights=parsed)
+
+
+def _warmups(items: Any) -> list[Warmup]:
+    if not isinstance(items, list):
+        raise ConfigError("[[warmup]] must be an array of tables")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ConfigError(f"[[warmup]] entry {i} must be a table")
+        item = dict(item)
+        where = f"[[warmup]] entry {i}: "
+        w = Warmup(
+            batch_size=_take(item, "batch_size", int, where, 1),
+            count=_take(item, "count", int, where, 1),
+            data=_take(item, "data", str, where, "zero"),
+            dims={k: _int_list(v, f"{where}dims.{k}", 0) for k, v in _take(item, "dims", dict, where, {}).items()},
+        )
+        _no_leftovers(item, f"[[warmup]] entry {i}")
+        if w.batch_size < 1 or w.count < 1:
+            raise ConfigError(f"{where}batch_size and count must be >= 1")
+        if w.data not in ("zero", "random"):
+            raise ConfigError(f'{where}data must be "zero" or "random"')
+        out.append(w)
     return out
 
 
@@ -200,6 +267,8 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     )
     _no_leftovers(vp, "[version_policy]")
 
+    cfg.routing = _routing(dict(_take(table, "routing", dict, "", {})))
+    cfg.warmup = _warmups(table.pop("warmup", []))
     cfg.inputs = _tensors(table.pop("input", []), "input")
     cfg.outputs = _tensors(table.pop("output", []), "output")
     cfg.parameters = dict(_take(table, "parameters", dict, "", {}))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _core
-from .repository import VersionStatus, load_model, load_repository
+from .repository import CONTROL_MODES, ModelRepository, RepositoryApi, VersionStatus
 from .tensor import Tensor
 
 _running: weakref.WeakSet[Server] = weakref.WeakSet()
@@ -55,7 +55,7 @@ class Server:
             metrics_port=metrics_port,
             access_log=access_log,
         )
-        self._repository: Path | None = None
+        self._repository: ModelRepository | None = None
 
     def add_model(
         self,
@@ -95,19 +95,44 @@ class Server:
             max_queue_size=max_queue_size,
         )
 
-    def load_repository(self, path: str | Path) -> list[VersionStatus]:
-        """Loads every model in a repository directory; returns what loaded and what failed."""
-        self._repository = Path(path)
-        return load_repository(self._core, self._repository)
+    def load_repository(
+        self,
+        path: str | Path,
+        *,
+        control_mode: str = "none",
+        load_models: Sequence[str] | None = None,
+        poll_secs: float = 15.0,
+    ) -> list[VersionStatus]:
+        """Serves a model repository; returns what loaded and what failed.
 
-    def load_model(self, name: str) -> list[VersionStatus]:
-        """(Re)loads one model of the repository given to ``load_repository``."""
+        ``control_mode``: "none" loads every model now; "poll" also rescans every ``poll_secs``
+        (added, changed and removed models are loaded, reloaded, unloaded); "explicit" loads only
+        ``load_models`` ("*" = all). Poll and explicit modes enable the repository API.
+        """
+        if control_mode not in CONTROL_MODES:
+            raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)}")
+        self._repository = ModelRepository(self._core, Path(path))
+        if control_mode == "explicit":
+            names = None if load_models is not None and "*" in load_models else list(load_models or [])
+            statuses = self._repository.load_all(names)
+        else:
+            statuses = self._repository.load_all()
+        if control_mode != "none":
+            self._core.set_repository_control(RepositoryApi(self._repository))
+        if control_mode == "poll":
+            self._repository.start_polling(poll_secs)
+        return statuses
+
+    def load_model(self, name: str, config: dict | None = None) -> list[VersionStatus]:
+        """(Re)loads one model of the repository, optionally with config.toml keys overridden."""
         if self._repository is None:
             raise RuntimeError("load_repository() first")
-        return load_model(self._core, self._repository, name)
+        return self._repository.load(name, config)
 
     def unload_model(self, name: str, version: int | None = None) -> int:
         """Drains and removes a model (or one version); returns how many versions were removed."""
+        if self._repository is not None and version is None:
+            return self._repository.unload(name)
         return self._core.remove_model(name, version)
 
     def models(self) -> list[tuple[str, int, bool]]:
@@ -121,6 +146,8 @@ class Server:
 
     def stop(self) -> None:
         """Stops accepting, answers in-flight requests, drains and finalizes every model."""
+        if self._repository is not None:
+            self._repository.stop()
         self._core.stop()
         _running.discard(self)
 

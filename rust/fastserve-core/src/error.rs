@@ -21,6 +21,9 @@ pub enum ServeError {
     /// Body or message larger than the configured limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The operation is switched off (e.g. the repository API in control mode `none`).
+    #[error("{0}")]
+    Forbidden(String),
     /// The model itself failed while executing.
     #[error("{0}")]
     ModelError(String),
@@ -52,6 +55,7 @@ impl ServeError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unavailable(_) | Self::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ModelError(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -62,6 +66,7 @@ impl ServeError {
             Self::BadRequest(_) | Self::PayloadTooLarge(_) => "bad_request",
             Self::NotFound(_) => "not_found",
             Self::Unavailable(_) => "unavailable",
+            Self::Forbidden(_) => "forbidden",
             Self::QueueFull(_) => "queue_full",
             Self::ModelError(_) => "model_error",
             Self::Internal(_) => "internal",
@@ -80,5 +85,6 @@ mod tests {
         assert_eq!(ServeError::QueueFull("x".into()).http_status(), 503);
         assert_eq!(ServeError::PayloadTooLarge("x".into()).http_status(), 413);
         assert_eq!(ServeError::ModelError("x".into()).http_status(), 500);
+        assert_eq!(ServeError::Forbidden("x".into()).http_status(), 403);
     }
 }

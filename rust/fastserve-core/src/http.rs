@@ -20,14 +20,17 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::error::{Result, ServeError};
-use crate::infer::{InferResponse, ResponseOutput};
+use crate::infer::{InferResponse, Parameters, ResponseOutput};
 use crate::json_codec::{encode_infer_response, error_body, parse_infer_request};
 use crate::metrics::{self, Protocol, ServerCollector};
 use crate::scheduler::Scheduler;
 use crate::state::ServerState;
+use crate::stats::ModelStats;
 
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 pub const REQUEST_ID: &str = "x-request-id";
+/// Requests with the same key reach the same version while routing weights stay unchanged.
+pub const ROUTING_KEY: &str = "x-routing-key";
 
 type Body = Full<Bytes>;
 
@@ -142,9 +145,13 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
         ["v2", "health", "live"] if get => Ok(status_only(state.is_live())),
         ["v2", "health", "ready"] if get => Ok(status_only(state.is_ready())),
         ["v2", "models", "stats"] if get => Ok(ok_json(state.model_stats(None, None)?)),
+        ["v2", "repository", "index"] if post => repository_index(state, req).await,
+        ["v2", "repository", "models", model, action @ ("load" | "unload")] if post => {
+            repository_change(state, model, action, req).await
+        }
         ["v2", "models", model, rest @ ..] => {
             let (version, action) = match rest {
-                ["versions", v, action @ ..] => (Some(*v), action),
+                ["versions" | "labels", v, action @ ..] => (Some(*v), action),
                 action => (None, action),
             };
             match action {
@@ -159,6 +166,53 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
         ["v2"] | ["v2", "health", "live" | "ready"] => Err(method_not_allowed(&method, &path)),
         _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
     }
+}
+
+/// Runs a repository operation on a blocking thread: loading a model can take a long time.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServeError::Internal(format!("repository operation failed: {e}")))?
+}
+
+async fn repository_index(state: &ServerState, req: Request<Incoming>) -> Result<Response<Body>> {
+    let control = state.repository()?;
+    let (_, body) = read_body(req, state.limits.max_body_bytes).await?;
+    let params: serde_json::Value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ServeError::bad_request(format!("malformed index request: {e}")))?
+    };
+    let ready_only = params.get("ready").and_then(serde_json::Value::as_bool).unwrap_or(false);
+    let index = blocking(move || control.index(ready_only)).await?;
+    Ok(json_response(StatusCode::OK, serde_json::to_vec(&index).unwrap_or_default()))
+}
+
+async fn repository_change(
+    state: &ServerState,
+    model: &str,
+    action: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>> {
+    let control = state.repository()?;
+    let (_, body) = read_body(req, state.limits.max_body_bytes).await?;
+    let parameters = if body.is_empty() {
+        Parameters::new()
+    } else {
+        #[derive(serde::Deserialize)]
+        struct Change {
+            #[serde(default)]
+            parameters: Option<Parameters>,
+        }
+        serde_json::from_slice::<Change>(&body)
+            .map_err(|e| ServeError::bad_request(format!("malformed {action} request: {e}")))?
+            .parameters
+            .unwrap_or_default()
+    };
+    let (model, load) = (model.to_string(), action == "load");
+    blocking(move || if load { control.load(&model, &parameters) } else { control.unload(&model, &parameters) })
+        .await?;
+    Ok(json_response(StatusCode::OK, b"{}".to_vec()))
 }
 
 fn method_not_allowed(method: &Method, path: &str) -> ServeError {
@@ -201,6 +255,8 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<(http::reques
 struct Served {
     id: Option<String>,
     version: Option<u64>,
+    /// Set when the request moved to another version after the body was read.
+    rerouted: Option<Arc<ModelStats>>,
     queue: Duration,
     compute: Duration,
     batch_size: usize,
@@ -218,10 +274,11 @@ async fn infer_endpoint(
         if req.headers().contains_key(HEADER_CONTENT_LENGTH) { Protocol::HttpBinary } else { Protocol::Http };
     state.transport.request(protocol);
     let header_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let routing_key = req.headers().get(ROUTING_KEY).and_then(|v| v.to_str().ok()).map(str::to_string);
     let mut served = Served::default();
     let mut stats = None;
     // Resolve first so an unknown model is a 404 without reading the body.
-    let result = match state.registry.resolve(model, version) {
+    let result = match state.registry.resolve_with_key(model, version, routing_key.as_deref()) {
         Err(e) => {
             state.transport.unknown_model();
             Err(e)
@@ -231,13 +288,14 @@ async fn infer_endpoint(
             match mv.scheduler() {
                 Ok(scheduler) => {
                     stats = Some(scheduler.stats().clone());
-                    infer(state, scheduler.clone(), req, &mut served).await
+                    let reroute = version.is_none() && routing_key.is_none();
+                    infer(state, scheduler.clone(), req, &mut served, reroute.then_some(model)).await
                 }
                 Err(e) => Err(e),
             }
         }
     };
-    if let Some(stats) = &stats {
+    if let Some(stats) = served.rerouted.as_ref().or(stats.as_ref()) {
         stats.record_request(result.as_ref().map(|_| ()), start.elapsed());
     }
     let mut resp = result.unwrap_or_else(|e| error_response(&e));
@@ -274,11 +332,14 @@ fn generate_request_id() -> String {
     format!("{:016x}", seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)))
 }
 
+/// Serves one infer request on `scheduler`. `reroute` names the model when the version was picked
+/// by weight without a key, so a `routing_key` parameter in the body can still pick it.
 async fn infer(
     state: &ServerState,
-    scheduler: Arc<Scheduler>,
+    mut scheduler: Arc<Scheduler>,
     req: Request<Incoming>,
     served: &mut Served,
+    reroute: Option<&str>,
 ) -> Result<Response<Body>> {
     let (parts, body) = read_body(req, state.limits.max_body_bytes).await?;
     let header_len = match parts.headers.get(HEADER_CONTENT_LENGTH) {
@@ -289,6 +350,12 @@ async fn infer(
     };
     let mut request = parse_infer_request(&body, header_len)?;
     served.id = request.id.clone();
+    if let (Some(model), Some(key)) = (reroute, request.parameters.get("routing_key").and_then(|v| v.as_str())) {
+        let mv = state.registry.resolve_with_key(model, None, Some(key))?;
+        served.version = Some(mv.version);
+        scheduler = mv.scheduler()?.clone();
+        served.rerouted = Some(scheduler.stats().clone());
+    }
     let spec = scheduler.spec().clone();
     let validated = spec.validate(&mut request)?;
     let reply = scheduler.submit(validated)?;

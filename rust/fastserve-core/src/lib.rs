@@ -3,6 +3,7 @@
 //! [`scheduler::Instance`].
 
 pub mod batcher;
+pub mod control;
 pub mod datatype;
 pub mod error;
 pub mod http;

@@ -1,9 +1,12 @@
 //! The models a server knows: name → versions → ready scheduler or failure reason.
 //! Reads are lock-free snapshots (request path); writes replace the snapshot.
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -59,16 +62,81 @@ impl ModelVersion {
     }
 }
 
+/// How long a retired version may keep serving requests that found it before it left the registry.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Drains a version that is no longer reachable through the registry. Requests that resolved it
+/// just before the swap still hold it and may still submit, so its queue is closed only once they
+/// are gone: no request fails because of a swap.
+fn retire(version: Arc<ModelVersion>) {
+    let deadline = Instant::now() + RETIRE_TIMEOUT;
+    if let VersionState::Ready(s) = &version.state {
+        while (Arc::strong_count(&version) > 1 || Arc::strong_count(s) > 1) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    version.shutdown();
+}
+
+/// Where requests that name no version (or name a label) go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// Label → version, e.g. `stable = 1`, `canary = 2`.
+    pub labels: BTreeMap<String, u64>,
+    /// Version → relative weight for requests that name no version. Empty: the default version.
+    pub weights: Vec<(u64, u32)>,
+}
+
 /// All versions of one model.
 #[derive(Clone, Default)]
 pub struct ModelEntry {
     pub versions: BTreeMap<u64, Arc<ModelVersion>>,
+    pub routing: Routing,
 }
 
 impl ModelEntry {
     /// The version a request without one goes to: the highest ready version, else the highest.
     pub fn default_version(&self) -> Option<&Arc<ModelVersion>> {
         self.versions.values().rev().find(|v| v.is_ready()).or_else(|| self.versions.values().next_back())
+    }
+
+    /// Picks a version for a request that names none: by weight among ready versions (the same
+    /// `routing_key` always lands on the same version while weights stay), else the default.
+    pub fn route(&self, routing_key: Option<&str>) -> Option<&Arc<ModelVersion>> {
+        let candidates: Vec<(&Arc<ModelVersion>, u64)> = self
+            .routing
+            .weights
+            .iter()
+            .filter(|(_, w)| *w > 0)
+            .filter_map(|(v, w)| self.versions.get(v).filter(|mv| mv.is_ready()).map(|mv| (mv, u64::from(*w))))
+            .collect();
+        let total: u64 = candidates.iter().map(|(_, w)| w).sum();
+        if total == 0 {
+            return self.default_version();
+        }
+        let mut point = match routing_key {
+            Some(key) => {
+                let mut h = DefaultHasher::new();
+                key.hash(&mut h);
+                h.finish() % total
+            }
+            None => fastrand::u64(0..total),
+        };
+        for (mv, w) in candidates {
+            if point < w {
+                return Some(mv);
+            }
+            point -= w;
+        }
+        self.default_version()
+    }
+
+    /// A version by number or label.
+    pub fn named(&self, version: &str) -> Option<&Arc<ModelVersion>> {
+        match version.parse::<u64>() {
+            Ok(n) => self.versions.get(&n),
+            Err(_) => self.routing.labels.get(version).and_then(|n| self.versions.get(n)),
+        }
     }
 }
 
@@ -115,7 +183,7 @@ impl Registry {
             old
         });
         if let Some(old) = replaced {
-            old.shutdown();
+            retire(old);
         }
     }
 
@@ -135,22 +203,41 @@ impl Registry {
             }
             removed
         });
-        for v in &removed {
-            v.shutdown();
+        let count = removed.len();
+        for v in removed {
+            retire(v);
         }
-        removed.len()
+        count
     }
 
     pub fn model(&self, name: &str) -> Result<Arc<ModelEntry>> {
         self.models.load().get(name).cloned().ok_or_else(|| ServeError::not_found(format!("unknown model '{name}'")))
     }
 
-    /// Finds the version a request names (`None`: the default version).
+    /// Replaces a model's labels and weights; takes effect for the next request.
+    pub fn set_routing(&self, name: &str, routing: Routing) -> Result<()> {
+        self.update(|models| {
+            let mut entry = models
+                .get(name)
+                .map(|e| ModelEntry::clone(e))
+                .ok_or_else(|| ServeError::not_found(format!("unknown model '{name}'")))?;
+            entry.routing = routing;
+            models.insert(name.to_string(), Arc::new(entry));
+            Ok(())
+        })
+    }
+
+    /// Finds the version a request names by number or label (`None`: routed by weight or default).
     pub fn resolve(&self, name: &str, version: Option<&str>) -> Result<Arc<ModelVersion>> {
+        self.resolve_with_key(name, version, None)
+    }
+
+    /// As [`Registry::resolve`], with a sticky routing key for requests that name no version.
+    pub fn resolve_with_key(&self, name: &str, version: Option<&str>, key: Option<&str>) -> Result<Arc<ModelVersion>> {
         let entry = self.model(name)?;
         let found = match version {
-            None | Some("") => entry.default_version(),
-            Some(v) => v.parse::<u64>().ok().and_then(|n| entry.versions.get(&n)),
+            None | Some("") => entry.route(key),
+            Some(v) => entry.named(v),
         };
         found.cloned().ok_or_else(|| match version {
             Some(v) if !v.is_empty() => ServeError::not_found(format!("model '{name}' has no version '{v}'")),
@@ -170,7 +257,7 @@ impl Registry {
         self.models.load().values().all(|e| e.versions.values().all(|v| v.is_ready()))
     }
 
-    /// Removes every model, draining each.
+    /// Removes every model, draining each. Called after the front ends stopped, so nothing waits.
     pub fn shutdown(&self) {
         let all = self.update(std::mem::take);
         for entry in all.values() {
@@ -184,6 +271,77 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ready(name: &str, version: u64) -> ModelVersion {
+        use crate::batcher::BatchPolicy;
+        use crate::datatype::DataType;
+        use crate::scheduler::{Instance, PhaseClock, Scheduler, SchedulerConfig};
+        use crate::spec::{ModelSpec, TensorSpec};
+        use crate::tensor::Tensor;
+
+        struct Echo;
+        impl Instance for Echo {
+            fn execute(&mut self, inputs: Vec<Tensor>, _: &mut PhaseClock) -> Result<Vec<Tensor>> {
+                Ok(inputs)
+            }
+        }
+        let spec = ModelSpec {
+            name: name.into(),
+            version,
+            platform: "test".into(),
+            max_batch_size: 0,
+            inputs: vec![TensorSpec::new("X", DataType::Fp32, vec![1])],
+            outputs: vec![TensorSpec::new("X", DataType::Fp32, vec![1])],
+        };
+        let config = SchedulerConfig {
+            policy: BatchPolicy { max_batch_size: 0, max_queue_delay: Duration::ZERO, preferred_batch_sizes: vec![] },
+            max_queue_size: 4,
+        };
+        ModelVersion::ready(Scheduler::start(Arc::new(spec), config, vec![Box::new(Echo)]).unwrap())
+    }
+
+    #[test]
+    fn labels_and_weights_route_requests() {
+        let r = Registry::new();
+        r.insert(ready("m", 1));
+        r.insert(ready("m", 2));
+        let routing = Routing {
+            labels: [("stable".to_string(), 1), ("canary".to_string(), 2)].into(),
+            weights: vec![(1, 3), (2, 1)],
+        };
+        r.set_routing("m", routing).unwrap();
+        assert_eq!(r.resolve("m", Some("stable")).unwrap().version, 1);
+        assert_eq!(r.resolve("m", Some("canary")).unwrap().version, 2);
+        assert!(matches!(r.resolve("m", Some("beta")), Err(ServeError::NotFound(_))));
+        let picks: Vec<u64> = (0..4000).map(|_| r.resolve("m", None).unwrap().version).collect();
+        let ones = picks.iter().filter(|&&v| v == 1).count() as f64;
+        // 3:1 weights; 4000 draws have a standard deviation of ~27, so ±6σ never trips by chance.
+        assert!((ones - 3000.0).abs() < 165.0, "{ones}");
+        for key in ["alice", "bob", "carol"] {
+            let first = r.resolve_with_key("m", None, Some(key)).unwrap().version;
+            assert!((0..50).all(|_| r.resolve_with_key("m", None, Some(key)).unwrap().version == first));
+        }
+        r.set_routing("m", Routing { labels: Default::default(), weights: vec![(1, 0), (2, 5)] }).unwrap();
+        assert!((0..100).all(|_| r.resolve("m", None).unwrap().version == 2));
+        assert!(r.set_routing("nope", Routing::default()).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_swap_waits_for_requests_holding_the_old_version() {
+        use crate::spec::ValidatedRequest;
+        use crate::tensor::{Tensor, TensorData};
+        let r = Arc::new(Registry::new());
+        r.insert(ready("m", 1));
+        let held = r.resolve("m", None).unwrap();
+        let r2 = r.clone();
+        let swap = std::thread::spawn(move || r2.insert(ready("m", 1)));
+        // The swap is waiting for `held`; the old version still accepts work meanwhile.
+        let t = Tensor::new("X", crate::DataType::Fp32, vec![1], TensorData::Raw(vec![0u8; 4].into())).unwrap();
+        let reply = held.scheduler().unwrap().submit(ValidatedRequest { inputs: vec![t], rows: 1 }).unwrap();
+        assert!(reply.await.unwrap().is_ok());
+        drop(held);
+        swap.join().unwrap();
+    }
 
     #[test]
     fn resolves_versions_and_reports_unknowns() {

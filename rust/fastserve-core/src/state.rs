@@ -1,10 +1,11 @@
 //! State shared by every front end: the registry, limits, and the server's lifecycle flags.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use serde_json::{json, Value};
 
+use crate::control::RepositoryControl;
 use crate::error::{Result, ServeError};
 use crate::http::tensor_metadata;
 use crate::metrics::TransportMetrics;
@@ -23,7 +24,7 @@ impl Default for Limits {
 }
 
 /// Protocol extensions this server implements, as advertised in server metadata.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data"];
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics"];
 
 pub struct ServerState {
     pub registry: Arc<Registry>,
@@ -33,6 +34,7 @@ pub struct ServerState {
     pub access_log: bool,
     serving: AtomicBool,
     draining: AtomicBool,
+    repository: RwLock<Option<Arc<dyn RepositoryControl>>>,
 }
 
 impl ServerState {
@@ -44,7 +46,22 @@ impl ServerState {
             access_log,
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            repository: RwLock::new(None),
         }
+    }
+
+    /// Enables the repository API (control modes `explicit` and `poll`).
+    pub fn set_repository(&self, control: Option<Arc<dyn RepositoryControl>>) {
+        *self.repository.write().unwrap_or_else(|p| p.into_inner()) = control;
+    }
+
+    /// The repository API, or 403 when the control mode does not allow it.
+    pub fn repository(&self) -> Result<Arc<dyn RepositoryControl>> {
+        self.repository.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
+            ServeError::Forbidden(
+                "the repository API is disabled: start the server with --model-control-mode explicit or poll".into(),
+            )
+        })
     }
 
     pub fn set_serving(&self, on: bool) {

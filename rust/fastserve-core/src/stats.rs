@@ -13,8 +13,8 @@ pub const DURATION_BUCKETS_S: [f64; 16] =
     [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 /// Failure reasons, the `reason` label of `fastserve_request_failure_total`.
-pub const FAILURE_REASONS: [&str; 7] =
-    ["bad_request", "not_found", "unavailable", "queue_full", "model_error", "timeout", "internal"];
+pub const FAILURE_REASONS: [&str; 8] =
+    ["bad_request", "not_found", "unavailable", "queue_full", "model_error", "timeout", "forbidden", "internal"];
 
 pub fn failure_reason_index(e: &ServeError) -> usize {
     FAILURE_REASONS.iter().position(|r| *r == e.reason()).unwrap_or(FAILURE_REASONS.len() - 1)

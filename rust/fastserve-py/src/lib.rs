@@ -1,13 +1,15 @@
 //! `fastserve._core`: the thin PyO3 boundary over `fastserve-core`.
 
+mod control;
 mod convert;
 mod instance;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fastserve_core::batcher::BatchPolicy;
-use fastserve_core::registry::ModelVersion;
+use fastserve_core::registry::{ModelVersion, Routing};
 use fastserve_core::scheduler::{Instance, Scheduler, SchedulerConfig};
 use fastserve_core::server::{Server, ServerConfig};
 use fastserve_core::spec::{ModelSpec, TensorSpec};
@@ -131,6 +133,18 @@ impl CoreServer {
     #[pyo3(signature = (name, version = None))]
     fn remove_model(&self, py: Python<'_>, name: String, version: Option<u64>) -> usize {
         py.detach(|| self.server.registry().remove(&name, version))
+    }
+
+    /// Routes requests that name no version by `weights` ({version: weight}) and resolves `labels`.
+    fn set_routing(&self, name: &str, labels: BTreeMap<String, u64>, weights: BTreeMap<u64, u32>) -> PyResult<()> {
+        let routing = Routing { labels, weights: weights.into_iter().collect() };
+        self.server.registry().set_routing(name, routing).map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Serves the repository API through `manager` (its index/load/unload methods); None disables it.
+    fn set_repository_control(&self, manager: Option<Py<PyAny>>) {
+        let control = manager.map(|m| Arc::new(crate::control::PyRepositoryControl::new(m)) as Arc<_>);
+        self.server.state().set_repository(control);
     }
 
     /// Names and versions currently registered, with readiness.

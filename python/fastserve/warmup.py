@@ -1,0 +1,47 @@
+"""``[[warmup]]``: sample batches run on every new instance before its version reports ready, so
+the first real request does not pay for lazy initialization (allocations, kernel selection)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .backends import LoadedModel, LoadError
+from .config import Warmup
+from .tensor import NUMPY_DTYPES
+
+
+def _sample(datatype: str, shape: list[int], data: str, rng: np.random.Generator) -> np.ndarray:
+    n = int(np.prod(shape)) if shape else 1
+    if datatype == "BYTES":
+        items = [rng.bytes(8) if data == "random" else b"" for _ in range(n)]
+        return np.array(items, dtype=object).reshape(shape)
+    dtype = np.dtype(NUMPY_DTYPES[datatype])
+    if data == "zero":
+        return np.zeros(shape, dtype=dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(dtype)
+    if dtype.kind in "iu":
+        return rng.integers(0, 100, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def run_warmup(loaded: LoadedModel, warmups: list[Warmup]) -> None:
+    """Runs each warmup sample ``count`` times on every instance; a failure fails the load."""
+    rng = np.random.default_rng(0)
+    for i, w in enumerate(warmups):
+        batch: dict[str, Any] = {}
+        for t in loaded.inputs:
+            dims = w.dims.get(t.name) or [1 if d < 0 else d for d in t.dims]
+            shape = ([w.batch_size] if loaded.max_batch_size > 0 else []) + list(dims)
+            batch[t.name] = _sample(t.datatype, shape, w.data, rng)
+        for instance in loaded.instances:
+            for _ in range(w.count):
+                try:
+                    outputs = instance.execute(dict(batch))
+                except Exception as e:
+                    raise LoadError(f"warmup {i} failed: {type(e).__name__}: {e}") from None
+                missing = [t.name for t in loaded.outputs if t.name not in outputs]
+                if missing:
+                    raise LoadError(f"warmup {i} failed: the model did not return {missing}")
