@@ -86,10 +86,9 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    """A config override replaces whole top-level keys and tables: overriding ``[version_policy]``
+    with ``specific`` must not keep the file's ``latest`` beside it."""
+    return {**base, **override}
 
 
 @dataclass
