@@ -19,17 +19,21 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
 LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)")
+GRPC_LISTENING = re.compile(r"gRPC listening.*address\"?[=:]\"?([0-9.]+):(\d+)")
 
 
 class ServerProcess:
-    """A `fastserve serve` subprocess; its stderr is collected line by line."""
+    """A `fastserve serve` subprocess on ephemeral HTTP and gRPC ports; its stderr is collected line
+    by line."""
 
     def __init__(self, repo: Path, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo), "--http-port", "0", *extra]
+        cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo)]
+        cmd += ["--http-port", "0", "--grpc-port", "0", *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []
         self.port: int | None = None
+        self.grpc_port: int | None = None
         self._new_line = threading.Condition()
         ready = threading.Event()
 
@@ -39,6 +43,10 @@ class ServerProcess:
                 with self._new_line:
                     self.lines.append(line)
                     self._new_line.notify_all()
+                # The gRPC line comes first, so both ports are known once HTTP is listening.
+                g = GRPC_LISTENING.search(line)
+                if g and self.grpc_port is None:
+                    self.grpc_port = int(g.group(2))
                 m = LISTENING.search(line)
                 if m and self.port is None:
                     self.port = int(m.group(2))
@@ -60,6 +68,10 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def log(self) -> str:
         return "".join(self.lines)

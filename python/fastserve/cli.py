@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", required=True, type=Path, help="directory of models")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
+    serve.add_argument(
+        "--grpc-max-message-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest gRPC message received or sent (default 64 MiB)",
+    )
     serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit")
@@ -44,8 +51,12 @@ def serve(args: argparse.Namespace) -> int:
     if not repo.is_dir():
         sys.stderr.write(f"fastserve: error: model repository '{repo}' is not a directory\n")
         return 2
-    if not 0 <= args.http_port <= 65535:
-        sys.stderr.write(f"fastserve: error: --http-port {args.http_port} is not a valid port\n")
+    for flag, port in (("--http-port", args.http_port), ("--grpc-port", args.grpc_port)):
+        if not 0 <= port <= 65535:
+            sys.stderr.write(f"fastserve: error: {flag} {port} is not a valid port\n")
+            return 2
+    if args.grpc_max_message_bytes <= 0:
+        sys.stderr.write("fastserve: error: --grpc-max-message-bytes must be positive\n")
         return 2
     setup_logging(args.log_level, args.log_format)
     server = Server(
@@ -54,6 +65,8 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout_s,
         worker_threads=args.worker_threads,
+        grpc_port=args.grpc_port,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
     )
     statuses = server.load_repository(repo)
     failed = [s for s in statuses if not s.ready]

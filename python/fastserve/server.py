@@ -31,6 +31,9 @@ class Server:
     ...                  outputs=[Tensor("Y", "FP32", [-1])], max_batch_size=32)
     >>> with server:  # start() ... stop()
     ...     print(server.http_port)
+
+    ``grpc_port`` adds the KServe V2 gRPC endpoint (0 picks a free port; ``None``, the default,
+    serves HTTP only). Both protocols feed the same queues, so a batch may mix their requests.
     """
 
     def __init__(
@@ -41,6 +44,8 @@ class Server:
         max_body_bytes: int = 64 * 1024 * 1024,
         drain_timeout_s: float = 30.0,
         worker_threads: int = 0,
+        grpc_port: int | None = None,
+        grpc_max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self._core = _core.CoreServer(
             host=host,
@@ -48,6 +53,8 @@ class Server:
             max_body_bytes=max_body_bytes,
             worker_threads=worker_threads,
             drain_timeout_s=drain_timeout_s,
+            grpc_port=grpc_port,
+            grpc_max_message_bytes=grpc_max_message_bytes,
         )
         self._repository: Path | None = None
 
@@ -121,6 +128,11 @@ class Server:
     @property
     def http_port(self) -> int | None:
         return self._core.http_port
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The bound gRPC port while running, or None without a gRPC listener."""
+        return self._core.grpc_port
 
     @property
     def is_ready(self) -> bool:

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -14,12 +14,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::compression::Coding;
 use crate::error::{Result, ServeError};
-use crate::infer::{InferResponse, ResponseOutput};
 use crate::json_codec::{encode_infer_response, error_body, parse_infer_request};
 use crate::registry::ModelVersion;
 use crate::state::ServerState;
@@ -80,8 +79,8 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     resp
 }
 
-fn ok_json(value: serde_json::Value) -> Response<Body> {
-    json_response(StatusCode::OK, serde_json::to_vec(&value).unwrap_or_default())
+fn ok_json(value: &impl serde::Serialize) -> Response<Body> {
+    json_response(StatusCode::OK, serde_json::to_vec(value).unwrap_or_default())
 }
 
 fn error_response(e: &ServeError) -> Response<Body> {
@@ -100,7 +99,7 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
     let get = method == Method::GET;
     let post = method == Method::POST;
     match segments.as_slice() {
-        ["v2"] if get => Ok(ok_json(state.server_metadata())),
+        ["v2"] if get => Ok(ok_json(&state.server_metadata())),
         ["v2", "health", "live"] if get => Ok(status_only(state.is_live())),
         ["v2", "health", "ready"] if get => Ok(status_only(state.is_ready())),
         ["v2", "models", model, rest @ ..] => {
@@ -127,7 +126,7 @@ fn method_not_allowed(method: &Method, path: &str) -> ServeError {
 
 fn model_metadata(state: &ServerState, model: &str, version: Option<&str>) -> Result<Response<Body>> {
     let mv = state.registry.resolve(model, version)?;
-    Ok(ok_json(state.model_metadata(&mv, version.is_none())?))
+    Ok(ok_json(&state.model_metadata(&mv, version.is_none())?))
 }
 
 fn model_ready(state: &ServerState, model: &str, version: Option<&str>) -> Result<Response<Body>> {
@@ -165,52 +164,37 @@ async fn infer(
     // Resolve first so an unknown model is a 404 without reading the body.
     let mv: Arc<ModelVersion> = state.registry.resolve(model, version)?;
     let scheduler = mv.scheduler()?.clone();
-    let (parts, body) = read_body(req, state.limits.max_body_bytes).await?;
+    let limit = state.limits.max_body_bytes;
+    let (parts, body) = read_body(req, limit).await?;
+    let header = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let body = match Coding::from_content_encoding(header(CONTENT_ENCODING))? {
+        Some(coding) => coding.decompress(&body, limit)?,
+        None => body,
+    };
+    // With a compressed body this is the length of the JSON header once decompressed.
     let header_len = match parts.headers.get(HEADER_CONTENT_LENGTH) {
         None => None,
         Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
             ServeError::bad_request("Inference-Header-Content-Length must be a non-negative integer")
         })?),
     };
-    let mut request = parse_infer_request(&body, header_len)?;
-    let spec = scheduler.spec().clone();
-    let validated = spec.validate(&mut request)?;
-    let reply = scheduler.submit(validated)?;
-    let outputs = reply
-        .await
-        .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
-    let default_binary = request.binary_outputs_by_default();
-    let outputs = if request.outputs.is_empty() {
-        outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect()
-    } else {
-        let mut all: Vec<Option<_>> = outputs.into_iter().map(Some).collect();
-        request
-            .outputs
-            .iter()
-            .filter_map(|o| {
-                let slot = all.iter_mut().find(|t| t.as_ref().is_some_and(|t| t.name == o.name))?;
-                slot.take().map(|tensor| ResponseOutput { tensor, binary: o.binary })
-            })
-            .collect()
-    };
-    let response = InferResponse {
-        model_name: spec.name.clone(),
-        model_version: spec.version.to_string(),
-        id: request.id,
-        outputs,
-    };
+    let request = parse_infer_request(&body, header_len)?;
+    let response = crate::infer::run(&scheduler, request).await?;
     let (body, header_len) = encode_infer_response(&response);
+    let coding = Coding::negotiate(header(ACCEPT_ENCODING));
+    let body = match coding {
+        Some(c) => c.compress(&body),
+        None => body,
+    };
     let mut resp = json_response(StatusCode::OK, body);
     if let Some(n) = header_len {
         resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         resp.headers_mut().insert(HEADER_CONTENT_LENGTH, HeaderValue::from(n));
     }
+    if let Some(c) = coding {
+        resp.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static(c.as_str()));
+    }
     Ok(resp)
-}
-
-/// Metadata JSON helpers shared with other front ends.
-pub fn tensor_metadata(name: &str, datatype: &str, shape: &[i64]) -> serde_json::Value {
-    json!({ "name": name, "datatype": datatype, "shape": shape })
 }
 
 /// Bound address, for logs.

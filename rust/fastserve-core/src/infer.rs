@@ -1,7 +1,10 @@
-//! Decoded inference requests and responses, independent of the wire format.
+//! Decoded inference requests and responses, independent of the wire format, and the one request
+//! path every front end shares: validate, queue, await the batch, pick the requested outputs.
 
 use serde_json::{Map, Value};
 
+use crate::error::{Result, ServeError};
+use crate::scheduler::Scheduler;
 use crate::tensor::Tensor;
 
 /// Free-form V2 `parameters`.
@@ -43,4 +46,35 @@ pub struct InferResponse {
 pub struct ResponseOutput {
     pub tensor: Tensor,
     pub binary: bool,
+}
+
+/// Runs a decoded request on a model version. HTTP and gRPC requests meet in the same queue, so
+/// one batch may hold both.
+pub async fn run(scheduler: &Scheduler, mut request: InferRequest) -> Result<InferResponse> {
+    let spec = scheduler.spec();
+    let validated = spec.validate(&mut request)?;
+    let reply = scheduler.submit(validated)?;
+    let outputs = reply
+        .await
+        .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
+    let default_binary = request.binary_outputs_by_default();
+    let outputs = if request.outputs.is_empty() {
+        outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect()
+    } else {
+        let mut all: Vec<Option<_>> = outputs.into_iter().map(Some).collect();
+        request
+            .outputs
+            .iter()
+            .filter_map(|o| {
+                let slot = all.iter_mut().find(|t| t.as_ref().is_some_and(|t| t.name == o.name))?;
+                slot.take().map(|tensor| ResponseOutput { tensor, binary: o.binary })
+            })
+            .collect()
+    };
+    Ok(InferResponse {
+        model_name: spec.name.clone(),
+        model_version: spec.version.to_string(),
+        id: request.id,
+        outputs,
+    })
 }

@@ -3,8 +3,11 @@
 //! [`scheduler::Instance`].
 
 pub mod batcher;
+pub mod compression;
 pub mod datatype;
 pub mod error;
+pub mod grpc;
+mod grpc_codec;
 pub mod http;
 pub mod infer;
 pub mod json_codec;

@@ -63,7 +63,7 @@ pub struct Scheduler {
     spec: Arc<ModelSpec>,
     tx: Sender<Msg>,
     queued: Arc<AtomicUsize>,
-    max_queue_size: usize,
+    config: SchedulerConfig,
     closing: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -97,7 +97,7 @@ impl Scheduler {
             spec,
             tx,
             queued,
-            max_queue_size: config.max_queue_size,
+            config,
             closing: AtomicBool::new(false),
             threads: Mutex::new(threads),
         }))
@@ -105,6 +105,11 @@ impl Scheduler {
 
     pub fn spec(&self) -> &Arc<ModelSpec> {
         &self.spec
+    }
+
+    /// The queue and batching settings this version runs with.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
     }
 
     /// Requests waiting for an instance.
@@ -117,11 +122,11 @@ impl Scheduler {
         if self.closing.load(Ordering::Acquire) {
             return Err(self.closing_error());
         }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue_size {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.max_queue_size {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(ServeError::QueueFull(format!(
                 "model '{}' version {} has {} requests queued, its max_queue_size",
-                self.spec.name, self.spec.version, self.max_queue_size
+                self.spec.name, self.spec.version, self.config.max_queue_size
             )));
         }
         let (reply, rx) = oneshot::channel();

@@ -15,6 +15,10 @@ pub struct ServerConfig {
     pub host: String,
     /// 0 picks an ephemeral port; `http_addr` tells which.
     pub http_port: u16,
+    /// `None`: no gRPC listener. 0 picks an ephemeral port; `grpc_addr` tells which.
+    pub grpc_port: Option<u16>,
+    /// Largest gRPC message received or sent; larger ones fail with RESOURCE_EXHAUSTED.
+    pub grpc_max_message_bytes: usize,
     pub limits: Limits,
     /// Tokio worker threads for the network front ends.
     pub worker_threads: usize,
@@ -27,6 +31,8 @@ impl Default for ServerConfig {
         Self {
             host: "127.0.0.1".into(),
             http_port: 8000,
+            grpc_port: None,
+            grpc_max_message_bytes: 64 * 1024 * 1024,
             limits: Limits::default(),
             worker_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             drain_timeout: Duration::from_secs(30),
@@ -37,8 +43,9 @@ impl Default for ServerConfig {
 struct Running {
     runtime: tokio::runtime::Runtime,
     shutdown: watch::Sender<bool>,
-    http_task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     http_addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
 }
 
 pub struct Server {
@@ -75,7 +82,7 @@ impl Server {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Binds the listeners and starts serving in background threads.
+    /// Binds the listeners and starts serving in background threads; returns the HTTP address.
     pub fn start(&self) -> Result<SocketAddr, StartError> {
         let mut running = self.lock();
         if running.is_some() {
@@ -87,21 +94,39 @@ impl Server {
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
-        let addr = format!("{}:{}", self.config.host, self.config.http_port);
-        let listener = runtime
-            .block_on(TcpListener::bind(&addr))
-            .map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
-        let http_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+        let bind = |port: u16| -> Result<(TcpListener, SocketAddr), StartError> {
+            let addr = format!("{}:{}", self.config.host, port);
+            let listener = runtime
+                .block_on(TcpListener::bind(&addr))
+                .map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
+            let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+            Ok((listener, bound))
+        };
+        let (http_listener, http_addr) = bind(self.config.http_port)?;
+        let grpc = self.config.grpc_port.map(bind).transpose()?;
         let (shutdown, rx) = watch::channel(false);
-        let http_task = runtime.spawn(crate::http::serve(listener, self.state.clone(), rx, self.config.drain_timeout));
+        let drain = self.config.drain_timeout;
+        let mut tasks = vec![runtime.spawn(crate::http::serve(http_listener, self.state.clone(), rx.clone(), drain))];
+        let grpc_addr = grpc.map(|(listener, addr)| {
+            let max = self.config.grpc_max_message_bytes;
+            tasks.push(runtime.spawn(crate::grpc::serve(listener, self.state.clone(), max, rx, drain)));
+            addr
+        });
         self.state.set_serving(true);
+        if let Some(addr) = grpc_addr {
+            tracing::info!(address = %addr, "gRPC listening");
+        }
         tracing::info!(address = %crate::http::describe(http_addr), "HTTP listening");
-        *running = Some(Running { runtime, shutdown, http_task, http_addr });
+        *running = Some(Running { runtime, shutdown, tasks, http_addr, grpc_addr });
         Ok(http_addr)
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.lock().as_ref().map(|r| r.http_addr)
+    }
+
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.lock().as_ref().and_then(|r| r.grpc_addr)
     }
 
     /// Stops accepting, lets in-flight requests finish (up to the drain timeout), then drains and
@@ -111,7 +136,10 @@ impl Server {
         let running = self.lock().take();
         if let Some(r) = running {
             let _ = r.shutdown.send(true);
-            let _ = r.runtime.block_on(r.http_task);
+            // Both front ends drain their open requests before the models are drained.
+            for task in r.tasks {
+                let _ = r.runtime.block_on(task);
+            }
             self.state.registry.shutdown();
             r.runtime.shutdown_timeout(Duration::from_secs(1));
         } else {

@@ -3,10 +3,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::error::Result;
-use crate::http::tensor_metadata;
 use crate::registry::{ModelVersion, Registry};
 
 /// Request size limits.
@@ -23,6 +22,32 @@ impl Default for Limits {
 
 /// Protocol extensions this server implements, as advertised in server metadata.
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data"];
+
+/// V2 server metadata, the same over HTTP and gRPC.
+#[derive(Debug, Serialize)]
+pub struct ServerMetadata {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub extensions: &'static [&'static str],
+}
+
+/// V2 model metadata, the same over HTTP and gRPC.
+#[derive(Debug, Serialize)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: String,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    /// -1 marks a variable dimension, the batch dimension first when the model batches.
+    pub shape: Vec<i64>,
+}
 
 pub struct ServerState {
     pub registry: Arc<Registry>,
@@ -57,12 +82,12 @@ impl ServerState {
         self.is_live() && !self.is_draining() && self.registry.all_ready()
     }
 
-    pub fn server_metadata(&self) -> Value {
-        json!({ "name": "fastserve", "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS })
+    pub fn server_metadata(&self) -> ServerMetadata {
+        ServerMetadata { name: "fastserve", version: env!("CARGO_PKG_VERSION"), extensions: EXTENSIONS }
     }
 
     /// V2 model metadata. `all_versions` lists every version of the model (a request without one).
-    pub fn model_metadata(&self, mv: &ModelVersion, all_versions: bool) -> Result<Value> {
+    pub fn model_metadata(&self, mv: &ModelVersion, all_versions: bool) -> Result<ModelMetadata> {
         let spec = mv.spec()?;
         let versions: Vec<String> = if all_versions {
             self.registry
@@ -75,15 +100,21 @@ impl ServerState {
         } else {
             vec![mv.version.to_string()]
         };
-        let io = |list: &[crate::spec::TensorSpec]| -> Vec<Value> {
-            list.iter().map(|t| tensor_metadata(&t.name, t.datatype.as_str(), &spec.full_dims(t))).collect()
+        let io = |list: &[crate::spec::TensorSpec]| -> Vec<TensorMetadata> {
+            list.iter()
+                .map(|t| TensorMetadata {
+                    name: t.name.clone(),
+                    datatype: t.datatype.as_str(),
+                    shape: spec.full_dims(t),
+                })
+                .collect()
         };
-        Ok(json!({
-            "name": spec.name,
-            "versions": versions,
-            "platform": spec.platform,
-            "inputs": io(&spec.inputs),
-            "outputs": io(&spec.outputs),
-        }))
+        Ok(ModelMetadata {
+            name: spec.name.clone(),
+            versions,
+            platform: spec.platform.clone(),
+            inputs: io(&spec.inputs),
+            outputs: io(&spec.outputs),
+        })
     }
 }

@@ -45,15 +45,25 @@ struct CoreServer {
 #[pymethods]
 impl CoreServer {
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0))]
+    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
         http_port: u16,
         max_body_bytes: usize,
         worker_threads: usize,
         drain_timeout_s: f64,
+        grpc_port: Option<u16>,
+        grpc_max_message_bytes: usize,
     ) -> PyResult<Self> {
-        let mut config = ServerConfig { host, http_port, limits: Limits { max_body_bytes }, ..ServerConfig::default() };
+        let mut config = ServerConfig {
+            host,
+            http_port,
+            grpc_port,
+            grpc_max_message_bytes,
+            limits: Limits { max_body_bytes },
+            ..ServerConfig::default()
+        };
         if worker_threads > 0 {
             config.worker_threads = worker_threads;
         }
@@ -148,6 +158,12 @@ impl CoreServer {
     #[getter]
     fn http_port(&self) -> Option<u16> {
         self.server.http_addr().map(|a| a.port())
+    }
+
+    /// The bound gRPC port while running with a gRPC listener.
+    #[getter]
+    fn grpc_port(&self) -> Option<u16> {
+        self.server.grpc_addr().map(|a| a.port())
     }
 
     fn is_ready(&self) -> bool {
