@@ -234,8 +234,10 @@ mod tests {
             assert_eq!(raw_of(&r.inputs[0]), &expected[..], "{dt}");
             assert_eq!(r.inputs[0].datatype.as_str(), dt);
         }
-        let mut c = InferTensorContents::default();
-        c.bytes_contents = vec![Bytes::from_static(b"a"), Bytes::from_static(b"")];
+        let c = InferTensorContents {
+            bytes_contents: vec![Bytes::from_static(b"a"), Bytes::from_static(b"")],
+            ..Default::default()
+        };
         let r = decode_request(request(vec![input("s", "BYTES", vec![1, 2], Some(c))], vec![])).unwrap();
         assert_eq!(r.inputs[0].data, TensorData::Strings(vec![Bytes::from_static(b"a"), Bytes::new()]));
     }
