@@ -65,7 +65,6 @@ impl InferenceService {
         let mv = self.state.registry.resolve(name, Some(version))?;
         let scheduler = mv.scheduler()?;
         let spec = scheduler.spec();
-        let dims = |dims: &[i64]| dims.to_vec();
         let policy = &scheduler.config().policy;
         Ok(ModelConfig {
             name: spec.name.clone(),
@@ -78,7 +77,7 @@ impl InferenceService {
                 .map(|t| ModelInput {
                     name: t.name.clone(),
                     data_type: config_type(t.datatype) as i32,
-                    dims: dims(&t.dims),
+                    dims: t.dims.clone(),
                 })
                 .collect(),
             output: spec
@@ -87,7 +86,7 @@ impl InferenceService {
                 .map(|t| ModelOutput {
                     name: t.name.clone(),
                     data_type: config_type(t.datatype) as i32,
-                    dims: dims(&t.dims),
+                    dims: t.dims.clone(),
                 })
                 .collect(),
             scheduling_choice: spec.batching().then(|| {
