@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -20,30 +21,22 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
 LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)")
 METRICS_LISTENING = re.compile(r"metrics listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)/metrics")
+GRPC_LISTENING = re.compile(r"gRPC listening.*address\"?[=:]\"?([0-9.]+):(\d+)")
 
 
 class ServerProcess:
-    """A `fastserve serve` subprocess; its stderr is collected line by line."""
+    """A `fastserve serve` subprocess on ephemeral HTTP and gRPC ports; its stderr is collected line
+    by line."""
 
     def __init__(self, repo: Path, *extra: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "fastserve",
-            "serve",
-            "--model-repository",
-            str(repo),
-            "--http-port",
-            "0",
-            "--metrics-port",
-            "0",
-            *extra,
-        ]
+        cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo)]
+        cmd += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.grpc_port: int | None = None
         self._new_line = threading.Condition()
         ready = threading.Event()
 
@@ -56,6 +49,10 @@ class ServerProcess:
                 metrics = METRICS_LISTENING.search(line)
                 if metrics:
                     self.metrics_port = int(metrics.group(2))
+                # The gRPC line comes first, so both ports are known once HTTP is listening.
+                g = GRPC_LISTENING.search(line)
+                if g and self.grpc_port is None:
+                    self.grpc_port = int(g.group(2))
                 m = LISTENING.search(line)
                 if m and self.port is None:
                     self.port = int(m.group(2))
@@ -81,6 +78,10 @@ class ServerProcess:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
 
     def log(self) -> str:
         return "".join(self.lines)
@@ -140,3 +141,64 @@ def write_model(repo: Path, name: str, config: str, model_py: str | None = None,
 
 def infer_json(url: str, model: str, inputs: list[dict], **extra: object) -> requests.Response:
     return requests.post(f"{url}/v2/models/{model}/infer", json={"inputs": inputs, **extra}, timeout=60)
+
+
+# Every V2 datatype and the NumPy dtype clients use for it.
+DTYPES = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+
+
+class Identity:
+    """Returns its input and records the dtype and shape it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["IN"]
+        self.seen.append((x.dtype.name, x.shape))
+        return {"OUT": x}
+
+
+def sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    n = int(np.prod(shape))
+    if datatype == "BYTES":
+        return np.array([f"s{i}-é".encode() for i in range(n)], dtype=object).reshape(shape)
+    if datatype == "BOOL":
+        return (np.arange(n) % 2 == 0).reshape(shape)
+    info = np.iinfo(DTYPES[datatype]) if np.issubdtype(DTYPES[datatype], np.integer) else None
+    if info is not None:  # include the extremes of the type
+        values = np.linspace(0, 1, n)
+        return np.array(
+            [info.min if i == 0 else info.max if i == n - 1 else int(v * 100) for i, v in enumerate(values)],
+            dtype=DTYPES[datatype],
+        ).reshape(shape)
+    return (np.arange(n, dtype=np.float64) * 0.25 - 1.5).astype(DTYPES[datatype]).reshape(shape)
+
+
+class Recorder:
+    """Adds 1 to each row and records the batch sizes it executes."""
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+
+    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["X"]
+        assert x.flags.writeable
+        with self.lock:
+            self.batches.append(x.shape[0])
+        return {"Y": x + 1}

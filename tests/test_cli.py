@@ -49,6 +49,21 @@ def test_port_in_use_is_a_clear_failure(example_server) -> None:
     assert f"cannot listen on 127.0.0.1:{example_server.port}" in r.stderr
 
 
+def test_grpc_port_in_use_is_a_clear_failure(example_server) -> None:
+    r = run(
+        "serve", "--model-repository", str(EXAMPLES), "--http-port", "0", "--grpc-port", str(example_server.grpc_port)
+    )
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{example_server.grpc_port}" in r.stderr
+
+
+def test_invalid_grpc_flags_are_exit_2() -> None:
+    r = run("serve", "--model-repository", str(EXAMPLES), "--grpc-port", "70000")
+    assert (r.returncode, r.stderr.strip()) == (2, "fastserve: error: --grpc-port 70000 is not a valid port")
+    r = run("serve", "--model-repository", str(EXAMPLES), "--grpc-max-message-bytes", "0")
+    assert (r.returncode, r.stderr.strip()) == (2, "fastserve: error: --grpc-max-message-bytes must be positive")
+
+
 def test_json_logs_parse_and_report_models(start_server) -> None:
     server = start_server(EXAMPLES, "--log-format", "json")
     assert requests.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
@@ -57,8 +72,10 @@ def test_json_logs_parse_and_report_models(start_server) -> None:
     messages = [r["message"] for r in records]
     assert "loaded model 'mlp' version 1 (onnxruntime_onnx, max_batch_size 64, 1 instance(s))" in messages
     assert any(r["message"] == "HTTP listening" and r["address"].startswith("http://127.0.0.1:") for r in records)
+    assert any(r["message"] == "gRPC listening" and r["address"] == server.grpc_address for r in records)
     assert all({"timestamp", "level"} <= r.keys() for r in records)
 
 
 def test_listens_on_loopback_by_default(example_server) -> None:
     assert "address=http://127.0.0.1:" in example_server.log()
+    assert f"gRPC listening address=127.0.0.1:{example_server.grpc_port}" in example_server.log()

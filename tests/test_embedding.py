@@ -3,7 +3,6 @@ dynamic batching observed from inside the model, and clean start/stop."""
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,51 +13,7 @@ import requests
 import tritonclient.http as httpclient
 from fastserve import Server, Tensor
 
-from conftest import EXAMPLES, infer_json
-
-DTYPES = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
-
-
-class Identity:
-    """Returns its input and records the dtype and shape it saw."""
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, tuple[int, ...]]] = []
-
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = inputs["IN"]
-        self.seen.append((x.dtype.name, x.shape))
-        return {"OUT": x}
-
-
-def sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:
-    n = int(np.prod(shape))
-    if datatype == "BYTES":
-        return np.array([f"s{i}-é".encode() for i in range(n)], dtype=object).reshape(shape)
-    if datatype == "BOOL":
-        return (np.arange(n) % 2 == 0).reshape(shape)
-    info = np.iinfo(DTYPES[datatype]) if np.issubdtype(DTYPES[datatype], np.integer) else None
-    if info is not None:  # include the extremes of the type
-        values = np.linspace(0, 1, n)
-        return np.array(
-            [info.min if i == 0 else info.max if i == n - 1 else int(v * 100) for i, v in enumerate(values)],
-            dtype=DTYPES[datatype],
-        ).reshape(shape)
-    return (np.arange(n, dtype=np.float64) * 0.25 - 1.5).astype(DTYPES[datatype]).reshape(shape)
+from conftest import DTYPES, EXAMPLES, Identity, Recorder, infer_json, sample
 
 
 @pytest.fixture(scope="module")
@@ -98,21 +53,6 @@ def test_every_datatype_round_trips_as_numpy(identity_server, datatype: str) -> 
         np.testing.assert_array_equal(out, x)
     # The model saw a NumPy array of the right dtype and shape, batch dimension first.
     assert models[datatype].seen[-1] == (np.dtype(DTYPES[datatype]).name, (2, 3))
-
-
-class Recorder:
-    """Adds 1 to each row and records the batch sizes it executes."""
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-        self.lock = threading.Lock()
-
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = inputs["X"]
-        assert x.flags.writeable
-        with self.lock:
-            self.batches.append(x.shape[0])
-        return {"Y": x + 1}
 
 
 def post_rows(port: int, rows: np.ndarray) -> np.ndarray:

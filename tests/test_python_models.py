@@ -7,8 +7,10 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 
 from conftest import infer_json, write_model
 
@@ -122,7 +124,8 @@ def test_directory_traversal_names_are_not_models(start_server, repo: Path) -> N
         assert r.status_code == 404, path
 
 
-def test_sigterm_drains_in_flight_requests(start_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_sigterm_drains_in_flight_requests(start_server, tmp_path: Path, protocol: str) -> None:
     started, release = tmp_path / "started.fifo", tmp_path / "release.fifo"
     os.mkfifo(started)
     os.mkfifo(release)
@@ -148,7 +151,14 @@ def test_sigterm_drains_in_flight_requests(start_server, tmp_path: Path) -> None
     result: dict = {}
 
     def call() -> None:
-        result["response"] = infer_json(server.url, "slow", x_input([[1, 2]]))
+        if protocol == "http":
+            response = infer_json(server.url, "slow", x_input([[1, 2]]))
+            assert response.status_code == 200, response.text
+            result["data"] = response.json()["outputs"][0]["data"]
+        else:
+            x = grpcclient.InferInput("X", [1, 2], "FP32")
+            x.set_data_from_numpy(np.array([[1, 2]], dtype=np.float32))
+            result["data"] = grpcclient.InferenceServerClient(server.grpc_address).infer("slow", [x]).as_numpy("Y")
 
     caller = threading.Thread(target=call)
     caller.start()
@@ -160,6 +170,5 @@ def test_sigterm_drains_in_flight_requests(start_server, tmp_path: Path) -> None
         f.write("go")
     caller.join(timeout=60)
     assert server.proc.wait(timeout=60) == 0
-    assert result["response"].status_code == 200
-    assert result["response"].json()["outputs"][0]["data"] == [1, 2]
+    assert np.asarray(result["data"]).ravel().tolist() == [1, 2]
     assert "draining" in server.log()

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     serve.add_argument("--access-log", action="store_true", help="log one line per inference request")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
+    serve.add_argument(
+        "--grpc-max-message-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest gRPC message received or sent (default 64 MiB)",
+    )
     serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit")
@@ -57,11 +64,17 @@ def serve(args: argparse.Namespace) -> int:
     if not repo.is_dir():
         sys.stderr.write(f"fastserve: error: model repository '{repo}' is not a directory\n")
         return 2
-    for flag in ("http_port", "metrics_port"):
-        port = getattr(args, flag)
+    for flag, port in (
+        ("--http-port", args.http_port),
+        ("--grpc-port", args.grpc_port),
+        ("--metrics-port", args.metrics_port),
+    ):
         if not 0 <= port <= 65535:
-            sys.stderr.write(f"fastserve: error: --{flag.replace('_', '-')} {port} is not a valid port\n")
+            sys.stderr.write(f"fastserve: error: {flag} {port} is not a valid port\n")
             return 2
+    if args.grpc_max_message_bytes <= 0:
+        sys.stderr.write("fastserve: error: --grpc-max-message-bytes must be positive\n")
+        return 2
     setup_logging(args.log_level, args.log_format)
     server = Server(
         host=args.host,
@@ -69,6 +82,8 @@ def serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout_s,
         worker_threads=args.worker_threads,
+        grpc_port=args.grpc_port,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
         metrics_port=None if args.no_metrics else args.metrics_port,
         access_log=args.access_log,
     )

@@ -31,6 +31,9 @@ class Server:
     ...                  outputs=[Tensor("Y", "FP32", [-1])], max_batch_size=32)
     >>> with server:  # start() ... stop()
     ...     print(server.http_port)
+
+    ``grpc_port`` adds the KServe V2 gRPC endpoint (0 picks a free port; ``None``, the default,
+    serves HTTP only). Both protocols feed the same queues, so a batch may mix their requests.
     """
 
     def __init__(
@@ -43,6 +46,8 @@ class Server:
         worker_threads: int = 0,
         metrics_port: int | None = None,
         access_log: bool = False,
+        grpc_port: int | None = None,
+        grpc_max_message_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         """``metrics_port``: serve Prometheus ``/metrics`` there (0 = any free port, None = off).
         ``access_log``: one log line per inference request."""
@@ -54,6 +59,8 @@ class Server:
             drain_timeout_s=drain_timeout_s,
             metrics_port=metrics_port,
             access_log=access_log,
+            grpc_port=grpc_port,
+            grpc_max_message_bytes=grpc_max_message_bytes,
         )
         self._repository: ModelRepository | None = None
 
@@ -158,6 +165,11 @@ class Server:
     @property
     def metrics_port(self) -> int | None:
         return self._core.metrics_port
+
+    @property
+    def grpc_port(self) -> int | None:
+        """The bound gRPC port while running, or None without a gRPC listener."""
+        return self._core.grpc_port
 
     @property
     def is_ready(self) -> bool:

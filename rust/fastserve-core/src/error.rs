@@ -60,6 +60,18 @@ impl ServeError {
         }
     }
 
+    /// The gRPC status code of the KServe V2 gRPC protocol for this error.
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            Self::BadRequest(_) => tonic::Code::InvalidArgument,
+            Self::NotFound(_) => tonic::Code::NotFound,
+            Self::Unavailable(_) | Self::QueueFull(_) => tonic::Code::Unavailable,
+            Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
+            Self::Forbidden(_) => tonic::Code::PermissionDenied,
+            Self::ModelError(_) | Self::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
     /// A short, stable label for metrics and logs.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -71,6 +83,12 @@ impl ServeError {
             Self::ModelError(_) => "model_error",
             Self::Internal(_) => "internal",
         }
+    }
+}
+
+impl From<ServeError> for tonic::Status {
+    fn from(e: ServeError) -> Self {
+        tonic::Status::new(e.grpc_code(), e.to_string())
     }
 }
 
@@ -86,5 +104,24 @@ mod tests {
         assert_eq!(ServeError::PayloadTooLarge("x".into()).http_status(), 413);
         assert_eq!(ServeError::ModelError("x".into()).http_status(), 500);
         assert_eq!(ServeError::Forbidden("x".into()).http_status(), 403);
+    }
+
+    #[test]
+    fn grpc_codes_follow_the_v2_protocol() {
+        use tonic::Code;
+        let cases = [
+            (ServeError::bad_request("x"), Code::InvalidArgument),
+            (ServeError::not_found("x"), Code::NotFound),
+            (ServeError::unavailable("x"), Code::Unavailable),
+            (ServeError::QueueFull("x".into()), Code::Unavailable),
+            (ServeError::PayloadTooLarge("x".into()), Code::ResourceExhausted),
+            (ServeError::ModelError("x".into()), Code::Internal),
+            (ServeError::Internal("x".into()), Code::Internal),
+        ];
+        for (e, code) in cases {
+            assert_eq!(e.grpc_code(), code, "{e:?}");
+            let status = tonic::Status::from(e);
+            assert_eq!((status.code(), status.message()), (code, "x"));
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -15,12 +15,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::compression::Coding;
 use crate::error::{Result, ServeError};
-use crate::infer::{InferResponse, Parameters, ResponseOutput};
+use crate::infer::Parameters;
 use crate::json_codec::{encode_infer_response, error_body, parse_infer_request};
 use crate::metrics::{self, Protocol, ServerCollector};
 use crate::scheduler::Scheduler;
@@ -121,8 +121,8 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     resp
 }
 
-fn ok_json(value: serde_json::Value) -> Response<Body> {
-    json_response(StatusCode::OK, serde_json::to_vec(&value).unwrap_or_default())
+fn ok_json(value: &impl serde::Serialize) -> Response<Body> {
+    json_response(StatusCode::OK, serde_json::to_vec(value).unwrap_or_default())
 }
 
 fn error_response(e: &ServeError) -> Response<Body> {
@@ -141,10 +141,10 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
     let get = method == Method::GET;
     let post = method == Method::POST;
     match segments.as_slice() {
-        ["v2"] if get => Ok(ok_json(state.server_metadata())),
+        ["v2"] if get => Ok(ok_json(&state.server_metadata())),
         ["v2", "health", "live"] if get => Ok(status_only(state.is_live())),
         ["v2", "health", "ready"] if get => Ok(status_only(state.is_ready())),
-        ["v2", "models", "stats"] if get => Ok(ok_json(state.model_stats(None, None)?)),
+        ["v2", "models", "stats"] if get => Ok(ok_json(&state.model_stats(None, None)?)),
         ["v2", "repository", "index"] if post => repository_index(state, req).await,
         ["v2", "repository", "models", model, action @ ("load" | "unload")] if post => {
             repository_change(state, model, action, req).await
@@ -157,7 +157,7 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
             match action {
                 [] if get => model_metadata(state, model, version),
                 ["ready"] if get => model_ready(state, model, version),
-                ["stats"] if get => Ok(ok_json(state.model_stats(Some(model), version)?)),
+                ["stats"] if get => Ok(ok_json(&state.model_stats(Some(model), version)?)),
                 ["infer"] if post => Ok(infer_endpoint(state, model, version, req).await),
                 [] | ["ready"] | ["infer"] | ["stats"] => Err(method_not_allowed(&method, &path)),
                 _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
@@ -221,7 +221,7 @@ fn method_not_allowed(method: &Method, path: &str) -> ServeError {
 
 fn model_metadata(state: &ServerState, model: &str, version: Option<&str>) -> Result<Response<Body>> {
     let mv = state.registry.resolve(model, version)?;
-    Ok(ok_json(state.model_metadata(&mv, version.is_none())?))
+    Ok(ok_json(&state.model_metadata(&mv, version.is_none())?))
 }
 
 fn model_ready(state: &ServerState, model: &str, version: Option<&str>) -> Result<Response<Body>> {
@@ -341,14 +341,21 @@ async fn infer(
     served: &mut Served,
     reroute: Option<&str>,
 ) -> Result<Response<Body>> {
-    let (parts, body) = read_body(req, state.limits.max_body_bytes).await?;
+    let limit = state.limits.max_body_bytes;
+    let (parts, body) = read_body(req, limit).await?;
+    let header = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let body = match Coding::from_content_encoding(header(CONTENT_ENCODING))? {
+        Some(coding) => coding.decompress(&body, limit)?,
+        None => body,
+    };
+    // With a compressed body this is the length of the JSON header once decompressed.
     let header_len = match parts.headers.get(HEADER_CONTENT_LENGTH) {
         None => None,
         Some(v) => Some(v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).ok_or_else(|| {
             ServeError::bad_request("Inference-Header-Content-Length must be a non-negative integer")
         })?),
     };
-    let mut request = parse_infer_request(&body, header_len)?;
+    let request = parse_infer_request(&body, header_len)?;
     served.id = request.id.clone();
     if let (Some(model), Some(key)) = (reroute, request.parameters.get("routing_key").and_then(|v| v.as_str())) {
         let mv = state.registry.resolve_with_key(model, None, Some(key))?;
@@ -356,47 +363,25 @@ async fn infer(
         scheduler = mv.scheduler()?.clone();
         served.rerouted = Some(scheduler.stats().clone());
     }
-    let spec = scheduler.spec().clone();
-    let validated = spec.validate(&mut request)?;
-    let reply = scheduler.submit(validated)?;
-    let executed = reply
-        .await
-        .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
-    served.queue = executed.queue;
-    served.compute = executed.phases.total();
-    served.batch_size = executed.batch_size;
-    let default_binary = request.binary_outputs_by_default();
-    let outputs = if request.outputs.is_empty() {
-        executed.outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect()
-    } else {
-        let mut all: Vec<Option<_>> = executed.outputs.into_iter().map(Some).collect();
-        request
-            .outputs
-            .iter()
-            .filter_map(|o| {
-                let slot = all.iter_mut().find(|t| t.as_ref().is_some_and(|t| t.name == o.name))?;
-                slot.take().map(|tensor| ResponseOutput { tensor, binary: o.binary })
-            })
-            .collect()
-    };
-    let response = InferResponse {
-        model_name: spec.name.clone(),
-        model_version: spec.version.to_string(),
-        id: request.id,
-        outputs,
-    };
+    let (response, how) = crate::infer::run(&scheduler, request).await?;
+    served.queue = how.queue;
+    served.compute = how.compute;
+    served.batch_size = how.batch_size;
     let (body, header_len) = encode_infer_response(&response);
+    let coding = Coding::negotiate(header(ACCEPT_ENCODING));
+    let body = match coding {
+        Some(c) => c.compress(&body),
+        None => body,
+    };
     let mut resp = json_response(StatusCode::OK, body);
     if let Some(n) = header_len {
         resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         resp.headers_mut().insert(HEADER_CONTENT_LENGTH, HeaderValue::from(n));
     }
+    if let Some(c) = coding {
+        resp.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static(c.as_str()));
+    }
     Ok(resp)
-}
-
-/// Metadata JSON helpers shared with other front ends.
-pub fn tensor_metadata(name: &str, datatype: &str, shape: &[i64]) -> serde_json::Value {
-    json!({ "name": name, "datatype": datatype, "shape": shape })
 }
 
 /// Bound address, for logs.

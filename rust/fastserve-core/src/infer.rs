@@ -1,7 +1,12 @@
-//! Decoded inference requests and responses, independent of the wire format.
+//! Decoded inference requests and responses, independent of the wire format, and the one request
+//! path every front end shares: validate, queue, await the batch, pick the requested outputs.
+
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use crate::error::{Result, ServeError};
+use crate::scheduler::Scheduler;
 use crate::tensor::Tensor;
 
 /// Free-form V2 `parameters`.
@@ -43,4 +48,47 @@ pub struct InferResponse {
 pub struct ResponseOutput {
     pub tensor: Tensor,
     pub binary: bool,
+}
+
+/// How a request was served, for access logs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ServedBy {
+    pub queue: Duration,
+    pub compute: Duration,
+    /// Rows in the batch the request ran in.
+    pub batch_size: usize,
+}
+
+/// Runs a decoded request on a model version. HTTP and gRPC requests meet in the same queue, so
+/// one batch may hold both.
+pub async fn run(scheduler: &Scheduler, mut request: InferRequest) -> Result<(InferResponse, ServedBy)> {
+    let spec = scheduler.spec();
+    let validated = spec.validate(&mut request)?;
+    let reply = scheduler.submit(validated)?;
+    let executed = reply
+        .await
+        .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
+    let how = ServedBy { queue: executed.queue, compute: executed.phases.total(), batch_size: executed.batch_size };
+    let outputs = executed.outputs;
+    let default_binary = request.binary_outputs_by_default();
+    let outputs = if request.outputs.is_empty() {
+        outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect()
+    } else {
+        let mut all: Vec<Option<_>> = outputs.into_iter().map(Some).collect();
+        request
+            .outputs
+            .iter()
+            .filter_map(|o| {
+                let slot = all.iter_mut().find(|t| t.as_ref().is_some_and(|t| t.name == o.name))?;
+                slot.take().map(|tensor| ResponseOutput { tensor, binary: o.binary })
+            })
+            .collect()
+    };
+    let response = InferResponse {
+        model_name: spec.name.clone(),
+        model_version: spec.version.to_string(),
+        id: request.id,
+        outputs,
+    };
+    Ok((response, how))
 }

@@ -3,9 +3,12 @@
 //! [`scheduler::Instance`].
 
 pub mod batcher;
+pub mod compression;
 pub mod control;
 pub mod datatype;
 pub mod error;
+pub mod grpc;
+mod grpc_codec;
 pub mod http;
 pub mod infer;
 pub mod json_codec;

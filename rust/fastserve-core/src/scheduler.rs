@@ -106,7 +106,7 @@ pub struct Scheduler {
     stats: Arc<ModelStats>,
     tx: Sender<Msg>,
     queued: Arc<AtomicUsize>,
-    max_queue_size: usize,
+    config: SchedulerConfig,
     closing: AtomicBool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -142,7 +142,7 @@ impl Scheduler {
             stats,
             tx,
             queued,
-            max_queue_size: config.max_queue_size,
+            config,
             closing: AtomicBool::new(false),
             threads: Mutex::new(threads),
         }))
@@ -156,6 +156,11 @@ impl Scheduler {
         &self.stats
     }
 
+    /// The queue and batching settings this version runs with.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
     /// Requests waiting for an instance.
     pub fn pending(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
@@ -166,11 +171,11 @@ impl Scheduler {
         if self.closing.load(Ordering::Acquire) {
             return Err(self.closing_error());
         }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue_size {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.max_queue_size {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(ServeError::QueueFull(format!(
                 "model '{}' version {} has {} requests queued, its max_queue_size",
-                self.spec.name, self.spec.version, self.max_queue_size
+                self.spec.name, self.spec.version, self.config.max_queue_size
             )));
         }
         let (reply, rx) = oneshot::channel();

@@ -15,6 +15,10 @@ pub struct ServerConfig {
     pub host: String,
     /// 0 picks an ephemeral port; `http_addr` tells which.
     pub http_port: u16,
+    /// `None`: no gRPC listener. 0 picks an ephemeral port; `grpc_addr` tells which.
+    pub grpc_port: Option<u16>,
+    /// Largest gRPC message received or sent; larger ones fail with RESOURCE_EXHAUSTED.
+    pub grpc_max_message_bytes: usize,
     pub limits: Limits,
     /// Prometheus endpoint port (`None`: no metrics listener); 0 picks an ephemeral port.
     pub metrics_port: Option<u16>,
@@ -31,6 +35,8 @@ impl Default for ServerConfig {
         Self {
             host: "127.0.0.1".into(),
             http_port: 8000,
+            grpc_port: None,
+            grpc_max_message_bytes: 64 * 1024 * 1024,
             limits: Limits::default(),
             metrics_port: None,
             access_log: false,
@@ -46,6 +52,7 @@ struct Running {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     http_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
 }
 
 pub struct Server {
@@ -85,7 +92,7 @@ impl Server {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Binds the listeners and starts serving in background threads.
+    /// Binds the listeners and starts serving in background threads; returns the HTTP address.
     pub fn start(&self) -> Result<SocketAddr, StartError> {
         let mut running = self.lock();
         if running.is_some() {
@@ -97,29 +104,40 @@ impl Server {
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
-        let bind = |port: u16| -> Result<TcpListener, StartError> {
+        let bind = |port: u16| -> Result<(TcpListener, SocketAddr), StartError> {
             let addr = format!("{}:{}", self.config.host, port);
-            runtime.block_on(TcpListener::bind(&addr)).map_err(|source| StartError::Bind { addr, source })
+            let listener = runtime
+                .block_on(TcpListener::bind(&addr))
+                .map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
+            let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+            Ok((listener, bound))
         };
-        let local = |l: &TcpListener| {
-            l.local_addr().map_err(|source| StartError::Bind { addr: self.config.host.clone(), source })
-        };
-        let http = bind(self.config.http_port)?;
-        let http_addr = local(&http)?;
+        let (http_listener, http_addr) = bind(self.config.http_port)?;
+        let grpc = self.config.grpc_port.map(bind).transpose()?;
         let metrics = self.config.metrics_port.map(bind).transpose()?;
-        let metrics_addr = metrics.as_ref().map(local).transpose()?;
         let (shutdown, rx) = watch::channel(false);
         let drain = self.config.drain_timeout;
         let mut tasks = Vec::new();
-        if let (Some(listener), Some(addr)) = (metrics, metrics_addr) {
+        let metrics_addr = metrics.map(|(listener, addr)| {
             tasks.push(runtime.spawn(crate::http::serve_metrics(listener, self.state.clone(), rx.clone(), drain)));
+            addr
+        });
+        let grpc_addr = grpc.map(|(listener, addr)| {
+            let max = self.config.grpc_max_message_bytes;
+            tasks.push(runtime.spawn(crate::grpc::serve(listener, self.state.clone(), max, rx.clone(), drain)));
+            addr
+        });
+        tasks.push(runtime.spawn(crate::http::serve(http_listener, self.state.clone(), rx, drain)));
+        self.state.set_serving(true);
+        if let Some(addr) = metrics_addr {
             tracing::info!(address = %format!("http://{addr}/metrics"), "metrics listening");
         }
+        if let Some(addr) = grpc_addr {
+            tracing::info!(address = %addr, "gRPC listening");
+        }
         // Logged last: tools watching the log take this line to mean "serving".
-        tasks.push(runtime.spawn(crate::http::serve(http, self.state.clone(), rx, drain)));
         tracing::info!(address = %crate::http::describe(http_addr), "HTTP listening");
-        self.state.set_serving(true);
-        *running = Some(Running { runtime, shutdown, tasks, http_addr, metrics_addr });
+        *running = Some(Running { runtime, shutdown, tasks, http_addr, grpc_addr, metrics_addr });
         Ok(http_addr)
     }
 
@@ -131,6 +149,10 @@ impl Server {
         self.lock().as_ref().and_then(|r| r.metrics_addr)
     }
 
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.lock().as_ref().and_then(|r| r.grpc_addr)
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to the drain timeout), then drains and
     /// stops every model. Blocks; safe to call more than once.
     pub fn stop(&self) {
@@ -138,6 +160,7 @@ impl Server {
         let running = self.lock().take();
         if let Some(r) = running {
             let _ = r.shutdown.send(true);
+            // Both front ends drain their open requests before the models are drained.
             for task in r.tasks {
                 let _ = r.runtime.block_on(task);
             }

@@ -3,13 +3,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use crate::control::RepositoryControl;
 use crate::error::{Result, ServeError};
-use crate::http::tensor_metadata;
 use crate::metrics::TransportMetrics;
 use crate::registry::{ModelVersion, Registry, VersionState};
+use crate::stats::ModelStats;
 
 /// Request size limits.
 #[derive(Debug, Clone)]
@@ -25,6 +25,32 @@ impl Default for Limits {
 
 /// Protocol extensions this server implements, as advertised in server metadata.
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics"];
+
+/// V2 server metadata, the same over HTTP and gRPC.
+#[derive(Debug, Serialize)]
+pub struct ServerMetadata {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub extensions: &'static [&'static str],
+}
+
+/// V2 model metadata, the same over HTTP and gRPC.
+#[derive(Debug, Serialize)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: String,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: &'static str,
+    /// -1 marks a variable dimension, the batch dimension first when the model batches.
+    pub shape: Vec<i64>,
+}
 
 pub struct ServerState {
     pub registry: Arc<Registry>,
@@ -85,12 +111,12 @@ impl ServerState {
         self.is_live() && !self.is_draining() && self.registry.all_ready()
     }
 
-    pub fn server_metadata(&self) -> Value {
-        json!({ "name": "fastserve", "version": env!("CARGO_PKG_VERSION"), "extensions": EXTENSIONS })
+    pub fn server_metadata(&self) -> ServerMetadata {
+        ServerMetadata { name: "fastserve", version: env!("CARGO_PKG_VERSION"), extensions: EXTENSIONS }
     }
 
     /// V2 model metadata. `all_versions` lists every version of the model (a request without one).
-    pub fn model_metadata(&self, mv: &ModelVersion, all_versions: bool) -> Result<Value> {
+    pub fn model_metadata(&self, mv: &ModelVersion, all_versions: bool) -> Result<ModelMetadata> {
         let spec = mv.spec()?;
         let versions: Vec<String> = if all_versions {
             self.registry
@@ -103,20 +129,26 @@ impl ServerState {
         } else {
             vec![mv.version.to_string()]
         };
-        let io = |list: &[crate::spec::TensorSpec]| -> Vec<Value> {
-            list.iter().map(|t| tensor_metadata(&t.name, t.datatype.as_str(), &spec.full_dims(t))).collect()
+        let io = |list: &[crate::spec::TensorSpec]| -> Vec<TensorMetadata> {
+            list.iter()
+                .map(|t| TensorMetadata {
+                    name: t.name.clone(),
+                    datatype: t.datatype.as_str(),
+                    shape: spec.full_dims(t),
+                })
+                .collect()
         };
-        Ok(json!({
-            "name": spec.name,
-            "versions": versions,
-            "platform": spec.platform,
-            "inputs": io(&spec.inputs),
-            "outputs": io(&spec.outputs),
-        }))
+        Ok(ModelMetadata {
+            name: spec.name.clone(),
+            versions,
+            platform: spec.platform.clone(),
+            inputs: io(&spec.inputs),
+            outputs: io(&spec.outputs),
+        })
     }
 
-    /// The statistics API in Triton's shape: every ready version, or one model's, or one version's.
-    pub fn model_stats(&self, model: Option<&str>, version: Option<&str>) -> Result<Value> {
+    /// The ready versions the statistics API reports: every model's, one model's, or one version's.
+    pub fn stats_of(&self, model: Option<&str>, version: Option<&str>) -> Result<Vec<(String, u64, Arc<ModelStats>)>> {
         let versions: Vec<Arc<ModelVersion>> = match (model, version) {
             (None, _) => self
                 .registry
@@ -130,7 +162,7 @@ impl ServerState {
         let mut entries = Vec::with_capacity(versions.len());
         for v in versions {
             match &v.state {
-                VersionState::Ready(s) => entries.push(s.stats().to_json(&v.name, v.version)),
+                VersionState::Ready(s) => entries.push((v.name.clone(), v.version, s.stats().clone())),
                 VersionState::Failed(reason) if version.is_some() => {
                     return Err(ServeError::unavailable(format!(
                         "model '{}' version {} is not ready: {reason}",
@@ -140,6 +172,13 @@ impl ServerState {
                 VersionState::Failed(_) => {}
             }
         }
-        Ok(json!({ "model_stats": entries }))
+        Ok(entries)
+    }
+
+    /// The statistics API's JSON (Triton's shape).
+    pub fn model_stats(&self, model: Option<&str>, version: Option<&str>) -> Result<serde_json::Value> {
+        let entries: Vec<serde_json::Value> =
+            self.stats_of(model, version)?.iter().map(|(name, v, s)| s.to_json(name, *v)).collect();
+        Ok(serde_json::json!({ "model_stats": entries }))
     }
 }

@@ -208,6 +208,11 @@ impl ModelStats {
         FAILURE_REASONS.iter().zip(&self.failures).map(|(r, c)| (*r, c.load(Relaxed)))
     }
 
+    /// Milliseconds since the epoch of the last executed batch (0: none yet).
+    pub fn last_inference_ms(&self) -> u64 {
+        self.last_inference_ms.load(Relaxed)
+    }
+
     pub fn inference_count(&self) -> u64 {
         self.inference_count.load(Relaxed)
     }
@@ -238,7 +243,7 @@ impl ModelStats {
         json!({
             "name": name,
             "version": version.to_string(),
-            "last_inference": self.last_inference_ms.load(Relaxed),
+            "last_inference": self.last_inference_ms(),
             "inference_count": self.inference_count(),
             "execution_count": self.execution_count(),
             "inference_stats": {

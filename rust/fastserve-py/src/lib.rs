@@ -47,7 +47,7 @@ struct CoreServer {
 #[pymethods]
 impl CoreServer {
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, metrics_port = None, access_log = false))]
+    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024, metrics_port = None, access_log = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
@@ -55,12 +55,16 @@ impl CoreServer {
         max_body_bytes: usize,
         worker_threads: usize,
         drain_timeout_s: f64,
+        grpc_port: Option<u16>,
+        grpc_max_message_bytes: usize,
         metrics_port: Option<u16>,
         access_log: bool,
     ) -> PyResult<Self> {
         let mut config = ServerConfig {
             host,
             http_port,
+            grpc_port,
+            grpc_max_message_bytes,
             limits: Limits { max_body_bytes },
             metrics_port,
             access_log,
@@ -177,6 +181,12 @@ impl CoreServer {
     #[getter]
     fn metrics_port(&self) -> Option<u16> {
         self.server.metrics_addr().map(|a| a.port())
+    }
+
+    /// The bound gRPC port while running with a gRPC listener.
+    #[getter]
+    fn grpc_port(&self) -> Option<u16> {
+        self.server.grpc_addr().map(|a| a.port())
     }
 
     fn is_ready(&self) -> bool {

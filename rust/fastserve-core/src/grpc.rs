@@ -1,0 +1,576 @@
+//! The KServe V2 gRPC front end (`inference.GRPCInferenceService`) on tonic. Requests take the
+//! same path as HTTP ones (registry, validation, the model's scheduler), so both protocols share
+//! queues and one batch may hold requests from each.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::codec::CompressionEncoding;
+use tonic::codegen::{BoxFuture, Context, Poll, Service};
+use tonic::server::NamedService;
+use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::control::RepositoryControl;
+use crate::datatype::DataType;
+use crate::error::ServeError;
+use crate::grpc_codec::{decode_request, encode_response};
+use crate::infer::{Parameters, ServedBy};
+use crate::metrics::{ConnectionGuard, Protocol};
+use crate::scheduler::Scheduler;
+use crate::state::ServerState;
+use crate::stats::{ModelStats, Timed};
+
+/// Code generated from `protos/grpc_predict_v2.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use proto::*;
+
+/// Responses of one stream that may wait for the client to read them before requests stall.
+const STREAM_BUFFER: usize = 64;
+
+#[derive(Clone)]
+struct InferenceService {
+    state: Arc<ServerState>,
+    max_message_bytes: usize,
+}
+
+type GrpcResult<T> = Result<Response<T>, Status>;
+
+impl InferenceService {
+    /// One inference, from the wire message to the wire message.
+    async fn infer(&self, request: ModelInferRequest) -> Result<ModelInferResponse, ServeError> {
+        let start = Instant::now();
+        self.state.transport.request(Protocol::Grpc);
+        let model = request.model_name.clone();
+        let version = request.model_version.clone();
+        let routing_key = match request.parameters.get("routing_key").and_then(|p| p.parameter_choice.as_ref()) {
+            Some(infer_parameter::ParameterChoice::StringParam(key)) if version.is_empty() => Some(key.clone()),
+            _ => None,
+        };
+        let mv =
+            self.state.registry.resolve_with_key(&model, Some(&version), routing_key.as_deref()).inspect_err(|_| {
+                self.state.transport.unknown_model();
+            })?;
+        let scheduler = mv.scheduler()?.clone();
+        let result = self.infer_on(&scheduler, request).await;
+        scheduler.stats().record_request(result.as_ref().map(|_| ()), start.elapsed());
+        let (encoded, how) = result?;
+        if self.state.access_log {
+            tracing::info!(
+                target: "fastserve::access",
+                request_id = %encoded.id,
+                model = %model,
+                version = mv.version,
+                protocol = Protocol::Grpc.as_str(),
+                status = "OK",
+                duration_us = start.elapsed().as_micros() as u64,
+                queue_us = how.queue.as_micros() as u64,
+                compute_us = how.compute.as_micros() as u64,
+                batch_size = how.batch_size,
+                "request"
+            );
+        }
+        Ok(encoded)
+    }
+
+    async fn infer_on(
+        &self,
+        scheduler: &Scheduler,
+        request: ModelInferRequest,
+    ) -> Result<(ModelInferResponse, ServedBy), ServeError> {
+        let (response, how) = crate::infer::run(scheduler, decode_request(request)?).await?;
+        let encoded = encode_response(response);
+        // Checked here so the client gets RESOURCE_EXHAUSTED with a reason, not a broken stream.
+        let size = encoded.encoded_len();
+        if size > self.max_message_bytes {
+            return Err(ServeError::PayloadTooLarge(format!(
+                "the response of {size} bytes exceeds the gRPC message limit of {} bytes",
+                self.max_message_bytes
+            )));
+        }
+        Ok((encoded, how))
+    }
+
+    /// Runs a repository call on a blocking thread: loading a model can take a long time.
+    async fn repository<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn RepositoryControl) -> Result<T, ServeError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let control = self.state.repository()?;
+        tokio::task::spawn_blocking(move || f(control.as_ref()))
+            .await
+            .map_err(|e| Status::internal(format!("repository operation failed: {e}")))?
+            .map_err(Status::from)
+    }
+
+    fn model_config_of(&self, name: &str, version: &str) -> Result<ModelConfig, ServeError> {
+        let mv = self.state.registry.resolve(name, Some(version))?;
+        let scheduler = mv.scheduler()?;
+        let spec = scheduler.spec();
+        let policy = &scheduler.config().policy;
+        Ok(ModelConfig {
+            name: spec.name.clone(),
+            platform: spec.platform.clone(),
+            backend: backend_of(&spec.platform).to_string(),
+            max_batch_size: i32::try_from(spec.max_batch_size).unwrap_or(i32::MAX),
+            input: spec
+                .inputs
+                .iter()
+                .map(|t| ModelInput {
+                    name: t.name.clone(),
+                    data_type: config_type(t.datatype) as i32,
+                    dims: t.dims.clone(),
+                })
+                .collect(),
+            output: spec
+                .outputs
+                .iter()
+                .map(|t| ModelOutput {
+                    name: t.name.clone(),
+                    data_type: config_type(t.datatype) as i32,
+                    dims: t.dims.clone(),
+                })
+                .collect(),
+            scheduling_choice: spec.batching().then(|| {
+                model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
+                    preferred_batch_size: policy
+                        .preferred_batch_sizes
+                        .iter()
+                        .map(|&n| i32::try_from(n).unwrap_or(i32::MAX))
+                        .collect(),
+                    max_queue_delay_microseconds: u64::try_from(policy.max_queue_delay.as_micros()).unwrap_or(u64::MAX),
+                    default_queue_policy: Some(ModelQueuePolicy {
+                        max_queue_size: u32::try_from(scheduler.config().max_queue_size).unwrap_or(u32::MAX),
+                    }),
+                })
+            }),
+        })
+    }
+}
+
+/// Triton's backend name for a platform string.
+fn backend_of(platform: &str) -> &str {
+    match platform {
+        "onnxruntime_onnx" => "onnxruntime",
+        other => other,
+    }
+}
+
+fn config_type(dt: DataType) -> proto::DataType {
+    use proto::DataType as T;
+    match dt {
+        DataType::Bool => T::TypeBool,
+        DataType::Uint8 => T::TypeUint8,
+        DataType::Uint16 => T::TypeUint16,
+        DataType::Uint32 => T::TypeUint32,
+        DataType::Uint64 => T::TypeUint64,
+        DataType::Int8 => T::TypeInt8,
+        DataType::Int16 => T::TypeInt16,
+        DataType::Int32 => T::TypeInt32,
+        DataType::Int64 => T::TypeInt64,
+        DataType::Fp16 => T::TypeFp16,
+        DataType::Fp32 => T::TypeFp32,
+        DataType::Fp64 => T::TypeFp64,
+        DataType::Bytes => T::TypeString,
+    }
+}
+
+/// tonic reports a message over the size limit as OUT_OF_RANGE; the V2 protocol (and gRPC's own
+/// convention) says RESOURCE_EXHAUSTED. Nothing else in this service answers OUT_OF_RANGE.
+fn size_limit_status(status: Status) -> Status {
+    if status.code() == Code::OutOfRange {
+        Status::resource_exhausted(status.message().to_string())
+    } else {
+        status
+    }
+}
+
+fn unimplemented<T>(what: &str) -> GrpcResult<T> {
+    Err(Status::unimplemented(format!("{what} is not supported by this server")))
+}
+
+/// Repository API parameters as the JSON map the repository owner receives.
+fn repository_parameters(params: std::collections::HashMap<String, ModelRepositoryParameter>) -> Parameters {
+    use model_repository_parameter::ParameterChoice;
+    params
+        .into_iter()
+        .filter_map(|(k, p)| {
+            let v = match p.parameter_choice? {
+                ParameterChoice::BoolParam(b) => serde_json::Value::Bool(b),
+                ParameterChoice::Int64Param(i) => serde_json::Value::from(i),
+                ParameterChoice::StringParam(s) => serde_json::Value::String(s),
+                ParameterChoice::BytesParam(b) => serde_json::Value::String(String::from_utf8_lossy(&b).into_owned()),
+            };
+            Some((k, v))
+        })
+        .collect()
+}
+
+fn duration(t: &Timed) -> Option<StatisticDuration> {
+    Some(StatisticDuration { count: t.count(), ns: t.ns() })
+}
+
+/// One model version's statistics in Triton's message shape.
+fn statistics(name: &str, version: u64, s: &ModelStats) -> ModelStatistics {
+    ModelStatistics {
+        name: name.to_string(),
+        version: version.to_string(),
+        last_inference: s.last_inference_ms(),
+        inference_count: s.inference_count(),
+        execution_count: s.execution_count(),
+        inference_stats: Some(InferStatistics {
+            success: duration(&s.success),
+            fail: duration(&s.fail),
+            queue: duration(&s.queue),
+            compute_input: duration(&s.compute_input),
+            compute_infer: duration(&s.compute_infer),
+            compute_output: duration(&s.compute_output),
+        }),
+        batch_stats: s
+            .batch_sizes()
+            .map(|(size, b)| InferBatchStatistics {
+                batch_size: size as u64,
+                compute_input: duration(&b.compute_input),
+                compute_infer: duration(&b.compute_infer),
+                compute_output: duration(&b.compute_output),
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> GrpcResult<ServerLiveResponse> {
+        Ok(Response::new(ServerLiveResponse { live: self.state.is_live() }))
+    }
+
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> GrpcResult<ServerReadyResponse> {
+        Ok(Response::new(ServerReadyResponse { ready: self.state.is_ready() }))
+    }
+
+    /// As in Triton, an unknown model or version is simply not ready.
+    async fn model_ready(&self, request: Request<ModelReadyRequest>) -> GrpcResult<ModelReadyResponse> {
+        let r = request.into_inner();
+        let ready = self.state.registry.resolve(&r.name, Some(&r.version)).is_ok_and(|mv| mv.is_ready())
+            && !self.state.is_draining();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(&self, _: Request<ServerMetadataRequest>) -> GrpcResult<ServerMetadataResponse> {
+        let m = self.state.server_metadata();
+        Ok(Response::new(ServerMetadataResponse {
+            name: m.name.to_string(),
+            version: m.version.to_string(),
+            extensions: m.extensions.iter().map(|e| e.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(&self, request: Request<ModelMetadataRequest>) -> GrpcResult<ModelMetadataResponse> {
+        let r = request.into_inner();
+        let mv = self.state.registry.resolve(&r.name, Some(&r.version))?;
+        let m = self.state.model_metadata(&mv, r.version.is_empty())?;
+        let io = |list: Vec<crate::state::TensorMetadata>| {
+            list.into_iter()
+                .map(|t| model_metadata_response::TensorMetadata {
+                    name: t.name,
+                    datatype: t.datatype.to_string(),
+                    shape: t.shape,
+                })
+                .collect()
+        };
+        Ok(Response::new(ModelMetadataResponse {
+            name: m.name,
+            versions: m.versions,
+            platform: m.platform,
+            inputs: io(m.inputs),
+            outputs: io(m.outputs),
+        }))
+    }
+
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> GrpcResult<ModelInferResponse> {
+        Ok(Response::new(self.infer(request.into_inner()).await?))
+    }
+
+    type ModelStreamInferStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
+
+    /// Requests of a stream run concurrently (so they can share batches) and are answered as they
+    /// finish, each response carrying its request's id. A failed request is answered with
+    /// `error_message` and the stream goes on.
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<ModelInferRequest>>,
+    ) -> GrpcResult<Self::ModelStreamInferStream> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let service = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = inbound.message() => next,
+                    _ = tx.closed() => break,
+                };
+                match next {
+                    Ok(Some(request)) => {
+                        let (service, tx) = (service.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let echo = ModelInferResponse {
+                                model_name: request.model_name.clone(),
+                                model_version: request.model_version.clone(),
+                                id: request.id.clone(),
+                                ..Default::default()
+                            };
+                            let answer = match service.infer(request).await {
+                                Ok(r) => {
+                                    ModelStreamInferResponse { error_message: String::new(), infer_response: Some(r) }
+                                }
+                                Err(e) => ModelStreamInferResponse {
+                                    error_message: e.to_string(),
+                                    infer_response: Some(echo),
+                                },
+                            };
+                            let _ = tx.send(Ok(answer)).await;
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        let _ = tx.send(Err(size_limit_status(status))).await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn model_config(&self, request: Request<ModelConfigRequest>) -> GrpcResult<ModelConfigResponse> {
+        let r = request.into_inner();
+        Ok(Response::new(ModelConfigResponse { config: Some(self.model_config_of(&r.name, &r.version)?) }))
+    }
+
+    async fn model_statistics(&self, request: Request<ModelStatisticsRequest>) -> GrpcResult<ModelStatisticsResponse> {
+        let r = request.into_inner();
+        let model = (!r.name.is_empty()).then_some(r.name.as_str());
+        let version = (!r.version.is_empty()).then_some(r.version.as_str());
+        let model_stats = self.state.stats_of(model, version)?.iter().map(|(n, v, s)| statistics(n, *v, s)).collect();
+        Ok(Response::new(ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn repository_index(&self, request: Request<RepositoryIndexRequest>) -> GrpcResult<RepositoryIndexResponse> {
+        let ready = request.into_inner().ready;
+        let models = self
+            .repository(move |c| c.index(ready))
+            .await?
+            .into_iter()
+            .map(|e| repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version.unwrap_or_default(),
+                state: e.state,
+                reason: e.reason,
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> GrpcResult<RepositoryModelLoadResponse> {
+        let r = request.into_inner();
+        let parameters = repository_parameters(r.parameters);
+        self.repository(move |c| c.load(&r.model_name, &parameters)).await?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> GrpcResult<RepositoryModelUnloadResponse> {
+        let r = request.into_inner();
+        let parameters = repository_parameters(r.parameters);
+        self.repository(move |c| c.unload(&r.model_name, &parameters)).await?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> GrpcResult<SystemSharedMemoryStatusResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> GrpcResult<SystemSharedMemoryRegisterResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> GrpcResult<SystemSharedMemoryUnregisterResponse> {
+        unimplemented("system shared memory")
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        _: Request<CudaSharedMemoryStatusRequest>,
+    ) -> GrpcResult<CudaSharedMemoryStatusResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> GrpcResult<CudaSharedMemoryRegisterResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> GrpcResult<CudaSharedMemoryUnregisterResponse> {
+        unimplemented("CUDA shared memory")
+    }
+
+    async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> GrpcResult<TraceSettingResponse> {
+        unimplemented("trace settings")
+    }
+
+    async fn log_settings(&self, _: Request<LogSettingsRequest>) -> GrpcResult<LogSettingsResponse> {
+        unimplemented("log settings")
+    }
+}
+
+/// Rewrites tonic's size-limit status on unary calls, which tonic answers before our handler runs.
+#[derive(Clone)]
+struct SizeLimitStatus<S>(S);
+
+impl<S: NamedService> NamedService for SizeLimitStatus<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> Service<http::Request<B>> for SizeLimitStatus<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.0.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(match response.extensions().get::<Status>() {
+                Some(status) if status.code() == Code::OutOfRange => size_limit_status(status.clone()).into_http(),
+                _ => response,
+            })
+        })
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown` flips, then lets open calls finish for up to `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    max_message_bytes: usize,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let state_transport = state.transport.clone();
+    let service = GrpcInferenceServiceServer::new(InferenceService { state, max_message_bytes })
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Deflate);
+    let mut stop = shutdown.clone();
+    let stopped = async move {
+        let _ = stop.wait_for(|&s| s).await;
+    };
+    let transport = state_transport.clone();
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(move |conn| conn.map(|stream| CountedStream { stream, _open: transport.connection(true) }));
+    let server = tonic::transport::Server::builder()
+        .add_service(SizeLimitStatus(service))
+        .serve_with_incoming_shutdown(incoming, stopped);
+    let drain_deadline = async move {
+        let _ = shutdown.wait_for(|&s| s).await;
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        result = server => if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        },
+        _ = drain_deadline => {
+            tracing::warn!(timeout_s = drain.as_secs_f64(), "gRPC drain timed out; closing remaining streams");
+        }
+    }
+}
+
+/// A client connection, counted in `fastserve_open_connections{protocol="grpc"}` while open.
+struct CountedStream {
+    stream: TcpStream,
+    _open: ConnectionGuard,
+}
+
+impl Connected for CountedStream {
+    type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for CountedStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
