@@ -10,8 +10,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from conftest import write_model
@@ -322,3 +324,37 @@ def test_routing_config_errors_are_clear(start_server, tmp_path: Path) -> None:
     server = start_server(tmp_path)
     r = requests.get(f"{server.url}/v2/models/m/ready", timeout=10)
     assert "label '2' must be a non-numeric name" in r.json()["error"]
+
+
+def test_repository_control_and_labels_over_grpc(start_server, tmp_path: Path) -> None:
+    make_model(tmp_path, "m", [1, 2], ROUTED)
+    make_model(tmp_path, "other", [1])
+    server = start_server(tmp_path, "--model-control-mode", "explicit", "--load-model", "m")
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {(e["name"], e.get("version", ""), e["state"]) for e in index} >= {
+        ("m", "1", "READY"),
+        ("other", "", "UNAVAILABLE"),
+    }
+    client.load_model("other")
+    assert client.is_model_ready("other")
+    client.unload_model("other")
+    assert not client.is_model_ready("other")
+
+    def version_of(model_version: str) -> int:
+        x = grpcclient.InferInput("X", [1, 1], "FP32")
+        x.set_data_from_numpy(np.ones((1, 1), dtype=np.float32))
+        result = client.infer("m", [x], model_version=model_version)
+        assert result.get_response().model_version == str(int(result.as_numpy("V")[0, 0]))
+        return int(result.as_numpy("V")[0, 0])
+
+    assert version_of("stable") == 1 and version_of("canary") == 2 and version_of("1") == 1
+    with pytest.raises(Exception, match="no version 'beta'"):
+        version_of("beta")
+
+
+def test_grpc_repository_api_is_refused_in_mode_none(start_server, tmp_path: Path) -> None:
+    make_model(tmp_path, "m", [1])
+    server = start_server(tmp_path)
+    with pytest.raises(Exception, match="repository API is disabled"):
+        grpcclient.InferenceServerClient(server.grpc_address).load_model("m")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -106,6 +107,7 @@ def test_counters_histograms_and_stats_match_known_traffic(start_server, repo: P
     assert value(f, "fastserve_queue_duration_seconds_count", **labels) == 10
     assert value(f, "fastserve_compute_infer_duration_seconds_count", **labels) == 10
     assert value(f, "fastserve_protocol_requests_total", protocol="http") == 14
+    assert value(f, "fastserve_protocol_requests_total", protocol="grpc") == 0
     assert value(f, "fastserve_process_resident_memory_bytes") > 0
     assert not [name for name in f if name.startswith("fastserve_gpu_")] or has_gpu()
 
@@ -122,7 +124,14 @@ def test_counters_histograms_and_stats_match_known_traffic(start_server, repo: P
     assert entry["batch_stats"][0]["compute_infer"]["count"] == 2
     assert entry["last_inference"] > 0
 
-    # tritonclient reads the same numbers.
+    # tritonclient reads the same numbers, over HTTP and gRPC.
+    grpc_stats = grpcclient.InferenceServerClient(server.grpc_address).get_inference_statistics("m", as_json=True)
+    (g,) = grpc_stats["model_stats"]
+    assert int(g["inference_count"]) == 16 and int(g["execution_count"]) == 2
+    assert int(g["inference_stats"]["success"]["count"]) == 10
+    assert int(g["inference_stats"]["fail"]["count"]) == 3
+    assert int(g["inference_stats"]["compute_infer"]["ns"]) == inference["compute_infer"]["ns"]
+    assert [int(b["batch_size"]) for b in g["batch_stats"]] == [8]
     client = httpclient.InferenceServerClient(server.address)
     assert client.get_inference_statistics("m")["model_stats"][0]["inference_count"] == 16
     assert client.get_inference_statistics("m", "1") == stats
