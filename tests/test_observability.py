@@ -302,3 +302,41 @@ def test_embedded_metrics_port() -> None:
         )
         f = scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
         assert value(f, "fastserve_request_success_total", model="e", version="1") == 1
+
+
+def test_otel_endpoint(start_server, repo: Path) -> None:
+    """Default builds refuse --otel-endpoint clearly; builds with the otel feature export spans."""
+    import http.server
+    import subprocess
+    import sys
+
+    from fastserve import _core
+
+    received: list[bytes] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    collector = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    endpoint = f"http://127.0.0.1:{collector.server_port}/v1/traces"
+    if not _core.OTEL_AVAILABLE:
+        cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo), "--otel-endpoint", endpoint]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2
+        assert "no OpenTelemetry support" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        collector.server_close()
+        return
+    import threading
+
+    threading.Thread(target=collector.serve_forever, daemon=True).start()
+    server = start_server(repo, "--otel-endpoint", endpoint)
+    assert infer_json(server.url, "m", rows(8)).status_code == 200
+    assert server.terminate() == 0  # flushes buffered spans on the way out
+    collector.shutdown()
+    assert any(b"infer" in body and b"fastserve" in body for body in received)

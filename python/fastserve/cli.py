@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from . import __version__
+from ._core import flush_telemetry
 from .logs import setup_logging
 from .server import Server
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
+    serve.add_argument(
+        "--otel-endpoint", help="export request spans to this OTLP/HTTP traces URL (needs the otel build feature)"
+    )
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0, help="how long shutdown waits for requests")
     serve.add_argument("--worker-threads", type=int, default=0, help="network threads (default: one per core)")
@@ -75,7 +79,11 @@ def serve(args: argparse.Namespace) -> int:
     if args.grpc_max_message_bytes <= 0:
         sys.stderr.write("fastserve: error: --grpc-max-message-bytes must be positive\n")
         return 2
-    setup_logging(args.log_level, args.log_format)
+    try:
+        setup_logging(args.log_level, args.log_format, args.otel_endpoint)
+    except RuntimeError as e:
+        sys.stderr.write(f"fastserve: error: {e}\n")
+        return 2
     server = Server(
         host=args.host,
         http_port=args.http_port,
@@ -115,6 +123,7 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     stop.wait()
     server.stop()
+    flush_telemetry()
     log.info("stopped")
     return 0
 

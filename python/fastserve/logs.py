@@ -22,9 +22,10 @@ class RustLogHandler(logging.Handler):
             self.handleError(record)
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
-    """Routes Python logging (root logger) through the Rust subscriber."""
-    _core.init_logging(level, fmt == "json")
+def setup_logging(level: str = "info", fmt: str = "text", otel_endpoint: str | None = None) -> None:
+    """Routes Python logging (root logger) through the Rust subscriber; with ``otel_endpoint``
+    (an OTLP/HTTP traces URL, needs a build with the ``otel`` feature) request spans are exported."""
+    _core.init_logging(level, fmt == "json", otel_endpoint)
     root = logging.getLogger()
     if not any(isinstance(h, RustLogHandler) for h in root.handlers):
         handler = RustLogHandler()

@@ -18,6 +18,7 @@ use tonic::codegen::{BoxFuture, Context, Poll, Service};
 use tonic::server::NamedService;
 use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::control::RepositoryControl;
 use crate::datatype::DataType;
@@ -301,7 +302,9 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> GrpcResult<ModelInferResponse> {
-        Ok(Response::new(self.infer(request.into_inner()).await?))
+        let request = request.into_inner();
+        let span = crate::http::request_span(&request.model_name);
+        Ok(Response::new(self.infer(request).instrument(span).await?))
     }
 
     type ModelStreamInferStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;

@@ -17,6 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::compression::Coding;
 use crate::error::{Result, ServeError};
@@ -158,7 +159,9 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
                 [] if get => model_metadata(state, model, version),
                 ["ready"] if get => model_ready(state, model, version),
                 ["stats"] if get => Ok(ok_json(&state.model_stats(Some(model), version)?)),
-                ["infer"] if post => Ok(infer_endpoint(state, model, version, req).await),
+                ["infer"] if post => {
+                    Ok(infer_endpoint(state, model, version, req).instrument(request_span(model)).await)
+                }
                 [] | ["ready"] | ["infer"] | ["stats"] => Err(method_not_allowed(&method, &path)),
                 _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
             }
@@ -319,6 +322,15 @@ async fn infer_endpoint(
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
+}
+
+/// The trace span of one request, created only when spans are exported.
+pub fn request_span(model: &str) -> tracing::Span {
+    if crate::logging::spans_enabled() {
+        tracing::info_span!("infer", model)
+    } else {
+        tracing::Span::none()
+    }
 }
 
 /// A process-unique id for requests that bring none.

@@ -194,11 +194,18 @@ impl CoreServer {
     }
 }
 
-/// Sets up Rust-side logging to stderr (`text` or `json`); returns False if already set up.
+/// Sets up Rust-side logging to stderr (`text` or `json`), optionally exporting request spans to an
+/// OTLP/HTTP endpoint; returns False if logging was already set up.
 #[pyfunction]
-#[pyo3(signature = (level = "info", json = false))]
-fn init_logging(level: &str, json: bool) -> bool {
-    fastserve_core::logging::init(level, json)
+#[pyo3(signature = (level = "info", json = false, otel_endpoint = None))]
+fn init_logging(level: &str, json: bool, otel_endpoint: Option<&str>) -> PyResult<bool> {
+    fastserve_core::logging::init(level, json, otel_endpoint).map_err(PyRuntimeError::new_err)
+}
+
+/// Sends trace spans still buffered for export.
+#[pyfunction]
+fn flush_telemetry(py: Python<'_>) {
+    py.detach(fastserve_core::logging::flush);
 }
 
 /// Writes a log record through the Rust logger, so Python and Rust share one sink and format.
@@ -217,6 +224,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CoreServer>()?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(log, m)?)?;
+    m.add_function(wrap_pyfunction!(flush_telemetry, m)?)?;
+    m.add("OTEL_AVAILABLE", fastserve_core::logging::OTEL_AVAILABLE)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
