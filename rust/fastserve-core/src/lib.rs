@@ -2,6 +2,7 @@
 //! network front ends. Plain Rust, usable and tested without Python; models plug in through
 //! [`scheduler::Instance`].
 
+pub mod auth;
 pub mod batcher;
 pub mod compression;
 pub mod control;
@@ -21,6 +22,7 @@ pub mod spec;
 pub mod state;
 pub mod stats;
 pub mod tensor;
+pub mod tls;
 
 pub use datatype::DataType;
 pub use error::{Result, ServeError};
