@@ -8,6 +8,8 @@ pub mod compression;
 pub mod control;
 pub mod datatype;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod grpc;
 mod grpc_codec;
 pub mod http;
