@@ -19,7 +19,7 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
-LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)")
+LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?https?://([0-9.]+):(\d+)")
 METRICS_LISTENING = re.compile(r"metrics listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)/metrics")
 GRPC_LISTENING = re.compile(r"gRPC listening.*address\"?[=:]\"?([0-9.]+):(\d+)")
 

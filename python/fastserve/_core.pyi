@@ -1,5 +1,6 @@
 """Type stubs for the native module built from rust/fastserve-py."""
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,11 @@ class CoreServer:
         access_log: bool = False,
         grpc_port: int | None = None,
         grpc_max_message_bytes: int = ...,
+        auth_token: str | None = None,
+        admin_token: str | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
+        tls_client_ca: str | os.PathLike[str] | None = None,
     ) -> None: ...
     def add_model(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,9 @@ from .logs import setup_logging
 from .server import Server
 
 log = logging.getLogger("fastserve")
+
+AUTH_TOKEN_ENV = "FASTSERVE_AUTH_TOKEN"
+ADMIN_TOKEN_ENV = "FASTSERVE_ADMIN_TOKEN"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +64,60 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0, help="how long shutdown waits for requests")
     serve.add_argument("--worker-threads", type=int, default=0, help="network threads (default: one per core)")
+    security = serve.add_argument_group("security")
+    security.add_argument(
+        "--auth-token-file",
+        type=Path,
+        metavar="PATH",
+        help=f"require 'Authorization: Bearer <token>' for inference, metadata and statistics "
+        f"(token read from PATH, or from ${AUTH_TOKEN_ENV})",
+    )
+    security.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="PATH",
+        help=f"token for the repository API (or ${ADMIN_TOKEN_ENV}); without it the repository API takes the "
+        "inference token",
+    )
+    security.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTP and gRPC over TLS with this chain")
+    security.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca", type=Path, metavar="PEM", help="require client certificates issued by this CA (mTLS)"
+    )
     return parser
+
+
+def _read_token(path: Path | None, env: str, flag: str) -> str | None:
+    """The token from ``path`` or the environment; raises ValueError with a message (never the token)."""
+    if path is not None:
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read {flag} '{path}': {e.__class__.__name__}") from None
+        if not token:
+            raise ValueError(f"{flag} '{path}' is empty")
+        return token
+    token = os.environ.get(env, "").strip()
+    return token or None
+
+
+def _build_server(args: argparse.Namespace, auth_token: str | None, admin_token: str | None) -> Server:
+    return Server(
+        host=args.host,
+        http_port=args.http_port,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout_s,
+        worker_threads=args.worker_threads,
+        grpc_port=args.grpc_port,
+        grpc_max_message_bytes=args.grpc_max_message_bytes,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        access_log=args.access_log,
+        auth_token=auth_token,
+        admin_token=admin_token,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -79,22 +136,28 @@ def serve(args: argparse.Namespace) -> int:
     if args.grpc_max_message_bytes <= 0:
         sys.stderr.write("fastserve: error: --grpc-max-message-bytes must be positive\n")
         return 2
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and args.tls_cert is None):
+        sys.stderr.write("fastserve: error: TLS needs both --tls-cert and --tls-key\n")
+        return 2
+    try:
+        auth_token = _read_token(args.auth_token_file, AUTH_TOKEN_ENV, "--auth-token-file")
+        admin_token = _read_token(args.admin_token_file, ADMIN_TOKEN_ENV, "--admin-token-file")
+    except ValueError as e:
+        sys.stderr.write(f"fastserve: error: {e}\n")
+        return 2
     try:
         setup_logging(args.log_level, args.log_format, args.otel_endpoint)
     except RuntimeError as e:
         sys.stderr.write(f"fastserve: error: {e}\n")
         return 2
-    server = Server(
-        host=args.host,
-        http_port=args.http_port,
-        max_body_bytes=args.max_body_bytes,
-        drain_timeout_s=args.drain_timeout_s,
-        worker_threads=args.worker_threads,
-        grpc_port=args.grpc_port,
-        grpc_max_message_bytes=args.grpc_max_message_bytes,
-        metrics_port=None if args.no_metrics else args.metrics_port,
-        access_log=args.access_log,
-    )
+    try:
+        server = _build_server(args, auth_token, admin_token)
+    except OSError as e:
+        # Unreadable or mismatched TLS files: one line, no traceback.
+        sys.stderr.write(f"fastserve: error: {e}\n")
+        return 1
+    if args.host not in ("127.0.0.1", "localhost", "::1") and auth_token is None:
+        log.warning("listening on %s without --auth-token-file: anyone who can reach it may run inference", args.host)
     if args.load_model and args.model_control_mode != "explicit":
         sys.stderr.write("fastserve: error: --load-model needs --model-control-mode explicit\n")
         return 2

@@ -54,11 +54,17 @@ def model_dir(repo: Path, name: str) -> Path:
 
 
 def model_names(repo: Path) -> list[str]:
-    return sorted(p.name for p in repo.iterdir() if p.is_dir() and MODEL_NAME.match(p.name))
+    """Model directories that really are inside ``repo`` (a symlink out of it is ignored)."""
+    root = repo.resolve()
+    return sorted(
+        p.name for p in repo.iterdir() if p.is_dir() and MODEL_NAME.match(p.name) and p.resolve().parent == root
+    )
 
 
 def version_numbers(path: Path) -> list[int]:
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+    """Numeric version directories that really are inside ``path`` (a symlink out is ignored)."""
+    root = path.resolve()
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and p.resolve().parent == root)
 
 
 def _digest(parts: Iterable[str]) -> str:

@@ -48,9 +48,20 @@ class Server:
         access_log: bool = False,
         grpc_port: int | None = None,
         grpc_max_message_bytes: int = 64 * 1024 * 1024,
+        auth_token: str | None = None,
+        admin_token: str | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_client_ca: str | Path | None = None,
     ) -> None:
         """``metrics_port``: serve Prometheus ``/metrics`` there (0 = any free port, None = off).
-        ``access_log``: one log line per inference request."""
+        ``access_log``: one log line per inference request.
+
+        ``auth_token``: require ``Authorization: Bearer <token>`` (gRPC metadata ``authorization``)
+        on inference, metadata and statistics; ``admin_token``: the token of the repository API,
+        which takes ``auth_token`` when no admin token is set. Health probes and ``/metrics`` stay open.
+        ``tls_cert``/``tls_key``: PEM files; HTTP and gRPC then speak TLS only. ``tls_client_ca``:
+        also require client certificates issued by this CA (mTLS). Bad files raise ``OSError``."""
         self._core = _core.CoreServer(
             host=host,
             http_port=http_port,
@@ -61,6 +72,11 @@ class Server:
             access_log=access_log,
             grpc_port=grpc_port,
             grpc_max_message_bytes=grpc_max_message_bytes,
+            auth_token=auth_token,
+            admin_token=admin_token,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
         )
         self._repository: ModelRepository | None = None
 

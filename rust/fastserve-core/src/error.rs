@@ -21,6 +21,9 @@ pub enum ServeError {
     /// Body or message larger than the configured limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// No or a wrong bearer token where authentication is configured.
+    #[error("{0}")]
+    Unauthorized(String),
     /// The operation is switched off (e.g. the repository API in control mode `none`).
     #[error("{0}")]
     Forbidden(String),
@@ -55,6 +58,7 @@ impl ServeError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unavailable(_) | Self::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ModelError(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -67,6 +71,7 @@ impl ServeError {
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Unavailable(_) | Self::QueueFull(_) => tonic::Code::Unavailable,
             Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
+            Self::Unauthorized(_) => tonic::Code::Unauthenticated,
             Self::Forbidden(_) => tonic::Code::PermissionDenied,
             Self::ModelError(_) | Self::Internal(_) => tonic::Code::Internal,
         }
@@ -78,6 +83,7 @@ impl ServeError {
             Self::BadRequest(_) | Self::PayloadTooLarge(_) => "bad_request",
             Self::NotFound(_) => "not_found",
             Self::Unavailable(_) => "unavailable",
+            Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::QueueFull(_) => "queue_full",
             Self::ModelError(_) => "model_error",
@@ -104,6 +110,7 @@ mod tests {
         assert_eq!(ServeError::PayloadTooLarge("x".into()).http_status(), 413);
         assert_eq!(ServeError::ModelError("x".into()).http_status(), 500);
         assert_eq!(ServeError::Forbidden("x".into()).http_status(), 403);
+        assert_eq!(ServeError::Unauthorized("x".into()).http_status(), 401);
     }
 
     #[test]
@@ -117,6 +124,8 @@ mod tests {
             (ServeError::PayloadTooLarge("x".into()), Code::ResourceExhausted),
             (ServeError::ModelError("x".into()), Code::Internal),
             (ServeError::Internal("x".into()), Code::Internal),
+            (ServeError::Unauthorized("x".into()), Code::Unauthenticated),
+            (ServeError::Forbidden("x".into()), Code::PermissionDenied),
         ];
         for (e, code) in cases {
             assert_eq!(e.grpc_code(), code, "{e:?}");

@@ -11,6 +11,7 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::codec::CompressionEncoding;
@@ -20,6 +21,7 @@ use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::auth::{Auth, Scope};
 use crate::control::RepositoryControl;
 use crate::datatype::DataType;
 use crate::error::ServeError;
@@ -458,15 +460,28 @@ impl GrpcInferenceService for InferenceService {
     }
 }
 
-/// Rewrites tonic's size-limit status on unary calls, which tonic answers before our handler runs.
+/// Checks bearer tokens before any handler runs, and rewrites tonic's size-limit status on unary
+/// calls, which tonic answers before our handler runs.
 #[derive(Clone)]
-struct SizeLimitStatus<S>(S);
+struct Guard<S> {
+    inner: S,
+    auth: Auth,
+}
 
-impl<S: NamedService> NamedService for SizeLimitStatus<S> {
+/// What an RPC needs: the probes are open, the Repository* RPCs are management, the rest inference.
+fn scope_of(path: &str) -> Scope {
+    match path.rsplit('/').next().unwrap_or_default() {
+        "ServerLive" | "ServerReady" => Scope::Open,
+        rpc if rpc.starts_with("Repository") => Scope::Admin,
+        _ => Scope::Inference,
+    }
+}
+
+impl<S: NamedService> NamedService for Guard<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S, B> Service<http::Request<B>> for SizeLimitStatus<S>
+impl<S, B> Service<http::Request<B>> for Guard<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>, Error = Infallible>,
     S::Future: Send + 'static,
@@ -476,11 +491,16 @@ where
     type Future = BoxFuture<Self::Response, Infallible>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.0.poll_ready(cx)
+        self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let response = self.0.call(request);
+        let authorization = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
+        if let Err(e) = self.auth.check(scope_of(request.uri().path()), authorization) {
+            let status = Status::from(e);
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
             Ok(match response.extensions().get::<Status>() {
@@ -492,14 +512,50 @@ where
 }
 
 /// Serves gRPC on `listener` until `shutdown` flips, then lets open calls finish for up to `drain`.
+/// With `tls`, every connection is a TLS one (handshakes run in their own tasks).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ServerState>,
     max_message_bytes: usize,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    tls: Option<TlsAcceptor>,
+) {
+    let transport = state.transport.clone();
+    let auth = state.auth.clone();
+    match tls {
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).map(move |conn| {
+                conn.map(|stream| {
+                    let info = stream.connect_info();
+                    CountedStream { stream, info, _open: transport.connection(true) }
+                })
+            });
+            serve_incoming(incoming, state, auth, max_message_bytes, shutdown, drain).await
+        }
+        Some(acceptor) => {
+            let accepted = crate::tls::incoming(listener, acceptor, shutdown.clone());
+            let incoming = ReceiverStream::new(accepted).map(move |conn| {
+                conn.map(|stream| {
+                    let info = stream.get_ref().0.connect_info();
+                    CountedStream { stream, info, _open: transport.connection(true) }
+                })
+            });
+            serve_incoming(incoming, state, auth, max_message_bytes, shutdown, drain).await
+        }
+    }
+}
+
+async fn serve_incoming<IO>(
+    incoming: impl Stream<Item = std::io::Result<CountedStream<IO>>> + Send + 'static,
+    state: Arc<ServerState>,
+    auth: Auth,
+    max_message_bytes: usize,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
-) {
-    let state_transport = state.transport.clone();
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = GrpcInferenceServiceServer::new(InferenceService { state, max_message_bytes })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes)
@@ -511,12 +567,8 @@ pub async fn serve(
     let stopped = async move {
         let _ = stop.wait_for(|&s| s).await;
     };
-    let transport = state_transport.clone();
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map(move |conn| conn.map(|stream| CountedStream { stream, _open: transport.connection(true) }));
     let server = tonic::transport::Server::builder()
-        .add_service(SizeLimitStatus(service))
+        .add_service(Guard { inner: service, auth })
         .serve_with_incoming_shutdown(incoming, stopped);
     let drain_deadline = async move {
         let _ = shutdown.wait_for(|&s| s).await;
@@ -532,27 +584,29 @@ pub async fn serve(
     }
 }
 
-/// A client connection, counted in `fastserve_open_connections{protocol="grpc"}` while open.
-struct CountedStream {
-    stream: TcpStream,
+/// A client connection (plain or TLS), counted in `fastserve_open_connections{protocol="grpc"}`
+/// while open.
+struct CountedStream<S> {
+    stream: S,
+    info: <TcpStream as Connected>::ConnectInfo,
     _open: ConnectionGuard,
 }
 
-impl Connected for CountedStream {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connected for CountedStream<S> {
     type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+        self.info.clone()
     }
 }
 
-impl AsyncRead for CountedStream {
+impl<S: AsyncRead + Unpin> AsyncRead for CountedStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for CountedStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountedStream<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }

@@ -7,7 +7,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{
+    HeaderValue, ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
+    WWW_AUTHENTICATE,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -17,8 +20,10 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::auth::Scope;
 use crate::compression::Coding;
 use crate::error::{Result, ServeError};
 use crate::infer::Parameters;
@@ -36,9 +41,16 @@ pub const ROUTING_KEY: &str = "x-routing-key";
 type Body = Full<Bytes>;
 
 /// Accepts connections until `shutdown` flips, then waits up to `drain` for open requests.
-pub async fn serve(listener: TcpListener, state: Arc<ServerState>, shutdown: watch::Receiver<bool>, drain: Duration) {
+/// With `tls`, every connection is a TLS one (the handshake runs in the connection's own task).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ServerState>,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+    tls: Option<TlsAcceptor>,
+) {
     let handler_state = state.clone();
-    serve_with(listener, state, shutdown, drain, move |req| handle(handler_state.clone(), req)).await
+    serve_with(listener, state, shutdown, drain, tls, move |req| handle(handler_state.clone(), req)).await
 }
 
 /// The Prometheus endpoint on its own listener: `GET /metrics` and nothing else.
@@ -47,9 +59,10 @@ pub async fn serve_metrics(
     state: Arc<ServerState>,
     shutdown: watch::Receiver<bool>,
     drain: Duration,
+    tls: Option<TlsAcceptor>,
 ) {
     let registry = Arc::new(ServerCollector::registry(state.clone()));
-    serve_with(listener, state, shutdown, drain, move |req: Request<Incoming>| {
+    serve_with(listener, state, shutdown, drain, tls, move |req: Request<Incoming>| {
         let registry = registry.clone();
         async move {
             let resp = if req.method() == Method::GET && req.uri().path() == "/metrics" {
@@ -72,6 +85,7 @@ async fn serve_with<F, Fut>(
     state: Arc<ServerState>,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    tls: Option<TlsAcceptor>,
     handler: F,
 ) where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -93,10 +107,16 @@ async fn serve_with<F, Fut>(
                 };
                 let _ = stream.set_nodelay(true);
                 let open = state.transport.connection(false);
-                let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler.clone())).into_owned();
-                let conn = graceful.watch(conn);
+                let (builder, watcher, handler, tls) = (builder.clone(), graceful.watcher(), handler.clone(), tls.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let served = match tls {
+                        None => serve_connection(&builder, watcher, stream, handler).await,
+                        Some(acceptor) => match crate::tls::handshake(&acceptor, stream).await {
+                            Ok(stream) => serve_connection(&builder, watcher, stream, handler).await,
+                            Err(e) => Err(Box::new(e) as _),
+                        },
+                    };
+                    if let Err(e) = served {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                     drop(open);
@@ -109,6 +129,21 @@ async fn serve_with<F, Fut>(
     if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(timeout_s = drain.as_secs_f64(), "drain timed out; closing remaining connections");
     }
+}
+
+/// Serves one (plain or TLS) connection, shutting it down gracefully when the server drains.
+async fn serve_connection<IO, F, Fut>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: IO,
+    handler: F,
+) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = std::result::Result<Response<Body>, Infallible>> + Send + 'static,
+{
+    watcher.watch(builder.serve_connection(TokioIo::new(io), service_fn(handler)).into_owned()).await
 }
 
 async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> std::result::Result<Response<Body>, Infallible> {
@@ -127,7 +162,22 @@ fn ok_json(value: &impl serde::Serialize) -> Response<Body> {
 }
 
 fn error_response(e: &ServeError) -> Response<Body> {
-    json_response(e.http_status(), error_body(&e.to_string()))
+    let mut resp = json_response(e.http_status(), error_body(&e.to_string()));
+    if matches!(e, ServeError::Unauthorized(_)) {
+        resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+/// What a path needs: probes are open, the repository API is management, the rest inference.
+fn scope_of(path: &str) -> Scope {
+    if path.starts_with("/v2/health/") {
+        Scope::Open
+    } else if path.starts_with("/v2/repository") {
+        Scope::Admin
+    } else {
+        Scope::Inference
+    }
 }
 
 /// A health answer: 200 when true, 400 otherwise (the V2 spec's "4xx means false", as Triton does).
@@ -138,6 +188,7 @@ fn status_only(ok: bool) -> Response<Body> {
 async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<Body>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    state.auth.check(scope_of(&path), req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))?;
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let get = method == Method::GET;
     let post = method == Method::POST;
@@ -397,6 +448,6 @@ async fn infer(
 }
 
 /// Bound address, for logs.
-pub fn describe(addr: SocketAddr) -> String {
-    format!("http://{addr}")
+pub fn describe(addr: SocketAddr, tls: bool) -> String {
+    format!("{}://{addr}", if tls { "https" } else { "http" })
 }

@@ -2,11 +2,14 @@
 //! network front ends. Plain Rust, usable and tested without Python; models plug in through
 //! [`scheduler::Instance`].
 
+pub mod auth;
 pub mod batcher;
 pub mod compression;
 pub mod control;
 pub mod datatype;
 pub mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod grpc;
 mod grpc_codec;
 pub mod http;
@@ -21,6 +24,7 @@ pub mod spec;
 pub mod state;
 pub mod stats;
 pub mod tensor;
+pub mod tls;
 
 pub use datatype::DataType;
 pub use error::{Result, ServeError};

@@ -7,8 +7,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::Auth;
 use crate::registry::Registry;
 use crate::state::{Limits, ServerState};
+use crate::tls::Tls;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -28,6 +30,10 @@ pub struct ServerConfig {
     pub worker_threads: usize,
     /// How long `stop` waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Bearer tokens for inference and management (default: none).
+    pub auth: Auth,
+    /// TLS for the HTTP, gRPC and metrics listeners (`None`: plain TCP).
+    pub tls: Option<Tls>,
 }
 
 impl Default for ServerConfig {
@@ -42,6 +48,8 @@ impl Default for ServerConfig {
             access_log: false,
             worker_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             drain_timeout: Duration::from_secs(30),
+            auth: Auth::default(),
+            tls: None,
         }
     }
 }
@@ -76,7 +84,9 @@ impl Server {
         let registry = Arc::new(Registry::new());
         // Latency histograms only feed the metrics endpoint; skip them when it is off.
         registry.set_histograms(config.metrics_port.is_some());
-        let state = Arc::new(ServerState::new(registry, config.limits.clone(), config.access_log));
+        let state = Arc::new(
+            ServerState::new(registry, config.limits.clone(), config.access_log).with_auth(config.auth.clone()),
+        );
         Self { config, state, running: Mutex::new(None) }
     }
 
@@ -119,24 +129,33 @@ impl Server {
         let drain = self.config.drain_timeout;
         let mut tasks = Vec::new();
         let metrics_addr = metrics.map(|(listener, addr)| {
-            tasks.push(runtime.spawn(crate::http::serve_metrics(listener, self.state.clone(), rx.clone(), drain)));
+            // Plain HTTP, like the probes: scrapers rarely hold client certificates.
+            tasks.push(runtime.spawn(crate::http::serve_metrics(
+                listener,
+                self.state.clone(),
+                rx.clone(),
+                drain,
+                None,
+            )));
             addr
         });
         let grpc_addr = grpc.map(|(listener, addr)| {
             let max = self.config.grpc_max_message_bytes;
-            tasks.push(runtime.spawn(crate::grpc::serve(listener, self.state.clone(), max, rx.clone(), drain)));
+            let tls = self.config.tls.as_ref().map(|t| t.grpc.clone());
+            tasks.push(runtime.spawn(crate::grpc::serve(listener, self.state.clone(), max, rx.clone(), drain, tls)));
             addr
         });
-        tasks.push(runtime.spawn(crate::http::serve(http_listener, self.state.clone(), rx, drain)));
+        let tls = self.config.tls.as_ref().map(|t| t.http.clone());
+        tasks.push(runtime.spawn(crate::http::serve(http_listener, self.state.clone(), rx, drain, tls)));
         self.state.set_serving(true);
         if let Some(addr) = metrics_addr {
             tracing::info!(address = %format!("http://{addr}/metrics"), "metrics listening");
         }
         if let Some(addr) = grpc_addr {
-            tracing::info!(address = %addr, "gRPC listening");
+            tracing::info!(address = %addr, tls = self.config.tls.is_some(), "gRPC listening");
         }
         // Logged last: tools watching the log take this line to mean "serving".
-        tracing::info!(address = %crate::http::describe(http_addr), "HTTP listening");
+        tracing::info!(address = %crate::http::describe(http_addr, self.config.tls.is_some()), "HTTP listening");
         *running = Some(Running { runtime, shutdown, tasks, http_addr, grpc_addr, metrics_addr });
         Ok(http_addr)
     }

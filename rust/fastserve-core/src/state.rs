@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
+use crate::auth::Auth;
 use crate::control::RepositoryControl;
 use crate::error::{Result, ServeError};
 use crate::metrics::TransportMetrics;
@@ -58,6 +59,8 @@ pub struct ServerState {
     pub transport: Arc<TransportMetrics>,
     /// One `fastserve::access` log line per inference request.
     pub access_log: bool,
+    /// Bearer tokens (none: no authentication).
+    pub auth: Auth,
     serving: AtomicBool,
     draining: AtomicBool,
     repository: RwLock<Option<Arc<dyn RepositoryControl>>>,
@@ -70,10 +73,17 @@ impl ServerState {
             limits,
             transport: Arc::default(),
             access_log,
+            auth: Auth::default(),
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             repository: RwLock::new(None),
         }
+    }
+
+    /// Requires bearer tokens as `auth` says.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Enables the repository API (control modes `explicit` and `poll`).

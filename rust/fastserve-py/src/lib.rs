@@ -5,15 +5,18 @@ mod convert;
 mod instance;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fastserve_core::auth::Auth;
 use fastserve_core::batcher::BatchPolicy;
 use fastserve_core::registry::{ModelVersion, Routing};
 use fastserve_core::scheduler::{Instance, Scheduler, SchedulerConfig};
 use fastserve_core::server::{Server, ServerConfig};
 use fastserve_core::spec::{ModelSpec, TensorSpec};
 use fastserve_core::state::Limits;
+use fastserve_core::tls::{Tls, TlsFiles};
 use fastserve_core::DataType;
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -47,7 +50,7 @@ struct CoreServer {
 #[pymethods]
 impl CoreServer {
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024, metrics_port = None, access_log = false))]
+    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024, metrics_port = None, access_log = false, auth_token = None, admin_token = None, tls_cert = None, tls_key = None, tls_client_ca = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
@@ -59,7 +62,25 @@ impl CoreServer {
         grpc_max_message_bytes: usize,
         metrics_port: Option<u16>,
         access_log: bool,
+        auth_token: Option<String>,
+        admin_token: Option<String>,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_client_ca: Option<PathBuf>,
     ) -> PyResult<Self> {
+        for (what, token) in [("auth_token", &auth_token), ("admin_token", &admin_token)] {
+            if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                return Err(PyValueError::new_err(format!("{what} must not be empty")));
+            }
+        }
+        let tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => Some(
+                Tls::load(&TlsFiles { cert, key, client_ca: tls_client_ca })
+                    .map_err(|e| PyOSError::new_err(e.to_string()))?,
+            ),
+            (None, None) if tls_client_ca.is_none() => None,
+            _ => return Err(PyValueError::new_err("TLS needs both tls_cert and tls_key (tls_client_ca is optional)")),
+        };
         let mut config = ServerConfig {
             host,
             http_port,
@@ -68,6 +89,8 @@ impl CoreServer {
             limits: Limits { max_body_bytes },
             metrics_port,
             access_log,
+            auth: Auth::new(auth_token, admin_token),
+            tls,
             ..ServerConfig::default()
         };
         if worker_threads > 0 {
