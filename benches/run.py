@@ -8,10 +8,11 @@ a noisy machine.
 Builds ``fastserve-loadgen`` (release), then, one server at a time on 127.0.0.1 (port 0, the bound
 ports read from the log): fastserve on ``examples/models`` (mlp: ``max_batch_size = 64``), fastserve
 on a temporary copy with ``max_batch_size = 0`` (no batching), and ``benches/baseline_fastapi.py``.
-Each is swept over the protocols and concurrency levels; afterwards the in-process ceiling is
-measured: ORT single-row runs/s, ORT plus JSON decode/encode per row, and batched ORT rows/s at the
-batch sizes the server formed. Prints a markdown table and the targets, and writes
-``results/latest.json``, ``results/latest.md`` and ``results/latest.png``.
+All three stay up and the concurrency levels are interleaved: at each level every server is
+measured over each protocol, then the in-process ceiling (ORT single-row runs/s, ORT plus JSON
+decode/encode per row, batched ORT rows/s at 1..64 rows, interpolated at the mean batch size the
+server formed), so that each ratio compares measurements taken close together in time. Prints a
+markdown table and the targets, and writes ``results/latest.json``, ``results/latest.md`` and ``results/latest.png``.
 
 Benchmark a release build of fastserve (``maturin build --release``); every server started here is
 stopped on exit, errors included.
@@ -33,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ NO_BATCH = "fastserve-nobatch"
 FASTAPI = "fastapi"
 SERVERS = (FASTSERVE, NO_BATCH, FASTAPI)
 PROTOCOLS = ("http", "binary", "grpc")
+CEILING_BATCHES = [1, 2, 4, 8, 16, 32, 64]
 
 
 def log(message: str) -> None:
@@ -305,17 +307,21 @@ def ort_session(threads: int | None = None) -> Any:
     return ort.InferenceSession(str(ONNX_PATH), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def rate(fn: Callable[[], None], seconds: float, max_iterations: int = 10_000_000) -> float:
-    """Calls per second of `fn`, bounded by time and by count."""
+def rate(fn: Callable[[], None], seconds: float, max_iterations: int = 10_000_000, windows: int = 3) -> float:
+    """Calls per second of `fn`, bounded by time and by count: the best of `windows` equal windows,
+    since a ceiling is what the machine can do when nothing else gets in the way."""
     fn()
-    n, start = 0, time.perf_counter()
-    deadline = start + seconds
-    while n < max_iterations:
-        fn()
-        n += 1
-        if n % 16 == 0 and time.perf_counter() >= deadline:
-            break
-    return n / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(windows):
+        n, start = 0, time.perf_counter()
+        deadline = start + seconds / windows
+        while n < max_iterations:
+            fn()
+            n += 1
+            if n % 8 == 0 and time.perf_counter() >= deadline:
+                break
+        best = max(best, n / (time.perf_counter() - start))
+    return best
 
 
 def request_body(rows: int = 1) -> bytes:
@@ -372,15 +378,23 @@ def point_ceiling(point: dict, ceiling: dict) -> float | None:
     return batched_ceiling(ceiling, (point.get("stats") or {}).get("mean_batch") or 1.0)
 
 
-def find(points: list[dict], server: str, protocol: str, concurrency: int) -> dict | None:
+def find(points: list[dict], server: str, protocol: str, concurrency: int, rows: int = 1) -> dict | None:
     for p in points:
-        if p["server"] == server and p["protocol"] == protocol and p["concurrency"] == concurrency:
+        if (
+            p["server"] == server
+            and p["protocol"] == protocol
+            and p["concurrency"] == concurrency
+            and p["rows"] == rows
+        ):
             return p
     return None
 
 
-def annotate(points: list[dict], ceiling: dict | None) -> None:
+def annotate(points: list[dict], ceilings: dict[int, dict]) -> None:
+    """Adds ratios: against the baseline at the same concurrency, and against the in-process
+    ceiling measured in the same round."""
     for p in points:
+        ceiling = ceilings.get(p["concurrency"])
         base = find(points, FASTAPI, "http", p["concurrency"])
         p["vs_fastapi"] = p["rows_per_s"] / base["rows_per_s"] if base and base["rows_per_s"] else None
         c = point_ceiling(p, ceiling) if ceiling else None
@@ -396,15 +410,15 @@ def fmt(v: Any, spec: str = ".2f") -> str:
 
 def markdown_table(points: list[dict]) -> str:
     head = (
-        "| server | protocol | conns | req/s | rows/s | p50 ms | p90 ms | p99 ms | p99/p50 | mean batch "
+        "| server | protocol | conns | rows/req | req/s | rows/s | p50 ms | p90 ms | p99 ms | p99/p50 | mean batch "
         "| x FastAPI | x ceiling | errors |"
     )
-    rows = [head, "|" + "---|" * 13]
+    rows = [head, "|" + "---|" * 14]
     for p in points:
         lat = p["latency_us"]
         stats = p.get("stats") or {}
         rows.append(
-            f"| {p['server']} | {p['protocol']} | {p['concurrency']} | {p['requests_per_s']:.0f} "
+            f"| {p['server']} | {p['protocol']} | {p['concurrency']} | {p['rows']} | {p['requests_per_s']:.0f} "
             f"| {p['rows_per_s']:.0f} | {lat['p50'] / 1000:.2f} | {lat['p90'] / 1000:.2f} | {lat['p99'] / 1000:.2f} "
             f"| {fmt(p['p99_over_p50'], '.1f')} | {fmt(stats.get('mean_batch'), '.1f')} "
             f"| {fmt(p['vs_fastapi'])} | {fmt(p['vs_ceiling'])} | {p['errors']} |"
@@ -412,8 +426,9 @@ def markdown_table(points: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def evaluate_targets(points: list[dict], ceiling: dict | None) -> list[dict]:
+def evaluate_targets(points: list[dict], ceilings: dict[int, dict]) -> list[dict]:
     out = []
+    ceiling = ceilings.get(16)
 
     def add(name: str, value: float | None, goal: float, detail: str) -> None:
         met = None if value is None else value >= goal
@@ -431,10 +446,16 @@ def evaluate_targets(points: list[dict], ceiling: dict | None) -> list[dict]:
             "fastserve rows/s / in-process ORT+JSON rows/s",
         )
     for proto in ("binary", "grpc"):
-        p = find(points, FASTSERVE, proto, 64)
-        if p and p.get("vs_ceiling") is not None:
-            mb = (p.get("stats") or {}).get("mean_batch")
-            add(f"{proto} @64 batched: x ORT batched", p["vs_ceiling"], 0.5, f"at mean batch {fmt(mb, '.1f')}")
+        for p in points:
+            if p["server"] == FASTSERVE and p["protocol"] == proto and p["concurrency"] == 64:
+                if p.get("vs_ceiling") is not None:
+                    mb = (p.get("stats") or {}).get("mean_batch")
+                    add(
+                        f"{proto} @64 batched, {p['rows']} row(s)/request: x ORT batched",
+                        p["vs_ceiling"],
+                        0.5,
+                        f"ORT at the mean batch, {fmt(mb, '.1f')} rows",
+                    )
     for proto in PROTOCOLS:
         on, off = find(points, FASTSERVE, proto, 64), find(points, NO_BATCH, proto, 64)
         if on and off and off["rows_per_s"]:
@@ -445,6 +466,24 @@ def evaluate_targets(points: list[dict], ceiling: dict | None) -> list[dict]:
             # Lower is better: expressed as goal/actual so that >= 1 means met.
             add(f"{proto} @64: p99 <= 3x p50", 3.0 / p["p99_over_p50"], 1.0, f"p99/p50 = {p['p99_over_p50']:.2f}")
     return out
+
+
+def ceilings_markdown(ceilings: dict[int, dict]) -> str:
+    lines = [
+        "In-process ceiling, measured after each concurrency round (ORT, "
+        f"{next(iter(ceilings.values()))['ort_intra_op_threads'] if ceilings else '?'} intra-op threads):",
+        "",
+        "| round | ORT 1 row runs/s | ORT+JSON rows/s | " + " | ".join(f"b={b} rows/s" for b in CEILING_BATCHES) + " |",
+        "|" + "---|" * (3 + len(CEILING_BATCHES)),
+    ]
+    for c, ce in ceilings.items():
+        batched = ce["ort_batched_rows_per_s"]
+        lines.append(
+            f"| c={c} | {ce['ort_single_row_runs_per_s']:.0f} | {ce['ort_json_rows_per_s']:.0f} | "
+            + " | ".join(f"{batched.get(b, 0):.0f}" for b in CEILING_BATCHES)
+            + " |"
+        )
+    return "\n".join(lines)
 
 
 def targets_markdown(targets: list[dict]) -> str:
@@ -516,9 +555,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", help="comma-separated levels (1,4,16,64; quick: 1,16)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="comma-separated: http,binary,grpc")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ",".join(SERVERS))
-    p.add_argument("--ceiling-s", type=float, help="seconds per in-process ceiling measurement (2; quick: 0.3)")
+    p.add_argument("--ceiling-s", type=float, help="seconds per in-process ceiling measurement (0.5; quick: 0.1)")
     p.add_argument(
         "--idle-connections", type=int, help="idle keep-alive connections for the RSS test (10000; quick: 0)"
+    )
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=16,
+        help="extra binary/gRPC points at the top concurrency with this many rows/request",
     )
     p.add_argument("--skip-build", action="store_true", help="use the already built loadgen")
     p.add_argument("--loadgen", type=Path, help="path of the fastserve-loadgen binary")
@@ -527,7 +572,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.duration_s = a.duration_s if a.duration_s is not None else (1.0 if a.quick else 5.0)
     a.warmup_s = a.warmup_s if a.warmup_s is not None else (0.3 if a.quick else 1.0)
-    a.ceiling_s = a.ceiling_s if a.ceiling_s is not None else (0.3 if a.quick else 2.0)
+    a.ceiling_s = a.ceiling_s if a.ceiling_s is not None else (0.1 if a.quick else 0.5)
     a.idle_connections = a.idle_connections if a.idle_connections is not None else (0 if a.quick else 10_000)
     a.concurrency = [int(c) for c in (a.concurrency or ("1,16" if a.quick else "1,4,16,64")).split(",")]
     a.protocols = [x for x in a.protocols.split(",") if x]
@@ -543,23 +588,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def sweep(args: argparse.Namespace, loadgen: Path, server: Server, protocols: list[str]) -> list[dict]:
-    points = []
-    for proto in protocols:
-        for c in args.concurrency:
-            url = server.grpc_url if proto == "grpc" else server.url
-            before = model_stats(server.url) if server.name != FASTAPI else None
-            r = run_loadgen(loadgen, url, proto, c, duration_s=args.duration_s, warmup_s=args.warmup_s)
-            r["server"] = server.name
-            if before is not None:
-                r["stats"] = stats_delta(before, model_stats(server.url))
-            lat = r["latency_us"]
-            log(
-                f"{server.name:18} {proto:6} c={c:<3} {r['rows_per_s']:9.0f} rows/s  p50 {lat['p50'] / 1000:6.2f} ms"
-                f"  p99 {lat['p99'] / 1000:6.2f} ms  errors {r['errors']}"
-            )
-            points.append(r)
-    return points
+def measure_point(args: argparse.Namespace, loadgen: Path, server: Server, proto: str, c: int, rows: int = 1) -> dict:
+    url = server.grpc_url if proto == "grpc" else server.url
+    before = model_stats(server.url) if server.name != FASTAPI else None
+    load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else None
+    r = run_loadgen(loadgen, url, proto, c, rows=rows, duration_s=args.duration_s, warmup_s=args.warmup_s)
+    r["server"] = server.name
+    r["loadavg_1m_before"] = float(load) if load else None
+    if before is not None:
+        r["stats"] = stats_delta(before, model_stats(server.url))
+    lat = r["latency_us"]
+    log(
+        f"{server.name:18} {proto:6} c={c:<3} rows={rows:<3} {r['rows_per_s']:9.0f} rows/s"
+        f"  p50 {lat['p50'] / 1000:6.2f} ms  p99 {lat['p99'] / 1000:6.2f} ms  errors {r['errors']}  load {load}"
+    )
+    return r
 
 
 def _interrupted(*_: object) -> None:
@@ -583,33 +626,36 @@ def main(argv: list[str] | None = None) -> int:
             log("fastapi/uvicorn not installed (pip install '.[benches]'): skipping the baseline")
             args.servers.remove(FASTAPI)
     points: list[dict] = []
+    ceilings: dict[int, dict] = {}
     idle = None
-    with tempfile.TemporaryDirectory(prefix="fastserve-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fastserve-bench-") as tmp, ExitStack() as stack:
+        # All servers stay up and the levels are interleaved (every server, then the in-process
+        # ceiling, at one concurrency before the next), so the ratios at a level come from
+        # measurements taken within a minute of each other on a machine whose load varies.
+        servers: dict[str, Server] = {}
         for name in args.servers:
             repo = EXAMPLES if name == FASTSERVE else no_batching_repository(Path(tmp)) if name == NO_BATCH else None
-            with started(name, repo) as server:
-                log(f"{name} up at {server.url}" + (f" (gRPC {server.grpc_url})" if server.grpc_port else ""))
-                protocols = ["http"] if name == FASTAPI else args.protocols
-                points += sweep(args, loadgen, server, protocols)
-                if name == FASTSERVE and args.idle_connections:
-                    log(f"opening {args.idle_connections} idle keep-alive connections")
-                    idle = idle_connections_rss(loadgen, server, args.idle_connections)
-                    log(f"idle connections: {idle}")
-    observed = [round(p["stats"]["mean_batch"]) for p in points if (p.get("stats") or {}).get("mean_batch")]
-    sizes = sorted({1, 4, 16, 64, *[max(1, b) for b in observed]})
-    log(f"in-process ceiling at batch sizes {sizes}")
-    ceiling = measure_ceiling(args.ceiling_s, sizes)
-    annotate(points, ceiling)
-    targets = evaluate_targets(points, ceiling)
+            servers[name] = server = stack.enter_context(started(name, repo))
+            log(f"{name} up at {server.url}" + (f" (gRPC {server.grpc_url})" if server.grpc_port else ""))
+        for c in args.concurrency:
+            for name, server in servers.items():
+                for proto in ["http"] if name == FASTAPI else args.protocols:
+                    points.append(measure_point(args, loadgen, server, proto, c))
+            if FASTSERVE in servers and args.rows > 1 and c == max(args.concurrency):
+                for proto in (p for p in args.protocols if p != "http"):
+                    points.append(measure_point(args, loadgen, servers[FASTSERVE], proto, c, rows=args.rows))
+            log(f"in-process ceiling (c={c} round) at batch sizes {CEILING_BATCHES}")
+            ceilings[c] = measure_ceiling(args.ceiling_s, CEILING_BATCHES)
+        if FASTSERVE in servers and args.idle_connections:
+            log(f"opening {args.idle_connections} idle keep-alive connections")
+            idle = idle_connections_rss(loadgen, servers[FASTSERVE], args.idle_connections)
+            log(f"idle connections: {idle}")
+    annotate(points, ceilings)
+    targets = evaluate_targets(points, ceilings)
     conditions["end"] = machine()
     elapsed = time.monotonic() - t0
     table = markdown_table(points)
-    ceiling_md = (
-        f"In-process ceiling (ORT {ceiling['ort_intra_op_threads']} intra-op threads): "
-        f"single row {ceiling['ort_single_row_runs_per_s']:.0f} runs/s; "
-        f"ORT + JSON decode/encode {ceiling['ort_json_rows_per_s']:.0f} rows/s; batched rows/s "
-        + ", ".join(f"b={b}: {v:.0f}" for b, v in sorted(ceiling["ort_batched_rows_per_s"].items()))
-    )
+    ceiling_md = ceilings_markdown(ceilings)
     report = f"{table}\n\n{ceiling_md}\n\n{targets_markdown(targets)}\n"
     if idle:
         report += (
@@ -623,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "conditions": conditions,
-        "ceiling": ceiling,
+        "ceilings": ceilings,
         "points": points,
         "targets": targets,
         "idle_connections": idle,

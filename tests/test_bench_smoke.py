@@ -56,10 +56,10 @@ def test_harness_pieces(tmp_path: Path) -> None:
         "latency_us": {"p50": 100, "p90": 150, "p99": 200, "max": 300},
         "stats": {"mean_batch": 2.0},
     }
-    run.annotate([point], ceiling)
+    run.annotate([point], {64: ceiling})
     assert point["ceiling_rows_per_s"] > 0 and point["p99_over_p50"] == 2.0
-    assert "| fastserve | binary | 64 |" in run.markdown_table([point])
-    targets = run.evaluate_targets([point], ceiling)
+    assert "| fastserve | binary | 64 | 1 |" in run.markdown_table([point])
+    targets = run.evaluate_targets([point], {64: ceiling})
     assert any(t["target"].startswith("binary @64") for t in targets)
 
 
@@ -75,4 +75,4 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     for p in result["points"]:
         assert p["requests"] > 0 and p["rows_per_s"] > 0, p
         assert p["errors"] == 0, p["error_samples"]
-    assert "| fastserve | grpc | 2 |" in (tmp_path / "latest.md").read_text()
+    assert "| fastserve | grpc | 2 | 1 |" in (tmp_path / "latest.md").read_text()
