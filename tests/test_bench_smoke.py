@@ -1,0 +1,79 @@
+"""Smoke test of the benchmark harness (benches/run.py). It checks that the harness works, never how
+fast anything is.
+
+The end-to-end test builds the load generator in debug (it shares its dependencies with the core
+crate that `cargo test` has just built, so this is quick); benchmarks proper always use a release
+build. The harness's Python pieces (server start/stop and port parsing, statistics, the no-batching
+repository copy, the in-process ceiling, the report) are exercised on their own too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+from conftest import ROOT
+
+RUN_PY = ROOT / "benches" / "run.py"
+
+
+def load_run():
+    spec = importlib.util.spec_from_file_location("bench_run", RUN_PY)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_harness_pieces(tmp_path: Path) -> None:
+    run = load_run()
+    repo = run.no_batching_repository(tmp_path)
+    assert "max_batch_size = 0" in (repo / "mlp" / "config.toml").read_text()
+    with run.started(run.NO_BATCH, repo) as server:
+        assert server.http_port and server.grpc_port
+        assert run.http_status(server.url + "/v2/health/ready") == 200
+        stats = run.model_stats(server.url)
+        assert stats["inference_count"] == 0
+    assert server.proc.poll() is not None  # stopped on leaving the block
+
+    ceiling = run.measure_ceiling(0.05, [1, 4])
+    assert ceiling["ort_single_row_runs_per_s"] > 0 and ceiling["ort_json_rows_per_s"] > 0
+    assert set(ceiling["ort_batched_rows_per_s"]) == {1, 4}
+
+    point = {
+        "server": run.FASTSERVE,
+        "protocol": "binary",
+        "concurrency": 64,
+        "rows": 1,
+        "requests_per_s": 100.0,
+        "rows_per_s": 100.0,
+        "errors": 0,
+        "latency_us": {"p50": 100, "p90": 150, "p99": 200, "max": 300},
+        "stats": {"mean_batch": 2.0},
+    }
+    run.annotate([point], {64: ceiling})
+    assert point["ceiling_rows_per_s"] > 0 and point["p99_over_p50"] == 2.0
+    assert "| fastserve | binary | 64 | 1 |" in run.markdown_table([point])
+    targets = run.evaluate_targets([point], {64: ceiling})
+    assert any(t["target"].startswith("binary @64") for t in targets)
+
+
+def test_quick_run_end_to_end(tmp_path: Path) -> None:
+    run = load_run()
+    subprocess.run(["cargo", "build", "-q", "-p", "fastserve-loadgen"], cwd=ROOT, check=True, timeout=1200)
+    loadgen = run.target_dir() / "debug" / "fastserve-loadgen"
+    cmd = [sys.executable, str(RUN_PY), "--quick", "--skip-build", "--loadgen", str(loadgen), "--servers", "fastserve"]
+    cmd += ["--protocols", "http,binary,grpc", "--concurrency", "2", "--duration-s", "0.5", "--warmup-s", "0.2"]
+    cmd += ["--ceiling-s", "0.05", "--no-plot", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert {p["protocol"] for p in result["points"]} == {"http", "binary", "grpc"}
+    for p in result["points"]:
+        assert p["requests"] > 0 and p["rows_per_s"] > 0, p
+        assert p["errors"] == 0, p["error_samples"]
+    assert "| fastserve | grpc | 2 | 1 |" in (tmp_path / "latest.md").read_text()
