@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from conftest import ROOT
 
 RUN_PY = ROOT / "benches" / "run.py"
