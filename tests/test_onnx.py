@@ -56,6 +56,7 @@ def mlp_repo(tmp_path: Path, name: str, config: str) -> None:
             "declares input 'X', but the model's inputs are ['INPUT0']",
         ),
         ('[instance_group]\nkind = "gpu"', "needs onnxruntime-gpu with the CUDA execution provider"),
+        ('[parameters]\nintra_op_allow_spinning = "yes"', "intra_op_allow_spinning must be true or false"),
     ],
 )
 def test_config_contradicting_the_model_fails_to_load(start_server, tmp_path: Path, config: str, reason: str) -> None:

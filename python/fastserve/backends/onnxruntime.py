@@ -194,6 +194,12 @@ def load(ctx: LoadContext) -> LoadedModel:
         threads = params.get("intra_op_num_threads", max(1, (os.cpu_count() or 1) // cpu_instances))
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = int(params.get("inter_op_num_threads", 1))
+        # ORT's pool threads spin between runs by default: that burns the cores the network threads need
+        # (on 2 cores it halved throughput for the example MLP), so a server turns spinning off.
+        spinning = params.get("intra_op_allow_spinning", False)
+        if not isinstance(spinning, bool):
+            raise LoadError(f"parameters.intra_op_allow_spinning must be true or false, not {spinning!r}")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             session = ort.InferenceSession(
                 str(path), sess_options=options, providers=_providers(ort, kind, device_id, tensorrt)
