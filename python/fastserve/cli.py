@@ -38,7 +38,9 @@ class _Parser(argparse.ArgumentParser):
 class _Append(argparse.Action):
     """A repeatable flag collecting a list; given at all, it replaces the default (from the environment)."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
         current = getattr(namespace, self.dest)
         setattr(namespace, self.dest, [*([] if current is self.default else current), values])
 
@@ -68,7 +70,7 @@ def _env_value(action: argparse.Action, name: str, raw: str) -> Any:
 def _env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
     """Defaults every flag of ``parser`` from its ``FASTSERVE_*`` variable (an empty one counts as unset)."""
     for action in parser._actions:
-        if not action.option_strings or isinstance(action, argparse._HelpAction):
+        if not action.option_strings or action.dest == "help":
             continue
         name = env_name(action)
         action.help = f"{action.help or ''} [env {name}]".strip()
