@@ -8,7 +8,9 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from ._core import flush_telemetry
@@ -19,6 +21,11 @@ log = logging.getLogger("fastserve")
 
 AUTH_TOKEN_ENV = "FASTSERVE_AUTH_TOKEN"
 ADMIN_TOKEN_ENV = "FASTSERVE_ADMIN_TOKEN"
+# Every `serve` flag --some-flag falls back to $FASTSERVE_SOME_FLAG (containers configure through the
+# environment); a flag given on the command line wins.
+ENV_PREFIX = "FASTSERVE_"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,12 +35,65 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Append(argparse.Action):
+    """A repeatable flag collecting a list; given at all, it replaces the default (from the environment)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        current = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*([] if current is self.default else current), values])
+
+
+def env_name(action: argparse.Action) -> str:
+    """``--drain-timeout-s`` -> ``FASTSERVE_DRAIN_TIMEOUT_S``."""
+    return ENV_PREFIX + action.option_strings[-1].lstrip("-").replace("-", "_").upper()
+
+
+def _env_value(action: argparse.Action, name: str, raw: str) -> Any:
+    """``raw`` converted as the flag would convert it; ValueError names the variable."""
+    if action.nargs == 0:  # on/off flags
+        if raw.strip().lower() not in _TRUE + _FALSE:
+            raise ValueError(f"{name}={raw!r} is not one of {', '.join(_TRUE + _FALSE)}")
+        return raw.strip().lower() in _TRUE
+    if isinstance(action, _Append):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    try:
+        value = action.type(raw) if callable(action.type) else raw
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {action.option_strings[-1]}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{name}={raw!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Defaults every flag of ``parser`` from its ``FASTSERVE_*`` variable (an empty one counts as unset)."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = env_name(action)
+        action.help = f"{action.help or ''} [env {name}]".strip()
+        raw = environ.get(name, "")
+        if raw.strip():
+            try:
+                action.default = _env_value(action, name, raw)
+            except ValueError as e:
+                parser.error(str(e))
+            action.required = False
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="fastserve", description="Serve models over the KServe V2 protocol.")
     parser.add_argument("--version", action="version", version=f"fastserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = sub.add_parser("serve", help="serve a model repository")
     serve.add_argument("--model-repository", required=True, type=Path, help="directory of models")
+    serve.add_argument(
+        "--model-name",
+        metavar="NAME",
+        help="single-model mode: --model-repository is the directory of this one model (KServe's /mnt/models)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
     serve.add_argument(
@@ -44,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--repository-poll-secs", type=float, default=15.0, help="rescan interval in poll mode")
     serve.add_argument(
-        "--load-model", action="append", default=[], metavar="NAME", help="explicit mode: load NAME at start ('*': all)"
+        "--load-model",
+        action=_Append,
+        default=[],
+        metavar="NAME",
+        help="explicit mode: load NAME at start ('*': all; env: comma-separated)",
     )
     serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
@@ -84,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument(
         "--tls-client-ca", type=Path, metavar="PEM", help="require client certificates issued by this CA (mTLS)"
     )
+    _env_defaults(serve, os.environ if environ is None else environ)
     return parser
 
 
@@ -164,9 +229,17 @@ def serve(args: argparse.Namespace) -> int:
     if args.repository_poll_secs <= 0:
         sys.stderr.write("fastserve: error: --repository-poll-secs must be positive\n")
         return 2
-    statuses = server.load_repository(
-        repo, control_mode=args.model_control_mode, load_models=args.load_model, poll_secs=args.repository_poll_secs
-    )
+    try:
+        statuses = server.load_repository(
+            repo,
+            control_mode=args.model_control_mode,
+            load_models=args.load_model,
+            poll_secs=args.repository_poll_secs,
+            model_name=args.model_name,
+        )
+    except ValueError as e:
+        sys.stderr.write(f"fastserve: error: {e}\n")
+        return 2
     failed = [s for s in statuses if not s.ready]
     log.info("%d model version(s) ready, %d failed", len(statuses) - len(failed), len(failed))
 

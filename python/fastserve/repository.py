@@ -1,6 +1,10 @@
 """Model repositories: ``<repo>/<model>/<version>/model.{onnx,py,xml}`` plus an optional
 ``<repo>/<model>/config.toml``, and the lifecycle of what is loaded from them.
 
+Single-model mode (``model_name``, KServe's layout): the repository directory is that one model's
+directory, so ``/mnt/models/config.toml`` + ``/mnt/models/1/model.onnx``; with no version
+directories, a model file directly in it (``/mnt/models/model.onnx``) is version 1.
+
 A version that fails to load is registered with its reason, so ready/metadata answers explain it,
 and every other model still serves. A reload that fails leaves the serving version in place.
 """
@@ -33,6 +37,7 @@ log = logging.getLogger("fastserve.repository")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 CONTROL_MODES = ("none", "poll", "explicit")
+MODEL_FILES = ("model.onnx", "model.xml", "model.py")
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,15 @@ def version_numbers(path: Path) -> list[int]:
     """Numeric version directories that really are inside ``path`` (a symlink out is ignored)."""
     root = path.resolve()
     return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and p.resolve().parent == root)
+
+
+def version_dirs(path: Path, bare_is_version_1: bool = False) -> dict[int, Path]:
+    """Version number -> directory; with ``bare_is_version_1`` and no version directories, a model
+    file directly in ``path`` makes ``path`` itself version 1."""
+    dirs = {v: path / str(v) for v in version_numbers(path)}
+    if not dirs and bare_is_version_1 and any((path / f).is_file() for f in MODEL_FILES):
+        return {1: path}
+    return dirs
 
 
 def _digest(parts: Iterable[str]) -> str:
@@ -111,11 +125,14 @@ class ModelRepository:
     """Loads, reloads and unloads the models of one repository. One change runs at a time; the
     index can be read meanwhile and shows LOADING/UNLOADING states."""
 
-    def __init__(self, core: Any, root: Path) -> None:
+    def __init__(self, core: Any, root: Path, model_name: str | None = None) -> None:
         if not root.is_dir():
             raise FileNotFoundError(f"model repository '{root}' is not a directory")
+        if model_name is not None and (not MODEL_NAME.match(model_name) or ".." in model_name):
+            raise ValueError(f"invalid model name '{model_name}'")
         self.core = core
         self.root = root
+        self.single = model_name  # single-model mode: root is this model's directory
         self._change = threading.RLock()
         self._state_lock = threading.Lock()
         self._transient: dict[tuple[str, int], str] = {}
@@ -129,6 +146,18 @@ class ModelRepository:
         for prefix in {str(self.root.resolve()), str(self.root.absolute()), str(self.root)}:
             reason = reason.replace(prefix, "<repository>")
         return reason
+
+    def _names(self) -> list[str]:
+        return [self.single] if self.single is not None else model_names(self.root)
+
+    def _dir(self, name: str) -> Path:
+        """The directory of ``name``; raises LookupError for a model this repository does not have."""
+        if self.single is not None and name != self.single:
+            raise LookupError(f"model '{name}' is not in the model repository (it serves only '{self.single}')")
+        try:
+            return self.root if self.single is not None else model_dir(self.root, name)
+        except LoadError as e:
+            raise LookupError(str(e)) from None
 
     def _set(self, name: str, version: int, transient: str | None = None, reason: str | None = None) -> None:
         with self._state_lock:
@@ -144,7 +173,7 @@ class ModelRepository:
     def load_all(self, names: Iterable[str] | None = None) -> list[VersionStatus]:
         """Loads the given models (default: every model of the repository); failures are recorded."""
         statuses: list[VersionStatus] = []
-        for name in model_names(self.root) if names is None else names:
+        for name in self._names() if names is None else names:
             try:
                 statuses.extend(self.load(name))
             except LookupError as e:
@@ -159,10 +188,7 @@ class ModelRepository:
         serve; versions the policy no longer selects are drained and removed. With ``retry=False``
         (polling) versions that failed are retried only once their files or config change."""
         with self._change:
-            try:
-                path = model_dir(self.root, name)
-            except LoadError as e:
-                raise LookupError(str(e)) from None
+            path = self._dir(name)
             current = self._loaded.get(name) or _Loaded(config_digest="")
             if keep_override:
                 override = current.override
@@ -170,7 +196,8 @@ class ModelRepository:
             text = config_file.read_bytes().decode("utf-8", "replace") if config_file.is_file() else ""
             digest = _digest([text, json.dumps(override, sort_keys=True, default=str)])
             same_config = current.config_digest == digest
-            versions = version_numbers(path)
+            dirs = version_dirs(path, bare_is_version_1=self.single is not None)
+            versions = sorted(dirs)
             new = _Loaded(config_digest=digest, override=override)
             try:
                 config = parse_config(_merge(_read_config(path), override or {}))
@@ -192,7 +219,7 @@ class ModelRepository:
                 return [self._fail(name, versions[-1] if versions else 1, reason, False)]
             statuses = []
             for v in selected:
-                fingerprint = version_fingerprint(path / str(v))
+                fingerprint = version_fingerprint(dirs[v])
                 if same_config and current.serving.get(v) == fingerprint and self._is_ready(name, v):
                     new.serving[v] = fingerprint
                     statuses.append(VersionStatus(name, v, True))
@@ -200,7 +227,7 @@ class ModelRepository:
                 if same_config and current.failed.get(v) == fingerprint and not retry:
                     new.failed[v] = fingerprint
                     continue
-                status = self._load_version(name, path, v, config, serving=v in current.serving)
+                status = self._load_version(name, path, dirs[v], v, config, serving=v in current.serving)
                 statuses.append(status)
                 if status.ready:
                     new.serving[v] = fingerprint
@@ -229,9 +256,11 @@ class ModelRepository:
         self._set(name, version, reason=public)
         return VersionStatus(name, version, False, public)
 
-    def _load_version(self, name: str, path: Path, version: int, config: ModelConfig, serving: bool) -> VersionStatus:
+    def _load_version(
+        self, name: str, path: Path, version_dir: Path, version: int, config: ModelConfig, serving: bool
+    ) -> VersionStatus:
         self._set(name, version, "LOADING")
-        ctx = LoadContext(name=name, version=version, model_dir=path, version_dir=path / str(version), config=config)
+        ctx = LoadContext(name=name, version=version, model_dir=path, version_dir=version_dir, config=config)
         try:
             loaded = load_version(ctx)
             run_warmup(loaded, config.warmup)
@@ -283,10 +312,7 @@ class ModelRepository:
         with self._change:
             versions = sorted({v for n, v, _ in self.core.models() if n == name})
             if not versions and name not in self._loaded:
-                try:
-                    model_dir(self.root, name)
-                except LoadError as e:
-                    raise LookupError(str(e)) from None
+                self._dir(name)
             for v in versions:
                 self._unload_version(name, v)
             self._loaded.pop(name, None)
@@ -303,7 +329,7 @@ class ModelRepository:
             reasons = dict(self._reasons)
         keys = set(registered) | set(transient)
         rows: list[tuple[str, str | None, str, str]] = []
-        for name in sorted(set(model_names(self.root)) | {n for n, _ in keys}):
+        for name in sorted(set(self._names()) | {n for n, _ in keys}):
             versions = sorted(v for n, v in keys if n == name)
             if not versions:
                 rows.append((name, None, "UNAVAILABLE", "unloaded"))
@@ -315,7 +341,7 @@ class ModelRepository:
     def poll_once(self) -> None:
         """Loads new and changed models, unloads removed ones."""
         with self._change:
-            present = set(model_names(self.root))
+            present = set(self._names())
             for name in sorted(present):
                 try:
                     self.load(name, keep_override=True, retry=False)

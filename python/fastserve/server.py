@@ -125,16 +125,19 @@ class Server:
         control_mode: str = "none",
         load_models: Sequence[str] | None = None,
         poll_secs: float = 15.0,
+        model_name: str | None = None,
     ) -> list[VersionStatus]:
         """Serves a model repository; returns what loaded and what failed.
 
         ``control_mode``: "none" loads every model now; "poll" also rescans every ``poll_secs``
         (added, changed and removed models are loaded, reloaded, unloaded); "explicit" loads only
         ``load_models`` ("*" = all). Poll and explicit modes enable the repository API.
+        ``model_name``: single-model mode, ``path`` is that one model's directory (KServe mounts a
+        model at ``/mnt/models``); raises ValueError for an invalid name.
         """
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)}")
-        self._repository = ModelRepository(self._core, Path(path))
+        self._repository = ModelRepository(self._core, Path(path), model_name)
         if control_mode == "explicit":
             names = None if load_models is not None and "*" in load_models else list(load_models or [])
             statuses = self._repository.load_all(names)
