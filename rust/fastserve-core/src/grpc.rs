@@ -94,12 +94,15 @@ impl InferenceService {
         scheduler: &Scheduler,
         request: ModelInferRequest,
     ) -> Result<(ModelInferResponse, ServedBy), ServeError> {
-        // Checked from the shapes before the tensors are decoded.
-        let elements = request.inputs.iter().fold(0usize, |total, input| {
-            let dims = input.shape.iter().map(|&d| usize::try_from(d).unwrap_or(0));
-            total.saturating_add(dims.fold(1usize, usize::saturating_mul))
+        // Checked from the shapes before the tensors are decoded; negative or overflowing shapes
+        // are left to the decoder, which names them (INVALID_ARGUMENT).
+        let elements = request.inputs.iter().try_fold(0usize, |total, input| {
+            let n = input.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))?;
+            total.checked_add(n)
         });
-        self.state.limits.admit_elements(elements)?;
+        if let Some(total) = elements {
+            self.state.limits.admit_elements(total)?;
+        }
         let (response, how) = crate::infer::run(scheduler, decode_request(request)?).await?;
         let encoded = encode_response(response);
         // Checked here so the client gets RESOURCE_EXHAUSTED with a reason, not a broken stream.
