@@ -23,6 +23,15 @@ class CoreServer:
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         tls_client_ca: str | os.PathLike[str] | None = None,
+        max_header_bytes: int = 65536,
+        max_headers: int = 100,
+        max_json_depth: int = 64,
+        max_request_elements: int | None = None,
+        max_connections: int = 16384,
+        grpc_max_concurrent_streams: int = 256,
+        header_read_timeout_s: float = 30.0,
+        body_read_timeout_s: float = 60.0,
+        idle_timeout_s: float = 120.0,
     ) -> None: ...
     def add_model(
         self,

@@ -128,6 +128,28 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit")
     serve.add_argument("--drain-timeout-s", type=float, default=30.0, help="how long shutdown waits for requests")
     serve.add_argument("--worker-threads", type=int, default=0, help="network threads (default: one per core)")
+    limits = serve.add_argument_group("limits")
+    limits.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="largest request head (default 64 KiB)")
+    limits.add_argument("--max-headers", type=int, default=100, help="most header fields in an HTTP/1 request")
+    limits.add_argument("--max-json-depth", type=int, default=64, help="deepest JSON nesting accepted (1-127)")
+    limits.add_argument(
+        "--max-request-elements",
+        type=int,
+        help="most tensor elements over a request's inputs (default: what the largest body or message holds)",
+    )
+    limits.add_argument(
+        "--max-connections", type=int, default=16384, help="open connections over all listeners (default 16384)"
+    )
+    limits.add_argument(
+        "--grpc-max-concurrent-streams", type=int, default=256, help="concurrent calls per gRPC connection"
+    )
+    limits.add_argument(
+        "--header-read-timeout-s", type=float, default=30.0, help="time to send an HTTP/1 request head (408)"
+    )
+    limits.add_argument("--body-read-timeout-s", type=float, default=60.0, help="time to send a request body (408)")
+    limits.add_argument(
+        "--idle-timeout-s", type=float, default=120.0, help="close connections that go this long without a request"
+    )
     security = serve.add_argument_group("security")
     security.add_argument(
         "--auth-token-file",
@@ -182,6 +204,15 @@ def _build_server(args: argparse.Namespace, auth_token: str | None, admin_token:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
+        max_json_depth=args.max_json_depth,
+        max_request_elements=args.max_request_elements,
+        max_connections=args.max_connections,
+        grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
+        header_read_timeout_s=args.header_read_timeout_s,
+        body_read_timeout_s=args.body_read_timeout_s,
+        idle_timeout_s=args.idle_timeout_s,
     )
 
 
@@ -217,6 +248,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         server = _build_server(args, auth_token, admin_token)
+    except (ValueError, OverflowError) as e:
+        # A limit out of range (a negative count cannot even be converted).
+        sys.stderr.write(f"fastserve: error: {e}\n")
+        return 2
     except OSError as e:
         # Unreadable or mismatched TLS files: one line, no traceback.
         sys.stderr.write(f"fastserve: error: {e}\n")

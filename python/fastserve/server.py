@@ -53,6 +53,15 @@ class Server:
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
         tls_client_ca: str | Path | None = None,
+        max_header_bytes: int = 64 * 1024,
+        max_headers: int = 100,
+        max_json_depth: int = 64,
+        max_request_elements: int | None = None,
+        max_connections: int = 16384,
+        grpc_max_concurrent_streams: int = 256,
+        header_read_timeout_s: float = 30.0,
+        body_read_timeout_s: float = 60.0,
+        idle_timeout_s: float = 120.0,
     ) -> None:
         """``metrics_port``: serve Prometheus ``/metrics`` there (0 = any free port, None = off).
         ``access_log``: one log line per inference request.
@@ -61,7 +70,16 @@ class Server:
         on inference, metadata and statistics; ``admin_token``: the token of the repository API,
         which takes ``auth_token`` when no admin token is set. Health probes and ``/metrics`` stay open.
         ``tls_cert``/``tls_key``: PEM files; HTTP and gRPC then speak TLS only. ``tls_client_ca``:
-        also require client certificates issued by this CA (mTLS). Bad files raise ``OSError``."""
+        also require client certificates issued by this CA (mTLS). Bad files raise ``OSError``.
+
+        Limits (README, Security, "Limits"): ``max_header_bytes`` and ``max_headers`` bound a request
+        head (431); ``max_json_depth`` the nesting of JSON bodies (400, at most 127);
+        ``max_request_elements`` the tensor elements of a request's inputs (413; default: as many as
+        the largest body or gRPC message holds); ``max_connections`` the open connections over all
+        listeners (more are closed on accept); ``grpc_max_concurrent_streams`` the calls per gRPC
+        connection. Slow clients: ``header_read_timeout_s`` (HTTP/1 head, 408),
+        ``body_read_timeout_s`` (body, 408), ``idle_timeout_s`` (connections without a request are
+        closed). Bad values raise ``ValueError``."""
         self._core = _core.CoreServer(
             host=host,
             http_port=http_port,
@@ -77,6 +95,15 @@ class Server:
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            max_header_bytes=max_header_bytes,
+            max_headers=max_headers,
+            max_json_depth=max_json_depth,
+            max_request_elements=max_request_elements,
+            max_connections=max_connections,
+            grpc_max_concurrent_streams=grpc_max_concurrent_streams,
+            header_read_timeout_s=header_read_timeout_s,
+            body_read_timeout_s=body_read_timeout_s,
+            idle_timeout_s=idle_timeout_s,
         )
         self._repository: ModelRepository | None = None
 

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use fastserve_core::infer::{InferResponse, ResponseOutput};
 use fastserve_core::json_codec::{encode_infer_response, parse_infer_request};
+use fastserve_core::state::Limits;
 use fastserve_core::{DataType, Tensor, TensorData};
 
 const FEATURES: usize = 64;
@@ -46,12 +47,15 @@ fn response(rows: usize, binary: bool) -> InferResponse {
 }
 
 fn bench_codec(c: &mut Criterion) {
+    let limits = Limits::default();
     for rows in [1usize, 64] {
         let body = json_body(rows);
-        c.bench_function(&format!("decode json/{rows} rows"), |b| b.iter(|| parse_infer_request(&body, None).unwrap()));
+        c.bench_function(&format!("decode json/{rows} rows"), |b| {
+            b.iter(|| parse_infer_request(&body, None, &limits).unwrap())
+        });
         let (body, n) = binary_body(rows);
         c.bench_function(&format!("decode binary/{rows} rows"), |b| {
-            b.iter(|| parse_infer_request(&body, Some(n)).unwrap())
+            b.iter(|| parse_infer_request(&body, Some(n), &limits).unwrap())
         });
         let json = response(rows, false);
         c.bench_function(&format!("encode json/{rows} rows"), |b| b.iter(|| encode_infer_response(&json)));

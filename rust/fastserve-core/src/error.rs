@@ -21,6 +21,9 @@ pub enum ServeError {
     /// Body or message larger than the configured limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The client took longer than the configured timeout to send its request.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// No or a wrong bearer token where authentication is configured.
     #[error("{0}")]
     Unauthorized(String),
@@ -58,6 +61,7 @@ impl ServeError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unavailable(_) | Self::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ModelError(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -71,6 +75,7 @@ impl ServeError {
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Unavailable(_) | Self::QueueFull(_) => tonic::Code::Unavailable,
             Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
+            Self::RequestTimeout(_) => tonic::Code::DeadlineExceeded,
             Self::Unauthorized(_) => tonic::Code::Unauthenticated,
             Self::Forbidden(_) => tonic::Code::PermissionDenied,
             Self::ModelError(_) | Self::Internal(_) => tonic::Code::Internal,
@@ -83,6 +88,7 @@ impl ServeError {
             Self::BadRequest(_) | Self::PayloadTooLarge(_) => "bad_request",
             Self::NotFound(_) => "not_found",
             Self::Unavailable(_) => "unavailable",
+            Self::RequestTimeout(_) => "request_timeout",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::QueueFull(_) => "queue_full",
@@ -111,6 +117,7 @@ mod tests {
         assert_eq!(ServeError::ModelError("x".into()).http_status(), 500);
         assert_eq!(ServeError::Forbidden("x".into()).http_status(), 403);
         assert_eq!(ServeError::Unauthorized("x".into()).http_status(), 401);
+        assert_eq!(ServeError::RequestTimeout("x".into()).http_status(), 408);
     }
 
     #[test]
@@ -126,6 +133,7 @@ mod tests {
             (ServeError::Internal("x".into()), Code::Internal),
             (ServeError::Unauthorized("x".into()), Code::Unauthenticated),
             (ServeError::Forbidden("x".into()), Code::PermissionDenied),
+            (ServeError::RequestTimeout("x".into()), Code::DeadlineExceeded),
         ];
         for (e, code) in cases {
             assert_eq!(e.grpc_code(), code, "{e:?}");

@@ -22,6 +22,7 @@ use crate::grpc::proto::{InferParameter, InferTensorContents, ModelInferRequest}
 use crate::grpc_codec::decode_request;
 use crate::infer::InferRequest;
 use crate::json_codec::{decode_binary, decode_length_prefixed, parse_infer_request};
+use crate::state::Limits;
 use crate::tensor::{element_count, TensorData};
 
 /// `PROPTEST_CASES` when set, else a count that keeps `cargo test` fast.
@@ -46,8 +47,11 @@ fn check(result: Result<InferRequest>) -> std::result::Result<(), TestCaseError>
                 }
             }
         }
-        Err(ServeError::BadRequest(message)) => prop_assert!(!message.is_empty()),
-        Err(other) => prop_assert!(false, "expected BadRequest, got {other:?}"),
+        // PayloadTooLarge: shapes asking for more elements than `max_request_elements`.
+        Err(ServeError::BadRequest(message) | ServeError::PayloadTooLarge(message)) => {
+            prop_assert!(!message.is_empty())
+        }
+        Err(other) => prop_assert!(false, "expected BadRequest or PayloadTooLarge, got {other:?}"),
     }
     Ok(())
 }
@@ -162,13 +166,13 @@ proptest! {
     /// Arbitrary bytes as a JSON request, with and without a binary section.
     #[test]
     fn fuzz_json_arbitrary_bytes(body in proptest::collection::vec(any::<u8>(), 0..256), header in proptest::option::of(0usize..300)) {
-        check(parse_infer_request(&Bytes::from(body), header))?;
+        check(parse_infer_request(&Bytes::from(body), header, &Limits::default()))?;
     }
 
     /// Structurally plausible requests: mismatched shapes, datatypes, sizes and header lengths.
     #[test]
     fn fuzz_json_structured((body, header) in json_request()) {
-        check(parse_infer_request(&body, header))?;
+        check(parse_infer_request(&body, header, &Limits::default()))?;
     }
 
     /// The BYTES length-prefix decoder on arbitrary data: on success it returns exactly

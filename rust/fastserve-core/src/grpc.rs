@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -94,6 +94,15 @@ impl InferenceService {
         scheduler: &Scheduler,
         request: ModelInferRequest,
     ) -> Result<(ModelInferResponse, ServedBy), ServeError> {
+        // Checked from the shapes before the tensors are decoded; negative or overflowing shapes
+        // are left to the decoder, which names them (INVALID_ARGUMENT).
+        let elements = request.inputs.iter().try_fold(0usize, |total, input| {
+            let n = input.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))?;
+            total.checked_add(n)
+        });
+        if let Some(total) = elements {
+            self.state.limits.admit_elements(total)?;
+        }
         let (response, how) = crate::infer::run(scheduler, decode_request(request)?).await?;
         let encoded = encode_response(response);
         // Checked here so the client gets RESOURCE_EXHAUSTED with a reason, not a broken stream.
@@ -521,25 +530,27 @@ pub async fn serve(
     drain: Duration,
     tls: Option<TlsAcceptor>,
 ) {
-    let transport = state.transport.clone();
     let auth = state.auth.clone();
+    let admitting = state.clone();
     match tls {
         None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).map(move |conn| {
-                conn.map(|stream| {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).filter_map(move |conn| match conn {
+                Ok(stream) => {
                     let info = stream.connect_info();
-                    CountedStream { stream, info, _open: transport.connection(true) }
-                })
+                    CountedStream::admit(&admitting, stream, info).map(Ok)
+                }
+                Err(e) => Some(Err(e)),
             });
             serve_incoming(incoming, state, auth, max_message_bytes, shutdown, drain).await
         }
         Some(acceptor) => {
             let accepted = crate::tls::incoming(listener, acceptor, shutdown.clone());
-            let incoming = ReceiverStream::new(accepted).map(move |conn| {
-                conn.map(|stream| {
+            let incoming = ReceiverStream::new(accepted).filter_map(move |conn| match conn {
+                Ok(stream) => {
                     let info = stream.get_ref().0.connect_info();
-                    CountedStream { stream, info, _open: transport.connection(true) }
-                })
+                    CountedStream::admit(&admitting, stream, info).map(Ok)
+                }
+                Err(e) => Some(Err(e)),
             });
             serve_incoming(incoming, state, auth, max_message_bytes, shutdown, drain).await
         }
@@ -556,6 +567,7 @@ async fn serve_incoming<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let limits = state.limits.clone();
     let service = GrpcInferenceServiceServer::new(InferenceService { state, max_message_bytes })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes)
@@ -568,6 +580,10 @@ async fn serve_incoming<IO>(
         let _ = stop.wait_for(|&s| s).await;
     };
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.grpc_max_concurrent_streams)
+        .http2_max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find peers that vanished; gRPC channels are long-lived, so idle ones stay open.
+        .http2_keepalive_interval(Some(limits.idle_timeout))
         .add_service(Guard { inner: service, auth })
         .serve_with_incoming_shutdown(incoming, stopped);
     let drain_deadline = async move {
@@ -590,6 +606,16 @@ struct CountedStream<S> {
     stream: S,
     info: <TcpStream as Connected>::ConnectInfo,
     _open: ConnectionGuard,
+    /// Its slot under `max_connections`.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<S> CountedStream<S> {
+    /// Counts a connection just accepted, or `None` (it is closed at once) over `max_connections`.
+    fn admit(state: &ServerState, stream: S, info: <TcpStream as Connected>::ConnectInfo) -> Option<Self> {
+        let slot = state.connections.admit()?;
+        Some(Self { stream, info, _open: state.transport.connection(true), _slot: slot })
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connected for CountedStream<S> {

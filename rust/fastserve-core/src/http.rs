@@ -15,22 +15,22 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::auth::Scope;
 use crate::compression::Coding;
+use crate::connections::Activity;
 use crate::error::{Result, ServeError};
 use crate::infer::Parameters;
-use crate::json_codec::{encode_infer_response, error_body, parse_infer_request};
+use crate::json_codec::{check_json_depth, encode_infer_response, error_body, parse_infer_request};
 use crate::metrics::{self, Protocol, ServerCollector};
 use crate::scheduler::Scheduler;
-use crate::state::ServerState;
+use crate::state::{Limits, ServerState, MIN_HEADER_BYTES};
 use crate::stats::ModelStats;
 
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
@@ -91,8 +91,10 @@ async fn serve_with<F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = std::result::Result<Response<Body>, Infallible>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let builder = connection_builder(&state.limits);
+    let idle_timeout = state.limits.idle_timeout;
+    // Every connection task holds a sender; the receiver sees the channel close once all are done.
+    let (open_connections, mut all_closed) = mpsc::channel::<()>(1);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -105,45 +107,98 @@ async fn serve_with<F, Fut>(
                         continue;
                     }
                 };
+                let Some(slot) = state.connections.admit() else { continue };
                 let _ = stream.set_nodelay(true);
                 let open = state.transport.connection(false);
-                let (builder, watcher, handler, tls) = (builder.clone(), graceful.watcher(), handler.clone(), tls.clone());
+                let (builder, handler, tls) = (builder.clone(), handler.clone(), tls.clone());
+                let (shutdown, tracker) = (shutdown.clone(), open_connections.clone());
                 tokio::spawn(async move {
+                    let conn = Conn { builder: &builder, shutdown, idle_timeout };
                     let served = match tls {
-                        None => serve_connection(&builder, watcher, stream, handler).await,
+                        None => conn.serve(stream, handler).await,
                         Some(acceptor) => match crate::tls::handshake(&acceptor, stream).await {
-                            Ok(stream) => serve_connection(&builder, watcher, stream, handler).await,
+                            Ok(stream) => conn.serve(stream, handler).await,
                             Err(e) => Err(Box::new(e) as _),
                         },
                     };
                     if let Err(e) = served {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                    drop(open);
+                    drop((open, slot, tracker));
                 });
             }
             _ = shutdown.changed() => break,
         }
     }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    drop((listener, open_connections));
+    if tokio::time::timeout(drain, all_closed.recv()).await.is_err() {
         tracing::warn!(timeout_s = drain.as_secs_f64(), "drain timed out; closing remaining connections");
     }
 }
 
-/// Serves one (plain or TLS) connection, shutting it down gracefully when the server drains.
-async fn serve_connection<IO, F, Fut>(
-    builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
-    io: IO,
-    handler: F,
-) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = std::result::Result<Response<Body>, Infallible>> + Send + 'static,
-{
-    watcher.watch(builder.serve_connection(TokioIo::new(io), service_fn(handler)).into_owned()).await
+/// HTTP/1 and HTTP/2 settings from the limits: head size and count, header timeout, keepalive.
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Pings find peers that vanished while a long request runs with no frames flowing.
+        .keep_alive_interval(limits.idle_timeout);
+    builder
+}
+
+/// How one connection is served: the protocol settings, the server's shutdown signal and the
+/// idle timeout.
+struct Conn<'a> {
+    builder: &'a auto::Builder<TokioExecutor>,
+    shutdown: watch::Receiver<bool>,
+    idle_timeout: Duration,
+}
+
+impl Conn<'_> {
+    /// Serves a (plain or TLS) connection until the client closes it, the server drains, or it has
+    /// had no request in flight for the idle timeout; the last two end it gracefully (HTTP/1
+    /// finishes the response under way, HTTP/2 sends GOAWAY and finishes open streams).
+    async fn serve<IO, F, Fut>(
+        mut self,
+        io: IO,
+        handler: F,
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::result::Result<Response<Body>, Infallible>> + Send + 'static,
+    {
+        let activity = Activity::new();
+        let service = {
+            let activity = activity.clone();
+            service_fn(move |req| {
+                let in_flight = activity.begin();
+                let response = handler(req);
+                async move {
+                    let response = response.await;
+                    drop(in_flight);
+                    response
+                }
+            })
+        };
+        let conn = self.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            done = conn.as_mut() => return done,
+            _ = self.shutdown.wait_for(|&s| s) => {}
+            _ = activity.idle(self.idle_timeout) => tracing::debug!("closing an idle connection"),
+        }
+        conn.as_mut().graceful_shutdown();
+        conn.await
+    }
 }
 
 async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> std::result::Result<Response<Body>, Infallible> {
@@ -231,10 +286,11 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 
 async fn repository_index(state: &ServerState, req: Request<Incoming>) -> Result<Response<Body>> {
     let control = state.repository()?;
-    let (_, body) = read_body(req, state.limits.max_body_bytes).await?;
+    let (_, body) = read_body(req, &state.limits).await?;
     let params: serde_json::Value = if body.is_empty() {
         serde_json::Value::Null
     } else {
+        check_json_depth(&body, state.limits.max_json_depth)?;
         serde_json::from_slice(&body).map_err(|e| ServeError::bad_request(format!("malformed index request: {e}")))?
     };
     let ready_only = params.get("ready").and_then(serde_json::Value::as_bool).unwrap_or(false);
@@ -249,7 +305,7 @@ async fn repository_change(
     req: Request<Incoming>,
 ) -> Result<Response<Body>> {
     let control = state.repository()?;
-    let (_, body) = read_body(req, state.limits.max_body_bytes).await?;
+    let (_, body) = read_body(req, &state.limits).await?;
     let parameters = if body.is_empty() {
         Parameters::new()
     } else {
@@ -258,6 +314,7 @@ async fn repository_change(
             #[serde(default)]
             parameters: Option<Parameters>,
         }
+        check_json_depth(&body, state.limits.max_json_depth)?;
         serde_json::from_slice::<Change>(&body)
             .map_err(|e| ServeError::bad_request(format!("malformed {action} request: {e}")))?
             .parameters
@@ -287,20 +344,30 @@ fn model_ready(state: &ServerState, model: &str, version: Option<&str>) -> Resul
     }
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<(http::request::Parts, Bytes)> {
+/// Reads a whole body within the limits: a declared length over `max_body_bytes` is refused before
+/// reading, a chunked one as soon as it passes it, and a body still arriving after
+/// `body_read_timeout` gets 408.
+async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<(http::request::Parts, Bytes)> {
     let (parts, body) = req.into_parts();
+    let limit = limits.max_body_bytes;
     let too_large = || ServeError::PayloadTooLarge(format!("request body exceeds the limit of {limit} bytes"));
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let collected = Limited::new(body, limit).collect().await.map_err(|e| {
-        if e.is::<LengthLimitError>() {
-            too_large()
-        } else {
-            ServeError::bad_request(format!("could not read the request body: {e}"))
-        }
-    })?;
+    let timeout = limits.body_read_timeout;
+    let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| {
+            ServeError::RequestTimeout(format!("the request body did not arrive within {} s", timeout.as_secs_f64()))
+        })?
+        .map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                too_large()
+            } else {
+                ServeError::bad_request(format!("could not read the request body: {e}"))
+            }
+        })?;
     Ok((parts, collected.to_bytes()))
 }
 
@@ -405,7 +472,7 @@ async fn infer(
     reroute: Option<&str>,
 ) -> Result<Response<Body>> {
     let limit = state.limits.max_body_bytes;
-    let (parts, body) = read_body(req, limit).await?;
+    let (parts, body) = read_body(req, &state.limits).await?;
     let header = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let body = match Coding::from_content_encoding(header(CONTENT_ENCODING))? {
         Some(coding) => coding.decompress(&body, limit)?,
@@ -418,7 +485,7 @@ async fn infer(
             ServeError::bad_request("Inference-Header-Content-Length must be a non-negative integer")
         })?),
     };
-    let request = parse_infer_request(&body, header_len)?;
+    let request = parse_infer_request(&body, header_len, &state.limits)?;
     served.id = request.id.clone();
     if let (Some(model), Some(key)) = (reroute, request.parameters.get("routing_key").and_then(|v| v.as_str())) {
         let mv = state.registry.resolve_with_key(model, None, Some(key))?;

@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::datatype::DataType;
 use crate::error::{Result, ServeError};
 use crate::infer::{InferRequest, InferResponse, Parameters, RequestedOutput};
+use crate::state::Limits;
 use crate::tensor::{element_count, Tensor, TensorData};
 
 #[derive(Deserialize)]
@@ -60,7 +61,8 @@ fn param_u64(params: &Option<Parameters>, key: &str) -> Result<Option<u64>> {
 
 /// Parses a V2 infer request. With `header_len` (the `Inference-Header-Content-Length` header) the
 /// JSON is the first `header_len` bytes and inputs with `binary_data_size` take their data from the rest.
-pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>) -> Result<InferRequest> {
+/// `limits` bounds the JSON nesting depth and the tensor elements the shapes ask for.
+pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>, limits: &Limits) -> Result<InferRequest> {
     let (json, mut binary) = match header_len {
         None => (body.clone(), Bytes::new()),
         Some(n) if n <= body.len() => (body.slice(..n), body.slice(n..)),
@@ -71,11 +73,13 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>) -> Result<In
             )))
         }
     };
+    check_json_depth(&json, limits.max_json_depth)?;
     let wire: WireRequest<'_> = serde_json::from_slice(&json)
         .map_err(|e| ServeError::bad_request(format!("malformed infer request JSON: {e}")))?;
     let mut inputs = Vec::with_capacity(wire.inputs.len());
+    let mut elements = 0usize;
     for input in wire.inputs {
-        inputs.push(decode_input(input, &mut binary)?);
+        inputs.push(decode_input(input, &mut binary, limits, &mut elements)?);
     }
     if !binary.is_empty() {
         return Err(ServeError::bad_request(format!(
@@ -105,7 +109,40 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>) -> Result<In
     Ok(InferRequest { id: wire.id, parameters, inputs, outputs })
 }
 
-fn decode_input(input: WireInput<'_>, binary: &mut Bytes) -> Result<Tensor> {
+/// Refuses JSON nested deeper than `max_depth` arrays and objects. One pass over the bytes with a
+/// counter, never recursion, so a hostile document is refused before any parser descends into it.
+pub fn check_json_depth(json: &[u8], max_depth: usize) -> Result<()> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(ServeError::bad_request(format!(
+                        "JSON nesting is deeper than the limit of {max_depth} levels"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one input; `total` accumulates the request's elements against the limit, checked
+/// from the shape before any data is decoded.
+fn decode_input(input: WireInput<'_>, binary: &mut Bytes, limits: &Limits, total: &mut usize) -> Result<Tensor> {
     let name = input.name;
     let datatype = DataType::parse(&input.datatype)
         .ok_or_else(|| ServeError::bad_request(format!("input '{name}': unknown datatype '{}'", input.datatype)))?;
@@ -115,7 +152,18 @@ fn decode_input(input: WireInput<'_>, binary: &mut Bytes) -> Result<Tensor> {
         )?;
     let elements = element_count(&shape)
         .ok_or_else(|| ServeError::bad_request(format!("input '{name}': shape {:?} is too large", input.shape)))?;
-    let data = if let Some(size) = param_u64(&input.parameters, "binary_data_size")? {
+    let binary_size = param_u64(&input.parameters, "binary_data_size")?;
+    // Every JSON element takes at least one byte of text: a shape asking for more cannot match.
+    if let Some(raw) = input.data.filter(|raw| binary_size.is_none() && elements > raw.get().len()) {
+        return Err(ServeError::bad_request(format!(
+            "input '{name}': shape {:?} needs {elements} elements, more than {} bytes of JSON data can hold",
+            input.shape,
+            raw.get().len()
+        )));
+    }
+    *total = total.saturating_add(elements);
+    limits.admit_elements(*total)?;
+    let data = if let Some(size) = binary_size {
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         if size > binary.len() {
             return Err(ServeError::bad_request(format!(
@@ -480,7 +528,7 @@ mod tests {
     use crate::infer::ResponseOutput;
 
     fn parse(json: &str) -> Result<InferRequest> {
-        parse_infer_request(&Bytes::copy_from_slice(json.as_bytes()), None)
+        parse_infer_request(&Bytes::copy_from_slice(json.as_bytes()), None, &Limits::default())
     }
 
     fn raw(t: &Tensor) -> &[u8] {
@@ -601,7 +649,7 @@ mod tests {
         body.extend_from_slice(b"ab");
         body.extend_from_slice(&1u32.to_le_bytes());
         body.extend_from_slice(b"c");
-        let r = parse_infer_request(&Bytes::from(body.clone()), Some(header.len())).unwrap();
+        let r = parse_infer_request(&Bytes::from(body.clone()), Some(header.len()), &Limits::default()).unwrap();
         assert_eq!(raw(&r.inputs[0]), &body[header.len()..header.len() + 8]);
         assert_eq!(r.inputs[1].data, TensorData::Strings(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"c")]));
         assert!(r.outputs[0].binary);
@@ -624,14 +672,43 @@ mod tests {
         let header = br#"{"inputs":[{"name":"x","shape":[2],"datatype":"INT32","parameters":{"binary_data_size":8}}]}"#;
         let mut body = header.to_vec();
         body.extend_from_slice(&[0u8; 4]);
-        let err = parse_infer_request(&Bytes::from(body.clone()), Some(header.len())).unwrap_err();
+        let err = parse_infer_request(&Bytes::from(body.clone()), Some(header.len()), &Limits::default()).unwrap_err();
         assert!(err.to_string().contains("exceeds the 4 bytes of binary data left"), "{err}");
-        let err = parse_infer_request(&Bytes::from(body.clone()), Some(body.len() + 1)).unwrap_err();
+        let err =
+            parse_infer_request(&Bytes::from(body.clone()), Some(body.len() + 1), &Limits::default()).unwrap_err();
         assert!(err.to_string().contains("exceeds the body size"), "{err}");
         body.extend_from_slice(&[0u8; 8]);
-        let err = parse_infer_request(&Bytes::from(body), Some(header.len())).unwrap_err();
+        let err = parse_infer_request(&Bytes::from(body), Some(header.len()), &Limits::default()).unwrap_err();
         assert!(err.to_string().contains("no input claims them"), "{err}");
         let err = decode_length_prefixed("s", 1, Bytes::from_static(&[9, 0, 0, 0, 1])).unwrap_err();
         assert!(err.to_string().contains("runs past the end"), "{err}");
+    }
+    #[test]
+    fn nesting_deeper_than_the_limit_is_refused_without_recursion() {
+        let deep = "[".repeat(200_000) + &"]".repeat(200_000);
+        let body = format!(r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":{deep}}}]}}"#);
+        let err = parse(&body).unwrap_err();
+        assert_eq!(err, ServeError::bad_request("JSON nesting is deeper than the limit of 64 levels"));
+        // Brackets inside strings, escaped quotes included, do not count.
+        let quoted = format!(r#"{{"id":"\"{}","inputs":[]}}"#, "[".repeat(1000));
+        assert!(parse(&quoted).is_ok());
+        assert!(check_json_depth(b"[[[]]]", 3).is_ok());
+        assert!(check_json_depth(b"[{\"a\":[]}]", 2).is_err());
+    }
+
+    #[test]
+    fn shapes_are_checked_against_the_element_limit_before_decoding() {
+        // More elements than the data's text can hold: a 400 without allocating for the shape.
+        let err =
+            parse(r#"{"inputs":[{"name":"x","shape":[1000000000000],"datatype":"FP32","data":[1,2,3]}]}"#).unwrap_err();
+        assert!(matches!(&err, ServeError::BadRequest(m) if m.contains("needs 1000000000000 elements")), "{err}");
+        let limits = Limits { max_request_elements: 5, ..Limits::default() };
+        let two = r#"{"name":"x","shape":[3],"datatype":"INT32","data":[1,2,3]}"#;
+        let body = format!(r#"{{"inputs":[{two},{two}]}}"#);
+        let err = parse_infer_request(&Bytes::from(body), None, &limits).unwrap_err();
+        assert_eq!(
+            err,
+            ServeError::PayloadTooLarge("the request's inputs hold 6 tensor elements, over the limit of 5".into())
+        );
     }
 }

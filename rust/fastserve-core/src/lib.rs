@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod batcher;
 pub mod compression;
+pub mod connections;
 pub mod control;
 pub mod datatype;
 pub mod error;

@@ -50,7 +50,7 @@ struct CoreServer {
 #[pymethods]
 impl CoreServer {
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024, metrics_port = None, access_log = false, auth_token = None, admin_token = None, tls_cert = None, tls_key = None, tls_client_ca = None))]
+    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024, metrics_port = None, access_log = false, auth_token = None, admin_token = None, tls_cert = None, tls_key = None, tls_client_ca = None, max_header_bytes = 64 * 1024, max_headers = 100, max_json_depth = 64, max_request_elements = None, max_connections = 16_384, grpc_max_concurrent_streams = 256, header_read_timeout_s = 30.0, body_read_timeout_s = 60.0, idle_timeout_s = 120.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
@@ -67,6 +67,15 @@ impl CoreServer {
         tls_cert: Option<PathBuf>,
         tls_key: Option<PathBuf>,
         tls_client_ca: Option<PathBuf>,
+        max_header_bytes: usize,
+        max_headers: usize,
+        max_json_depth: usize,
+        max_request_elements: Option<usize>,
+        max_connections: usize,
+        grpc_max_concurrent_streams: u32,
+        header_read_timeout_s: f64,
+        body_read_timeout_s: f64,
+        idle_timeout_s: f64,
     ) -> PyResult<Self> {
         for (what, token) in [("auth_token", &auth_token), ("admin_token", &admin_token)] {
             if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
@@ -81,12 +90,30 @@ impl CoreServer {
             (None, None) if tls_client_ca.is_none() => None,
             _ => return Err(PyValueError::new_err("TLS needs both tls_cert and tls_key (tls_client_ca is optional)")),
         };
+        let seconds = |name: &str, s: f64| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| PyValueError::new_err(format!("{name} must be a positive number")))
+        };
+        let limits = Limits {
+            max_body_bytes,
+            max_header_bytes,
+            max_headers,
+            max_json_depth,
+            // By default as many as the largest body or gRPC message could hold (one byte each).
+            max_request_elements: max_request_elements.unwrap_or(max_body_bytes.max(grpc_max_message_bytes)),
+            max_connections,
+            grpc_max_concurrent_streams,
+            header_read_timeout: seconds("header_read_timeout_s", header_read_timeout_s)?,
+            body_read_timeout: seconds("body_read_timeout_s", body_read_timeout_s)?,
+            idle_timeout: seconds("idle_timeout_s", idle_timeout_s)?,
+        };
+        limits.validate().map_err(PyValueError::new_err)?;
         let mut config = ServerConfig {
             host,
             http_port,
             grpc_port,
             grpc_max_message_bytes,
-            limits: Limits { max_body_bytes },
+            limits,
             metrics_port,
             access_log,
             auth: Auth::new(auth_token, admin_token),
