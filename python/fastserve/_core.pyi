@@ -36,6 +36,9 @@ class CoreServer:
         max_queue_delay_us: int = 0,
         preferred_batch_sizes: Sequence[int] = ...,
         max_queue_size: int = 1024,
+        default_queue_timeout_us: int = 0,
+        priority_levels: int = 0,
+        default_priority_level: int = 0,
     ) -> None: ...
     def add_failed_model(self, name: str, version: int, reason: str) -> None: ...
     def remove_model(self, name: str, version: int | None = None) -> int: ...

@@ -247,6 +247,9 @@ class ModelRepository:
                 max_queue_delay_us=batching.max_queue_delay_us,
                 preferred_batch_sizes=list(batching.preferred_batch_sizes),
                 max_queue_size=batching.max_queue_size,
+                default_queue_timeout_us=batching.default_queue_timeout_us,
+                priority_levels=batching.priority_levels,
+                default_priority_level=batching.default_priority_level,
             )
         except (LoadError, ConfigError, ValueError) as e:
             return self._fail(name, version, str(e), serving)

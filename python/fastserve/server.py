@@ -92,6 +92,9 @@ class Server:
         max_queue_delay_us: int = 0,
         preferred_batch_sizes: Sequence[int] = (),
         max_queue_size: int = 1024,
+        default_queue_timeout_us: int = 0,
+        priority_levels: int = 0,
+        default_priority_level: int = 0,
         instance_count: int = 1,
         platform: str = "python",
     ) -> None:
@@ -116,6 +119,9 @@ class Server:
             max_queue_delay_us=max_queue_delay_us,
             preferred_batch_sizes=list(preferred_batch_sizes),
             max_queue_size=max_queue_size,
+            default_queue_timeout_us=default_queue_timeout_us,
+            priority_levels=priority_levels,
+            default_priority_level=default_priority_level,
         )
 
     def load_repository(

@@ -102,7 +102,7 @@ impl CoreServer {
     }
 
     /// Registers a loaded model version and starts its scheduler (replacing one of the same version).
-    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, max_batch_size = 0, max_queue_delay_us = 0, preferred_batch_sizes = Vec::new(), max_queue_size = 1024))]
+    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, max_batch_size = 0, max_queue_delay_us = 0, preferred_batch_sizes = Vec::new(), max_queue_size = 1024, default_queue_timeout_us = 0, priority_levels = 0, default_priority_level = 0))]
     #[allow(clippy::too_many_arguments)]
     fn add_model(
         &self,
@@ -117,6 +117,9 @@ impl CoreServer {
         max_queue_delay_us: u64,
         preferred_batch_sizes: Vec<usize>,
         max_queue_size: usize,
+        default_queue_timeout_us: u64,
+        priority_levels: u64,
+        default_priority_level: u64,
     ) -> PyResult<()> {
         if instances.is_empty() {
             return Err(PyValueError::new_err(format!("model '{name}': at least one instance is required")));
@@ -134,13 +137,22 @@ impl CoreServer {
             .into_iter()
             .map(|obj| PyInstance::new(py, obj, label.clone()).map(|i| Box::new(i) as Box<dyn Instance>))
             .collect::<PyResult<Vec<_>>>()?;
+        if default_priority_level > priority_levels.max(1) {
+            return Err(PyValueError::new_err(format!(
+                "model '{name}': default_priority_level {default_priority_level} exceeds priority_levels {priority_levels}"
+            )));
+        }
+        let policy = BatchPolicy {
+            max_batch_size,
+            max_queue_delay: Duration::from_micros(max_queue_delay_us),
+            preferred_batch_sizes,
+        };
         let config = SchedulerConfig {
-            policy: BatchPolicy {
-                max_batch_size,
-                max_queue_delay: Duration::from_micros(max_queue_delay_us),
-                preferred_batch_sizes,
-            },
-            max_queue_size,
+            default_queue_timeout: (default_queue_timeout_us > 0)
+                .then(|| Duration::from_micros(default_queue_timeout_us)),
+            priority_levels,
+            default_priority_level,
+            ..SchedulerConfig::new(policy, max_queue_size)
         };
         // Replacing a version drains the old one, whose threads need the GIL.
         py.detach(|| {
