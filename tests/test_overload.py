@@ -24,6 +24,8 @@ from fastserve import Server, Tensor
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from conftest import write_model
+
 HANG_GUARD_S = 60
 HOUR_US = 3_600_000_000
 
@@ -298,3 +300,56 @@ def test_a_cancelled_grpc_call_is_released(serve) -> None:
     assert first.result().status_code == 200
     assert s.model.ran == [0.0]
     channel.close()
+
+
+# -- hung models -----------------------------------------------------------------------------------
+
+HANGING_MODEL = """
+import threading
+
+NEVER = threading.Event()
+
+
+class Model:
+    def execute(self, inputs):
+        x = inputs["X"]
+        if float(x.ravel()[0]) < 0:
+            NEVER.wait()  # a hung model: this call never returns
+        return {"Y": x * 2}
+"""
+
+TENSORS = """
+[[input]]
+name = "X"
+datatype = "FP32"
+dims = [1]
+
+[[output]]
+name = "Y"
+datatype = "FP32"
+dims = [1]
+"""
+
+
+def test_a_hung_model_fails_its_batch_and_keeps_serving_on_a_new_instance(tmp_path, start_server) -> None:
+    # Far above any normal execute() here, so only the hung call can reach it.
+    write_model(tmp_path, "hang", 'backend = "python"\nexecution_timeout_ms = 1000\n' + TENSORS, HANGING_MODEL)
+    write_model(tmp_path, "other", 'backend = "python"\n' + TENSORS, HANGING_MODEL)
+    server = start_server(tmp_path)
+
+    def post(model: str, value: float) -> requests.Response:
+        body = {"inputs": [{"name": "X", "shape": [1], "datatype": "FP32", "data": [value]}]}
+        return requests.post(f"{server.url}/v2/models/{model}/infer", json=body, timeout=HANG_GUARD_S)
+
+    r = post("hang", -1.0)
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "model 'hang' execution timed out after 1000 ms; instance replaced"
+    server.wait_for_log("model execution timed out; replacing the instance")
+    assert post("hang", 2.0).json()["outputs"][0]["data"] == [4.0], "served by the replacement"
+    assert post("other", 3.0).json()["outputs"][0]["data"] == [6.0]
+    assert requests.get(f"{server.url}/v2/health/ready", timeout=HANG_GUARD_S).status_code == 200
+    metrics = requests.get(server.metrics_url, timeout=HANG_GUARD_S).text
+    assert 'fastserve_instance_replaced_total{model="hang",version="1"} 1' in metrics
+    assert 'fastserve_request_failure_total{model="hang",version="1",reason="execution_timeout"} 1' in metrics
+    # The abandoned thread is still inside execute(); stopping does not wait for it.
+    assert server.terminate() == 0

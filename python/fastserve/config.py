@@ -92,6 +92,7 @@ class ModelConfig:
     backend: str | None = None
     max_batch_size: int | None = None
     device: str = "cpu"  # python models: "gpu" hands execute() CuPy arrays
+    execution_timeout_ms: int = 0  # 0: none; a longer execute() fails its batch and the instance is replaced
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
@@ -214,6 +215,9 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     cfg.device = _take(table, "device", str, "", "cpu")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
+    cfg.execution_timeout_ms = _take(table, "execution_timeout_ms", int, "", 0)
+    if cfg.execution_timeout_ms < 0:
+        raise ConfigError("execution_timeout_ms must be >= 0")
     cfg.max_batch_size = _take(table, "max_batch_size", int, "")
     if cfg.max_batch_size is not None and cfg.max_batch_size < 0:
         raise ConfigError("max_batch_size must be >= 0")

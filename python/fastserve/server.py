@@ -95,6 +95,7 @@ class Server:
         default_queue_timeout_us: int = 0,
         priority_levels: int = 0,
         default_priority_level: int = 0,
+        execution_timeout_ms: int = 0,
         instance_count: int = 1,
         platform: str = "python",
     ) -> None:
@@ -122,6 +123,8 @@ class Server:
             default_queue_timeout_us=default_queue_timeout_us,
             priority_levels=priority_levels,
             default_priority_level=default_priority_level,
+            execution_timeout_ms=execution_timeout_ms,
+            instance_factory=(lambda _seat: factory()) if factory is not None else (lambda _seat: model),
         )
 
     def load_repository(

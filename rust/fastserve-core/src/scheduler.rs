@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use crate::error::{Result, ServeError};
 use crate::spec::{ModelSpec, ValidatedRequest};
 use crate::stats::{ModelStats, Phases};
 use crate::tensor::Tensor;
+use crate::watchdog::{self, Replies, Watch};
 
 /// A loaded copy of a model. Each instance is driven by one thread, so it needs no locking.
 pub trait Instance: Send + 'static {
@@ -27,6 +28,10 @@ pub trait Instance: Send + 'static {
     /// Marking `clock` splits the time into input conversion, the model itself, and output reading.
     fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>>;
 }
+
+/// Creates a fresh instance for a seat (the index among the version's instances), to replace
+/// one abandoned after `execution_timeout`.
+pub type InstanceFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Instance>> + Send + Sync>;
 
 /// Timestamps an instance sets around the model call; unmarked time counts as inference.
 pub struct PhaseClock {
@@ -83,12 +88,21 @@ pub struct SchedulerConfig {
     pub priority_levels: u64,
     /// The level of requests that name none (0: the lowest level).
     pub default_priority_level: u64,
+    /// A batch whose `execute` runs longer fails and its instance is replaced (None: no limit).
+    pub execution_timeout: Option<Duration>,
 }
 
 impl SchedulerConfig {
     /// A queue without timeouts or priorities.
     pub fn new(policy: BatchPolicy, max_queue_size: usize) -> Self {
-        Self { policy, max_queue_size, default_queue_timeout: None, priority_levels: 0, default_priority_level: 0 }
+        Self {
+            policy,
+            max_queue_size,
+            default_queue_timeout: None,
+            priority_levels: 0,
+            default_priority_level: 0,
+            execution_timeout: None,
+        }
     }
 
     fn levels(&self) -> u64 {
@@ -157,7 +171,45 @@ pub struct Scheduler {
     queued: Arc<AtomicUsize>,
     config: SchedulerConfig,
     closing: AtomicBool,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The batcher and the watchdog: joined first, so no instance starts or is abandoned after.
+    control: Mutex<Vec<JoinHandle<()>>>,
+    instances: InstanceThreads,
+}
+
+/// Live instance threads by id; an abandoned one leaves the list and is never joined.
+type InstanceThreads = Arc<Mutex<Vec<(u64, JoinHandle<()>)>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What an instance thread needs, shared by the instances of a version and the watchdog.
+struct Seats {
+    spec: Arc<ModelSpec>,
+    stats: Arc<ModelStats>,
+    idle_tx: Sender<()>,
+    batch_rx: Receiver<Vec<Job>>,
+    watch: Option<Sender<Watch>>,
+    threads: InstanceThreads,
+    next_id: AtomicU64,
+    label: String,
+}
+
+impl Seats {
+    /// Starts a thread driving `instance` in `seat`.
+    fn spawn(self: &Arc<Self>, seat: usize, instance: Box<dyn Instance>) -> Result<()> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let seats = self.clone();
+        let handle =
+            spawn(format!("fs-inst-{}-{seat}", self.label), move || instance_loop(instance, &seats, id, seat))?;
+        lock(&self.threads).push((id, handle));
+        Ok(())
+    }
+
+    /// Forgets a hung instance thread: never joined, never handed work again.
+    fn abandon(&self, id: u64) {
+        lock(&self.threads).retain(|(i, _)| *i != id);
+    }
 }
 
 impl Scheduler {
@@ -167,23 +219,42 @@ impl Scheduler {
         config: SchedulerConfig,
         instances: Vec<Box<dyn Instance>>,
     ) -> Result<Arc<Self>> {
+        Self::start_with(spec, config, instances, None)
+    }
+
+    /// As [`Scheduler::start`]; with `execution_timeout`, `factory` replaces hung instances.
+    pub fn start_with(
+        spec: Arc<ModelSpec>,
+        config: SchedulerConfig,
+        instances: Vec<Box<dyn Instance>>,
+        factory: Option<InstanceFactory>,
+    ) -> Result<Arc<Self>> {
         if instances.is_empty() {
             return Err(ServeError::Internal(format!("model '{}' has no instances", spec.name)));
         }
         let (tx, rx) = crossbeam_channel::unbounded();
         let (idle_tx, idle_rx) = crossbeam_channel::unbounded();
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(instances.len());
+        let (watch_tx, watch_rx) = crossbeam_channel::unbounded();
+        let watch = config.execution_timeout.map(|timeout| (timeout, watch_tx, watch_rx));
         let queued = Arc::new(AtomicUsize::new(0));
         let label = format!("{}-v{}", spec.name, spec.version);
         let stats = Arc::new(ModelStats::new(spec.max_batch_size));
-        let mut threads = Vec::with_capacity(instances.len() + 1);
-        for (i, instance) in instances.into_iter().enumerate() {
-            let (spec, stats, idle_tx, batch_rx) = (spec.clone(), stats.clone(), idle_tx.clone(), batch_rx.clone());
-            threads.push(spawn(format!("fs-inst-{label}-{i}"), move || {
-                instance_loop(instance, &spec, &stats, idle_tx, batch_rx)
-            })?);
+        let threads: InstanceThreads = Arc::new(Mutex::new(Vec::with_capacity(instances.len())));
+        let seats = Arc::new(Seats {
+            spec: spec.clone(),
+            stats: stats.clone(),
+            idle_tx,
+            batch_rx,
+            watch: watch.as_ref().map(|(_, tx, _)| tx.clone()),
+            threads: threads.clone(),
+            next_id: AtomicU64::new(0),
+            label: label.clone(),
+        });
+        for (seat, instance) in instances.into_iter().enumerate() {
+            seats.spawn(seat, instance)?;
         }
-        drop((idle_tx, batch_rx));
+        let mut control = Vec::with_capacity(2);
         let batcher = Batcher {
             rx,
             idle_rx,
@@ -192,8 +263,17 @@ impl Scheduler {
             queued: queued.clone(),
             stats: stats.clone(),
             model: spec.name.clone(),
+            watch: watch.as_ref().map(|(_, tx, _)| tx.clone()),
         };
-        threads.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
+        control.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
+        if let Some((timeout, _, watch_rx)) = watch {
+            control.push(spawn(format!("fs-watch-{label}"), move || {
+                let model = seats.spec.name.clone();
+                watchdog::run(watch_rx, timeout, &model, |id, seat, replace| {
+                    replace_hung(&seats, &factory, id, seat, replace)
+                })
+            })?);
+        }
         Ok(Arc::new(Scheduler {
             spec,
             stats,
@@ -201,7 +281,8 @@ impl Scheduler {
             queued,
             config,
             closing: AtomicBool::new(false),
-            threads: Mutex::new(threads),
+            control: Mutex::new(control),
+            instances: threads,
         }))
     }
 
@@ -286,11 +367,12 @@ impl Scheduler {
         if !self.closing.swap(true, Ordering::AcqRel) {
             let _ = self.tx.send(Msg::Close);
         }
-        let threads = match self.threads.lock() {
-            Ok(mut t) => std::mem::take(&mut *t),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        };
-        for t in threads {
+        let control = std::mem::take(&mut *lock(&self.control));
+        for t in control {
+            let _ = t.join();
+        }
+        let instances = std::mem::take(&mut *lock(&self.instances));
+        for (_, t) in instances {
             let _ = t.join();
         }
     }
@@ -375,6 +457,8 @@ struct Batcher {
     queued: Arc<AtomicUsize>,
     stats: Arc<ModelStats>,
     model: String,
+    /// Told when no more batches will start.
+    watch: Option<Sender<Watch>>,
 }
 
 impl Batcher {
@@ -436,31 +520,59 @@ impl Batcher {
         for job in backlog.0 {
             let _ = job.reply.send(Err(ServeError::unavailable("the model stopped before this request ran")));
         }
+        if let Some(watch) = &self.watch {
+            let _ = watch.send(Watch::Stop);
+        }
     }
 }
 
-fn instance_loop(
-    mut instance: Box<dyn Instance>,
-    spec: &ModelSpec,
-    stats: &ModelStats,
-    idle_tx: Sender<()>,
-    batch_rx: Receiver<Vec<Job>>,
-) {
+/// Abandons a hung instance thread and, unless the version is stopping, starts a fresh instance
+/// in its seat.
+fn replace_hung(seats: &Arc<Seats>, factory: &Option<InstanceFactory>, id: u64, seat: usize, replace: bool) {
+    seats.abandon(id);
+    if !replace {
+        return;
+    }
+    let model = &seats.spec.name;
+    let Some(factory) = factory else {
+        tracing::error!(model = %model, instance = seat, "no way to create a replacement instance; serving with fewer");
+        return;
+    };
+    match factory(seat).and_then(|instance| seats.spawn(seat, instance)) {
+        Ok(()) => {
+            seats.stats.record_instance_replaced();
+            tracing::info!(model = %model, instance = seat, "replacement instance started");
+        }
+        Err(e) => tracing::error!(model = %model, instance = seat, error = %e, "replacing the hung instance failed"),
+    }
+}
+
+fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: u64, seat: usize) {
     loop {
-        if idle_tx.send(()).is_err() {
+        if seats.idle_tx.send(()).is_err() {
             break;
         }
-        let Ok(jobs) = batch_rx.recv() else { break };
-        run_batch(instance.as_mut(), spec, stats, jobs);
+        let Ok(jobs) = seats.batch_rx.recv() else { break };
+        if !run_batch(instance.as_mut(), seats, id, seat, jobs) {
+            tracing::info!(model = %seats.spec.name, instance = seat, "an abandoned instance returned; it is dropped");
+            break;
+        }
     }
 }
 
-fn run_batch(instance: &mut dyn Instance, spec: &ModelSpec, stats: &ModelStats, mut jobs: Vec<Job>) {
+/// Runs one batch and answers its requests; false when the watchdog answered them first (the
+/// instance was abandoned as hung).
+fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, jobs: Vec<Job>) -> bool {
+    let (spec, stats) = (&*seats.spec, &*seats.stats);
     let mut clock = PhaseClock::new();
     let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let total: usize = rows.iter().sum();
-    let mut per_job: Vec<Vec<Tensor>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.inputs)).collect();
+    let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
+    let replies: Replies = Arc::new(Mutex::new(Some(replies)));
+    if let Some(watch) = &seats.watch {
+        let _ = watch.send(Watch::Started { id, seat, started: clock.start, replies: replies.clone() });
+    }
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
         let inputs = if per_job.len() == 1 {
             per_job.pop().unwrap_or_default()
@@ -477,21 +589,26 @@ fn run_batch(instance: &mut dyn Instance, spec: &ModelSpec, stats: &ModelStats, 
         }
     }))
     .unwrap_or_else(|_| Err(ServeError::Internal(format!("model '{}' panicked while executing", spec.name))));
+    if let Some(watch) = &seats.watch {
+        let _ = watch.send(Watch::Finished { id });
+    }
+    let Some(replies) = watchdog::take(&replies) else { return false };
     let phases = clock.phases(Instant::now());
     match result {
         Ok(outputs) => {
             stats.record_batch(total, &waits, phases);
-            for ((job, outputs), queue) in jobs.into_iter().zip(outputs).zip(waits) {
-                let _ = job.reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
+            for ((reply, outputs), queue) in replies.into_iter().zip(outputs).zip(waits) {
+                let _ = reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
             }
         }
         Err(e) => {
             tracing::warn!(model = %spec.name, version = spec.version, batch_size = total, error = %e, "batch failed");
-            for job in jobs {
-                let _ = job.reply.send(Err(e.clone()));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
+    true
 }
 
 #[cfg(test)]
@@ -792,5 +909,50 @@ mod tests {
         gate_tx.send(()).unwrap();
         first.await.unwrap().unwrap();
         assert_eq!(values(overridden.await.unwrap()), vec![4.0]);
+    }
+
+    #[tokio::test]
+    async fn a_hung_batch_fails_and_its_instance_is_replaced() {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (gate_tx, gate_rx) = crossbeam_channel::unbounded();
+        let hung = Doubler { seen: seen_tx.clone(), gate: Some(gate_rx), fail_on: None };
+        let mut cfg = config(0, 10);
+        cfg.execution_timeout = Some(Duration::from_millis(300));
+        let seats = Arc::new(Mutex::new(Vec::new()));
+        let made = seats.clone();
+        let factory: InstanceFactory = Arc::new(move |seat| {
+            made.lock().unwrap().push(seat);
+            Ok(Box::new(Doubler { seen: seen_tx.clone(), gate: None, fail_on: None }) as Box<dyn Instance>)
+        });
+        let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(hung)], Some(factory)).unwrap();
+        let err = s.submit(request(&[1.0])).unwrap().await.unwrap().unwrap_err();
+        assert!(matches!(err, ServeError::ExecutionTimeout(_)), "{err}");
+        assert!(err.to_string().contains("timed out after 300 ms; instance replaced"), "{err}");
+        assert_eq!(values(s.submit(request(&[2.0])).unwrap().await.unwrap()), vec![4.0]);
+        assert_eq!(*seats.lock().unwrap(), vec![0], "one replacement, in the hung instance's seat");
+        assert_eq!(s.stats().instances_replaced(), 1);
+        // The hung call returns late: its answer is dropped and the old instance never runs again.
+        gate_tx.send(()).unwrap();
+        for v in 3..6 {
+            assert_eq!(values(s.submit(request(&[v as f32])).unwrap().await.unwrap()), vec![2.0 * v as f32]);
+        }
+        assert_eq!(s.stats().instances_replaced(), 1);
+        assert_eq!(seen.try_iter().count(), 5);
+        s.shutdown();
+    }
+
+    #[tokio::test]
+    async fn shutdown_does_not_wait_for_a_hung_instance() {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (_gate_tx, gate_rx) = crossbeam_channel::unbounded::<()>();
+        let hung = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: None };
+        let mut cfg = config(0, 10);
+        cfg.execution_timeout = Some(Duration::from_millis(300));
+        let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(hung)], None).unwrap();
+        let reply = s.submit(request(&[1.0])).unwrap();
+        seen.recv().unwrap();
+        // Never released: shutdown waits for the watchdog to fail the batch, not for the model.
+        s.shutdown();
+        assert!(matches!(reply.await.unwrap(), Err(ServeError::ExecutionTimeout(_))));
     }
 }
