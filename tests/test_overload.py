@@ -21,6 +21,7 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 from fastserve import Server, Tensor
+from fastserve.config import ConfigError, parse_config
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -353,3 +354,40 @@ def test_a_hung_model_fails_its_batch_and_keeps_serving_on_a_new_instance(tmp_pa
     assert 'fastserve_request_failure_total{model="hang",version="1",reason="execution_timeout"} 1' in metrics
     # The abandoned thread is still inside execute(); stopping does not wait for it.
     assert server.terminate() == 0
+
+
+def test_queue_and_execution_keys_in_config_toml(tmp_path, start_server) -> None:
+    config = (
+        'backend = "python"\nmax_batch_size = 4\nexecution_timeout_ms = 5000\n'
+        "[dynamic_batching]\ndefault_queue_timeout_us = 2500\npriority_levels = 3\ndefault_priority_level = 2\n"
+    )
+    write_model(tmp_path, "q", config + TENSORS, HANGING_MODEL)
+    server = start_server(tmp_path)
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+    batching = client.get_model_config("q", as_json=True)["config"]["dynamic_batching"]
+    assert batching["priority_levels"] == "3" and batching["default_priority_level"] == "2"
+    assert batching["default_queue_policy"]["default_timeout_microseconds"] == "2500"
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("q", _batched_input(1.0), priority=4)
+    assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def _batched_input(value: float) -> list[grpcclient.InferInput]:
+    x = grpcclient.InferInput("X", [1, 1], "FP32")
+    x.set_data_from_numpy(np.array([[value]], dtype=np.float32))
+    return [x]
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"execution_timeout_ms": -1}, "execution_timeout_ms must be >= 0"),
+        ({"dynamic_batching": {"default_queue_timeout_us": -5}}, "default_queue_timeout_us must be >= 0"),
+        ({"dynamic_batching": {"priority_levels": -1}}, "priority_levels must be >= 0"),
+        ({"dynamic_batching": {"priority_levels": 2, "default_priority_level": 3}}, "default_priority_level"),
+    ],
+)
+def test_bad_queue_keys_are_config_errors(table: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(table)
+    assert message in str(err.value)
