@@ -1,7 +1,7 @@
 """Type stubs for the native module built from rust/fastserve-py."""
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __version__: str
@@ -45,6 +45,11 @@ class CoreServer:
         max_queue_delay_us: int = 0,
         preferred_batch_sizes: Sequence[int] = ...,
         max_queue_size: int = 1024,
+        default_queue_timeout_us: int = 0,
+        priority_levels: int = 0,
+        default_priority_level: int = 0,
+        execution_timeout_ms: int = 0,
+        instance_factory: Callable[[int], Any] | None = None,
     ) -> None: ...
     def add_failed_model(self, name: str, version: int, reason: str) -> None: ...
     def remove_model(self, name: str, version: int | None = None) -> int: ...

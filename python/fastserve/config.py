@@ -32,6 +32,9 @@ class DynamicBatching:
     max_queue_delay_us: int = 0
     preferred_batch_sizes: list[int] = field(default_factory=list)
     max_queue_size: int = 1024
+    default_queue_timeout_us: int = 0  # 0: requests wait as long as it takes
+    priority_levels: int = 0  # 0 or 1: no priorities; else parameters.priority 1 (highest)..N
+    default_priority_level: int = 0  # the level of requests without one; 0: the lowest
 
 
 @dataclass
@@ -89,6 +92,7 @@ class ModelConfig:
     backend: str | None = None
     max_batch_size: int | None = None
     device: str = "cpu"  # python models: "gpu" hands execute() CuPy arrays
+    execution_timeout_ms: int = 0  # 0: none; a longer execute() fails its batch and the instance is replaced
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
@@ -211,6 +215,9 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     cfg.device = _take(table, "device", str, "", "cpu")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
+    cfg.execution_timeout_ms = _take(table, "execution_timeout_ms", int, "", 0)
+    if cfg.execution_timeout_ms < 0:
+        raise ConfigError("execution_timeout_ms must be >= 0")
     cfg.max_batch_size = _take(table, "max_batch_size", int, "")
     if cfg.max_batch_size is not None and cfg.max_batch_size < 0:
         raise ConfigError("max_batch_size must be >= 0")
@@ -223,11 +230,19 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
             _take(db, "preferred_batch_sizes", list, where, []), f"{where}preferred_batch_sizes", 1
         ),
         max_queue_size=_take(db, "max_queue_size", int, where, 1024),
+        default_queue_timeout_us=_take(db, "default_queue_timeout_us", int, where, 0),
+        priority_levels=_take(db, "priority_levels", int, where, 0),
+        default_priority_level=_take(db, "default_priority_level", int, where, 0),
     )
     if cfg.dynamic_batching.max_queue_delay_us < 0:
         raise ConfigError(f"{where}max_queue_delay_us must be >= 0")
     if cfg.dynamic_batching.max_queue_size < 1:
         raise ConfigError(f"{where}max_queue_size must be >= 1")
+    for key in ("default_queue_timeout_us", "priority_levels", "default_priority_level"):
+        if getattr(cfg.dynamic_batching, key) < 0:
+            raise ConfigError(f"{where}{key} must be >= 0")
+    if cfg.dynamic_batching.default_priority_level > max(cfg.dynamic_batching.priority_levels, 1):
+        raise ConfigError(f"{where}default_priority_level must be between 0 and priority_levels")
     _no_leftovers(db, "[dynamic_batching]")
 
     ig = dict(_take(table, "instance_group", dict, "", {}))

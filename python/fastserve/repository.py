@@ -11,13 +11,14 @@ and every other model still serves. A reload that fails leaves the serving versi
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import re
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,21 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 CONTROL_MODES = ("none", "poll", "explicit")
 MODEL_FILES = ("model.onnx", "model.xml", "model.py")
+
+
+def _replacement(ctx: LoadContext) -> Callable[[int], Any]:
+    """Creates a fresh instance for a seat whose instance hung, the way ``instance_group.count``
+    creates them: the backend loads the version again with one instance, placed where the seat was."""
+    group = ctx.config.instance_group
+    placements = group.placements()
+
+    def create(seat: int) -> Any:
+        device = placements[seat] if seat < len(placements) else None
+        one = dataclasses.replace(group, count=1, gpus=[device] if device is not None else group.gpus)
+        config = dataclasses.replace(ctx.config, instance_group=one)
+        return load_version(dataclasses.replace(ctx, config=config)).instances[0]
+
+    return create
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,11 @@ class ModelRepository:
                 max_queue_delay_us=batching.max_queue_delay_us,
                 preferred_batch_sizes=list(batching.preferred_batch_sizes),
                 max_queue_size=batching.max_queue_size,
+                default_queue_timeout_us=batching.default_queue_timeout_us,
+                priority_levels=batching.priority_levels,
+                default_priority_level=batching.default_priority_level,
+                execution_timeout_ms=config.execution_timeout_ms,
+                instance_factory=_replacement(ctx) if config.execution_timeout_ms > 0 else None,
             )
         except (LoadError, ConfigError, ValueError) as e:
             return self._fail(name, version, str(e), serving)

@@ -119,6 +119,10 @@ class Server:
         max_queue_delay_us: int = 0,
         preferred_batch_sizes: Sequence[int] = (),
         max_queue_size: int = 1024,
+        default_queue_timeout_us: int = 0,
+        priority_levels: int = 0,
+        default_priority_level: int = 0,
+        execution_timeout_ms: int = 0,
         instance_count: int = 1,
         platform: str = "python",
     ) -> None:
@@ -143,6 +147,11 @@ class Server:
             max_queue_delay_us=max_queue_delay_us,
             preferred_batch_sizes=list(preferred_batch_sizes),
             max_queue_size=max_queue_size,
+            default_queue_timeout_us=default_queue_timeout_us,
+            priority_levels=priority_levels,
+            default_priority_level=default_priority_level,
+            execution_timeout_ms=execution_timeout_ms,
+            instance_factory=(lambda _seat: factory()) if factory is not None else (lambda _seat: model),
         )
 
     def load_repository(

@@ -4,8 +4,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../protos");
+    // Read at run time: a build script compiled for one checkout may run for another.
+    let protos = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../protos");
     let proto = protos.join("grpc_predict_v2.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    println!("cargo:rerun-if-changed=build.rs");
     // The code generator runs the protoc named by PROTOC.
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()

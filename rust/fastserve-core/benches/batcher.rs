@@ -68,7 +68,7 @@ fn bench_scheduler(c: &mut Criterion) {
         inputs: vec![TensorSpec::new("INPUT0", DataType::Fp32, vec![FEATURES as i64])],
         outputs: vec![TensorSpec::new("OUTPUT0", DataType::Fp32, vec![10])],
     });
-    let config = SchedulerConfig { policy: policy(64), max_queue_size: 4096 };
+    let config = SchedulerConfig::new(policy(64), 4096);
     let scheduler = Scheduler::start(spec, config, vec![Box::new(Zeros)]).unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     for n in [1usize, 64] {

@@ -30,6 +30,15 @@ pub enum ServeError {
     /// The operation is switched off (e.g. the repository API in control mode `none`).
     #[error("{0}")]
     Forbidden(String),
+    /// The request waited in the queue past its timeout and was dropped before it ran.
+    #[error("{0}")]
+    QueueTimeout(String),
+    /// The client's own deadline (gRPC `grpc-timeout`) passed before the request ran.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The model's `execute` ran past `execution_timeout_ms`; its instance was replaced.
+    #[error("{0}")]
+    ExecutionTimeout(String),
     /// The model itself failed while executing.
     #[error("{0}")]
     ModelError(String),
@@ -59,7 +68,11 @@ impl ServeError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Unavailable(_) | Self::QueueFull(_) => StatusCode::SERVICE_UNAVAILABLE,
+            // Queue and execution timeouts are transient: a retry may well succeed.
+            Self::Unavailable(_) | Self::QueueFull(_) | Self::QueueTimeout(_) | Self::ExecutionTimeout(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -73,7 +86,10 @@ impl ServeError {
         match self {
             Self::BadRequest(_) => tonic::Code::InvalidArgument,
             Self::NotFound(_) => tonic::Code::NotFound,
-            Self::Unavailable(_) | Self::QueueFull(_) => tonic::Code::Unavailable,
+            Self::Unavailable(_) | Self::QueueFull(_) | Self::QueueTimeout(_) | Self::ExecutionTimeout(_) => {
+                tonic::Code::Unavailable
+            }
+            Self::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             Self::PayloadTooLarge(_) => tonic::Code::ResourceExhausted,
             Self::RequestTimeout(_) => tonic::Code::DeadlineExceeded,
             Self::Unauthorized(_) => tonic::Code::Unauthenticated,
@@ -92,6 +108,8 @@ impl ServeError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::QueueFull(_) => "queue_full",
+            Self::QueueTimeout(_) | Self::DeadlineExceeded(_) => "timeout",
+            Self::ExecutionTimeout(_) => "execution_timeout",
             Self::ModelError(_) => "model_error",
             Self::Internal(_) => "internal",
         }
@@ -118,6 +136,9 @@ mod tests {
         assert_eq!(ServeError::Forbidden("x".into()).http_status(), 403);
         assert_eq!(ServeError::Unauthorized("x".into()).http_status(), 401);
         assert_eq!(ServeError::RequestTimeout("x".into()).http_status(), 408);
+        assert_eq!(ServeError::QueueTimeout("x".into()).http_status(), 503);
+        assert_eq!(ServeError::ExecutionTimeout("x".into()).http_status(), 503);
+        assert_eq!(ServeError::DeadlineExceeded("x".into()).http_status(), 504);
     }
 
     #[test]
@@ -134,6 +155,9 @@ mod tests {
             (ServeError::Unauthorized("x".into()), Code::Unauthenticated),
             (ServeError::Forbidden("x".into()), Code::PermissionDenied),
             (ServeError::RequestTimeout("x".into()), Code::DeadlineExceeded),
+            (ServeError::QueueTimeout("x".into()), Code::Unavailable),
+            (ServeError::ExecutionTimeout("x".into()), Code::Unavailable),
+            (ServeError::DeadlineExceeded("x".into()), Code::DeadlineExceeded),
         ];
         for (e, code) in cases {
             assert_eq!(e.grpc_code(), code, "{e:?}");

@@ -54,7 +54,11 @@ type GrpcResult<T> = Result<Response<T>, Status>;
 
 impl InferenceService {
     /// One inference, from the wire message to the wire message.
-    async fn infer(&self, request: ModelInferRequest) -> Result<ModelInferResponse, ServeError> {
+    async fn infer(
+        &self,
+        request: ModelInferRequest,
+        deadline: Option<Instant>,
+    ) -> Result<ModelInferResponse, ServeError> {
         let start = Instant::now();
         self.state.transport.request(Protocol::Grpc);
         let model = request.model_name.clone();
@@ -68,7 +72,7 @@ impl InferenceService {
                 self.state.transport.unknown_model();
             })?;
         let scheduler = mv.scheduler()?.clone();
-        let result = self.infer_on(&scheduler, request).await;
+        let result = self.infer_on(&scheduler, request, deadline).await;
         scheduler.stats().record_request(result.as_ref().map(|_| ()), start.elapsed());
         let (encoded, how) = result?;
         if self.state.access_log {
@@ -93,6 +97,7 @@ impl InferenceService {
         &self,
         scheduler: &Scheduler,
         request: ModelInferRequest,
+        deadline: Option<Instant>,
     ) -> Result<(ModelInferResponse, ServedBy), ServeError> {
         // Checked from the shapes before the tensors are decoded; negative or overflowing shapes
         // are left to the decoder, which names them (INVALID_ARGUMENT).
@@ -103,7 +108,7 @@ impl InferenceService {
         if let Some(total) = elements {
             self.state.limits.admit_elements(total)?;
         }
-        let (response, how) = crate::infer::run(scheduler, decode_request(request)?).await?;
+        let (response, how) = crate::infer::run_until(scheduler, decode_request(request)?, deadline).await?;
         let encoded = encode_response(response);
         // Checked here so the client gets RESOURCE_EXHAUSTED with a reason, not a broken stream.
         let size = encoded.encoded_len();
@@ -132,7 +137,8 @@ impl InferenceService {
         let mv = self.state.registry.resolve(name, Some(version))?;
         let scheduler = mv.scheduler()?;
         let spec = scheduler.spec();
-        let policy = &scheduler.config().policy;
+        let config = scheduler.config();
+        let policy = &config.policy;
         Ok(ModelConfig {
             name: spec.name.clone(),
             platform: spec.platform.clone(),
@@ -164,13 +170,45 @@ impl InferenceService {
                         .map(|&n| i32::try_from(n).unwrap_or(i32::MAX))
                         .collect(),
                     max_queue_delay_microseconds: u64::try_from(policy.max_queue_delay.as_micros()).unwrap_or(u64::MAX),
+                    priority_levels: config.priority_levels,
+                    default_priority_level: config.default_priority_level,
                     default_queue_policy: Some(ModelQueuePolicy {
-                        max_queue_size: u32::try_from(scheduler.config().max_queue_size).unwrap_or(u32::MAX),
+                        // Expired requests are refused, never run late; requests may set their own.
+                        timeout_action: model_queue_policy::TimeoutAction::Reject as i32,
+                        default_timeout_microseconds: config
+                            .default_queue_timeout
+                            .map_or(0, |t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX)),
+                        allow_timeout_override: true,
+                        max_queue_size: u32::try_from(config.max_queue_size).unwrap_or(u32::MAX),
                     }),
                 })
             }),
         })
     }
+}
+
+/// When the client's `grpc-timeout` (if any) runs out, counted from now.
+fn client_deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    Instant::now().checked_add(parse_grpc_timeout(value)?)
+}
+
+/// A `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Triton's backend name for a platform string.
@@ -313,9 +351,10 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> GrpcResult<ModelInferResponse> {
+        let deadline = client_deadline(&request);
         let request = request.into_inner();
         let span = crate::http::request_span(&request.model_name);
-        Ok(Response::new(self.infer(request).instrument(span).await?))
+        Ok(Response::new(self.infer(request, deadline).instrument(span).await?))
     }
 
     type ModelStreamInferStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
@@ -327,6 +366,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> GrpcResult<Self::ModelStreamInferStream> {
+        let deadline = client_deadline(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let service = self.clone();
@@ -346,7 +386,12 @@ impl GrpcInferenceService for InferenceService {
                                 id: request.id.clone(),
                                 ..Default::default()
                             };
-                            let answer = match service.infer(request).await {
+                            // A cancelled stream withdraws its requests that have not run yet.
+                            let result = tokio::select! {
+                                result = service.infer(request, deadline) => result,
+                                _ = tx.closed() => return,
+                            };
+                            let answer = match result {
                                 Ok(r) => {
                                     ModelStreamInferResponse { error_message: String::new(), infer_response: Some(r) }
                                 }
@@ -655,5 +700,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountedStream<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse_grpc_timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "S", "123456789S", "1x", "-1S", "1.5S", "１S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
     }
 }

@@ -1,12 +1,13 @@
 //! Decoded inference requests and responses, independent of the wire format, and the one request
 //! path every front end shares: validate, queue, await the batch, pick the requested outputs.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
+use tokio::sync::oneshot;
 
 use crate::error::{Result, ServeError};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{QueueOptions, Reply, Scheduler};
 use crate::tensor::Tensor;
 
 /// Free-form V2 `parameters`.
@@ -34,6 +35,23 @@ impl InferRequest {
     pub fn binary_outputs_by_default(&self) -> bool {
         self.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false)
     }
+
+    /// The queue options the request asks for: `timeout` (microseconds; 0 means the model's
+    /// default) and `priority` (1 is the highest; 0 means the model's default).
+    pub fn queue_options(&self, deadline: Option<Instant>) -> Result<QueueOptions> {
+        let timeout = self.unsigned_parameter("timeout")?.filter(|&us| us > 0).map(Duration::from_micros);
+        let priority = self.unsigned_parameter("priority")?;
+        Ok(QueueOptions { timeout, deadline, priority })
+    }
+
+    fn unsigned_parameter(&self, name: &str) -> Result<Option<u64>> {
+        match self.parameters.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                ServeError::bad_request(format!("parameter '{name}' must be a non-negative integer, got {v}"))
+            }),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -59,15 +77,47 @@ pub struct ServedBy {
     pub batch_size: usize,
 }
 
+/// Held while a request waits for its answer: dropped unanswered (the client went away), it tells
+/// the scheduler at once, so the request leaves the queue and its slot frees without waiting for
+/// the next batch.
+struct Waiting<'a> {
+    scheduler: &'a Scheduler,
+    reply: oneshot::Receiver<Reply>,
+    answered: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.reply.close();
+            self.scheduler.withdrawn();
+        }
+    }
+}
+
 /// Runs a decoded request on a model version. HTTP and gRPC requests meet in the same queue, so
 /// one batch may hold both.
-pub async fn run(scheduler: &Scheduler, mut request: InferRequest) -> Result<(InferResponse, ServedBy)> {
+pub async fn run(scheduler: &Scheduler, request: InferRequest) -> Result<(InferResponse, ServedBy)> {
+    run_until(scheduler, request, None).await
+}
+
+/// As [`run`], for a client whose own deadline (if any) is `deadline`: the request is dropped
+/// unrun once that passes in the queue. Dropping the returned future (a client that went away)
+/// withdraws the request from the queue too.
+pub async fn run_until(
+    scheduler: &Scheduler,
+    mut request: InferRequest,
+    deadline: Option<Instant>,
+) -> Result<(InferResponse, ServedBy)> {
     let spec = scheduler.spec();
+    let options = request.queue_options(deadline)?;
     let validated = spec.validate(&mut request)?;
-    let reply = scheduler.submit(validated)?;
-    let executed = reply
-        .await
-        .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
+    let reply = scheduler.submit_with(validated, options)?;
+    let mut waiting = Waiting { scheduler, reply, answered: false };
+    let answer = (&mut waiting.reply).await;
+    waiting.answered = true;
+    let executed =
+        answer.map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
     let how = ServedBy { queue: executed.queue, compute: executed.phases.total(), batch_size: executed.batch_size };
     let outputs = executed.outputs;
     let default_binary = request.binary_outputs_by_default();

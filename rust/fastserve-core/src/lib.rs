@@ -26,6 +26,7 @@ pub mod state;
 pub mod stats;
 pub mod tensor;
 pub mod tls;
+pub mod watchdog;
 
 pub use datatype::DataType;
 pub use error::{Result, ServeError};

@@ -242,6 +242,18 @@ impl Collector for ServerCollector {
             &each(&|s| s.inference_count()),
         )?;
         counter(e, "fastserve_execution_count", "Batches executed by the model.", &each(&|s| s.execution_count()))?;
+        counter(
+            e,
+            "fastserve_request_cancelled",
+            "Queued requests dropped unrun because their client disconnected or cancelled.",
+            &each(&|s| s.cancelled()),
+        )?;
+        counter(
+            e,
+            "fastserve_instance_replaced",
+            "Model instances abandoned after execution_timeout_ms and replaced.",
+            &each(&|s| s.instances_replaced()),
+        )?;
         let pending: Vec<(Labels, f64)> = models.iter().map(|(l, _, p)| (l.clone(), *p as f64)).collect();
         gauge(e, "fastserve_pending_requests", "Requests queued, waiting for an instance.", &pending)?;
         histogram(e, "fastserve_request_duration_seconds", "End-to-end inference request time.", &models, |s| {

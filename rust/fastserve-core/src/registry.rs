@@ -293,10 +293,10 @@ mod tests {
             inputs: vec![TensorSpec::new("X", DataType::Fp32, vec![1])],
             outputs: vec![TensorSpec::new("X", DataType::Fp32, vec![1])],
         };
-        let config = SchedulerConfig {
-            policy: BatchPolicy { max_batch_size: 0, max_queue_delay: Duration::ZERO, preferred_batch_sizes: vec![] },
-            max_queue_size: 4,
-        };
+        let config = SchedulerConfig::new(
+            BatchPolicy { max_batch_size: 0, max_queue_delay: Duration::ZERO, preferred_batch_sizes: vec![] },
+            4,
+        );
         ModelVersion::ready(Scheduler::start(Arc::new(spec), config, vec![Box::new(Echo)]).unwrap())
     }
 

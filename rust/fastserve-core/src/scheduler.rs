@@ -7,12 +7,12 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::oneshot;
 
 use crate::batcher::{concat_inputs, plan_batch, split_outputs, BatchPolicy, Batchable};
@@ -20,6 +20,7 @@ use crate::error::{Result, ServeError};
 use crate::spec::{ModelSpec, ValidatedRequest};
 use crate::stats::{ModelStats, Phases};
 use crate::tensor::Tensor;
+use crate::watchdog::{self, Replies, Watch};
 
 /// A loaded copy of a model. Each instance is driven by one thread, so it needs no locking.
 pub trait Instance: Send + 'static {
@@ -27,6 +28,10 @@ pub trait Instance: Send + 'static {
     /// Marking `clock` splits the time into input conversion, the model itself, and output reading.
     fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>>;
 }
+
+/// Creates a fresh instance for a seat (the index among the version's instances), to replace
+/// one abandoned after `execution_timeout`.
+pub type InstanceFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Instance>> + Send + Sync>;
 
 /// Timestamps an instance sets around the model call; unmarked time counts as inference.
 pub struct PhaseClock {
@@ -77,6 +82,59 @@ pub struct SchedulerConfig {
     pub policy: BatchPolicy,
     /// Requests waiting beyond this are refused at once with `QueueFull`.
     pub max_queue_size: usize,
+    /// How long a request may wait for an instance before it is dropped unrun (None: forever).
+    pub default_queue_timeout: Option<Duration>,
+    /// Priority levels, 1 the highest (0 or 1: every request is alike).
+    pub priority_levels: u64,
+    /// The level of requests that name none (0: the lowest level).
+    pub default_priority_level: u64,
+    /// A batch whose `execute` runs longer fails and its instance is replaced (None: no limit).
+    pub execution_timeout: Option<Duration>,
+}
+
+impl SchedulerConfig {
+    /// A queue without timeouts or priorities.
+    pub fn new(policy: BatchPolicy, max_queue_size: usize) -> Self {
+        Self {
+            policy,
+            max_queue_size,
+            default_queue_timeout: None,
+            priority_levels: 0,
+            default_priority_level: 0,
+            execution_timeout: None,
+        }
+    }
+
+    fn levels(&self) -> u64 {
+        self.priority_levels.max(1)
+    }
+
+    fn default_level(&self) -> u64 {
+        match self.default_priority_level {
+            0 => self.levels(),
+            level => level.min(self.levels()),
+        }
+    }
+}
+
+/// What a request asks of the queue, from its V2 parameters and its transport.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueOptions {
+    /// `parameters.timeout`: replaces the model's default queue timeout.
+    pub timeout: Option<Duration>,
+    /// The client's own deadline (gRPC `grpc-timeout`).
+    pub deadline: Option<Instant>,
+    /// `parameters.priority`: 1 is the highest; None uses the model's default level.
+    pub priority: Option<u64>,
+}
+
+/// Why a queued request may expire.
+#[derive(Debug, Clone, Copy)]
+enum Expiry {
+    /// Its queue timeout (the model's default or the request's own).
+    Queue(Duration),
+    /// Its client's deadline.
+    Deadline,
 }
 
 struct Job {
@@ -84,6 +142,9 @@ struct Job {
     rows: usize,
     reply: oneshot::Sender<Reply>,
     enqueued: Instant,
+    /// 1 is served first.
+    level: u64,
+    expires: Option<(Instant, Expiry)>,
 }
 
 impl Batchable for Job {
@@ -97,6 +158,8 @@ impl Batchable for Job {
 
 enum Msg {
     Job(Job),
+    /// A queued request's client went away: drop it now rather than at the next batch.
+    Withdrawn,
     /// Stop admitting; finish what is queued, then exit.
     Close,
 }
@@ -108,7 +171,45 @@ pub struct Scheduler {
     queued: Arc<AtomicUsize>,
     config: SchedulerConfig,
     closing: AtomicBool,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The batcher and the watchdog: joined first, so no instance starts or is abandoned after.
+    control: Mutex<Vec<JoinHandle<()>>>,
+    instances: InstanceThreads,
+}
+
+/// Live instance threads by id; an abandoned one leaves the list and is never joined.
+type InstanceThreads = Arc<Mutex<Vec<(u64, JoinHandle<()>)>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What an instance thread needs, shared by the instances of a version and the watchdog.
+struct Seats {
+    spec: Arc<ModelSpec>,
+    stats: Arc<ModelStats>,
+    idle_tx: Sender<()>,
+    batch_rx: Receiver<Vec<Job>>,
+    watch: Option<Sender<Watch>>,
+    threads: InstanceThreads,
+    next_id: AtomicU64,
+    label: String,
+}
+
+impl Seats {
+    /// Starts a thread driving `instance` in `seat`.
+    fn spawn(self: &Arc<Self>, seat: usize, instance: Box<dyn Instance>) -> Result<()> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let seats = self.clone();
+        let handle =
+            spawn(format!("fs-inst-{}-{seat}", self.label), move || instance_loop(instance, &seats, id, seat))?;
+        lock(&self.threads).push((id, handle));
+        Ok(())
+    }
+
+    /// Forgets a hung instance thread: never joined, never handed work again.
+    fn abandon(&self, id: u64) {
+        lock(&self.threads).retain(|(i, _)| *i != id);
+    }
 }
 
 impl Scheduler {
@@ -118,25 +219,61 @@ impl Scheduler {
         config: SchedulerConfig,
         instances: Vec<Box<dyn Instance>>,
     ) -> Result<Arc<Self>> {
+        Self::start_with(spec, config, instances, None)
+    }
+
+    /// As [`Scheduler::start`]; with `execution_timeout`, `factory` replaces hung instances.
+    pub fn start_with(
+        spec: Arc<ModelSpec>,
+        config: SchedulerConfig,
+        instances: Vec<Box<dyn Instance>>,
+        factory: Option<InstanceFactory>,
+    ) -> Result<Arc<Self>> {
         if instances.is_empty() {
             return Err(ServeError::Internal(format!("model '{}' has no instances", spec.name)));
         }
         let (tx, rx) = crossbeam_channel::unbounded();
         let (idle_tx, idle_rx) = crossbeam_channel::unbounded();
         let (batch_tx, batch_rx) = crossbeam_channel::bounded(instances.len());
+        let (watch_tx, watch_rx) = crossbeam_channel::unbounded();
+        let watch = config.execution_timeout.map(|timeout| (timeout, watch_tx, watch_rx));
         let queued = Arc::new(AtomicUsize::new(0));
         let label = format!("{}-v{}", spec.name, spec.version);
         let stats = Arc::new(ModelStats::new(spec.max_batch_size));
-        let mut threads = Vec::with_capacity(instances.len() + 1);
-        for (i, instance) in instances.into_iter().enumerate() {
-            let (spec, stats, idle_tx, batch_rx) = (spec.clone(), stats.clone(), idle_tx.clone(), batch_rx.clone());
-            threads.push(spawn(format!("fs-inst-{label}-{i}"), move || {
-                instance_loop(instance, &spec, &stats, idle_tx, batch_rx)
+        let threads: InstanceThreads = Arc::new(Mutex::new(Vec::with_capacity(instances.len())));
+        let seats = Arc::new(Seats {
+            spec: spec.clone(),
+            stats: stats.clone(),
+            idle_tx,
+            batch_rx,
+            watch: watch.as_ref().map(|(_, tx, _)| tx.clone()),
+            threads: threads.clone(),
+            next_id: AtomicU64::new(0),
+            label: label.clone(),
+        });
+        for (seat, instance) in instances.into_iter().enumerate() {
+            seats.spawn(seat, instance)?;
+        }
+        let mut control = Vec::with_capacity(2);
+        let batcher = Batcher {
+            rx,
+            idle_rx,
+            batch_tx,
+            policy: config.policy.clone(),
+            queued: queued.clone(),
+            stats: stats.clone(),
+            model: spec.name.clone(),
+            watch: watch.as_ref().map(|(_, tx, _)| tx.clone()),
+        };
+        control.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
+        if let Some((timeout, _, watch_rx)) = watch {
+            control.push(spawn(format!("fs-watch-{label}"), move || {
+                let model = seats.spec.name.clone();
+                watchdog::run(watch_rx, timeout, &model, |id, seat, replace| {
+                    replace_hung(&seats, &factory, id, seat, replace)
+                })
             })?);
         }
-        drop((idle_tx, batch_rx));
-        let (policy, q) = (config.policy.clone(), queued.clone());
-        threads.push(spawn(format!("fs-batch-{label}"), move || batcher_loop(rx, idle_rx, batch_tx, policy, q))?);
         Ok(Arc::new(Scheduler {
             spec,
             stats,
@@ -144,7 +281,8 @@ impl Scheduler {
             queued,
             config,
             closing: AtomicBool::new(false),
-            threads: Mutex::new(threads),
+            control: Mutex::new(control),
+            instances: threads,
         }))
     }
 
@@ -166,8 +304,15 @@ impl Scheduler {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Queues a validated request; refuses at once when the queue is full or the version is closing.
+    /// Queues a validated request with the model's default timeout and priority.
     pub fn submit(&self, request: ValidatedRequest) -> Result<oneshot::Receiver<Reply>> {
+        self.submit_with(request, QueueOptions::default())
+    }
+
+    /// Queues a validated request; refuses at once when the queue is full, the version is
+    /// closing, or the priority is out of range.
+    pub fn submit_with(&self, request: ValidatedRequest, options: QueueOptions) -> Result<oneshot::Receiver<Reply>> {
+        let level = self.level(options.priority)?;
         if self.closing.load(Ordering::Acquire) {
             return Err(self.closing_error());
         }
@@ -178,13 +323,39 @@ impl Scheduler {
                 self.spec.name, self.spec.version, self.config.max_queue_size
             )));
         }
+        let enqueued = Instant::now();
+        let timeout = options.timeout.or(self.config.default_queue_timeout);
+        let by_timeout = timeout.and_then(|t| Some((enqueued.checked_add(t)?, Expiry::Queue(t))));
+        let by_deadline = options.deadline.map(|d| (d, Expiry::Deadline));
+        let expires = match (by_timeout, by_deadline) {
+            (Some(t), Some(d)) => Some(if d.0 < t.0 { d } else { t }),
+            (t, d) => t.or(d),
+        };
         let (reply, rx) = oneshot::channel();
-        let job = Job { inputs: request.inputs, rows: request.rows, reply, enqueued: Instant::now() };
+        let job = Job { inputs: request.inputs, rows: request.rows, reply, enqueued, level, expires };
         if self.tx.send(Msg::Job(job)).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(self.closing_error());
         }
         Ok(rx)
+    }
+
+    /// The queue level of a request's `priority` (0 or none: the model's default).
+    fn level(&self, priority: Option<u64>) -> Result<u64> {
+        let levels = self.config.levels();
+        match priority {
+            None | Some(0) => Ok(self.config.default_level()),
+            Some(p) if p <= levels => Ok(p),
+            Some(p) => Err(ServeError::bad_request(format!(
+                "priority {p} is out of range: model '{}' has {levels} priority level(s), 1 the highest",
+                self.spec.name
+            ))),
+        }
+    }
+
+    /// Tells the batcher that a queued request's client went away (its reply receiver is gone).
+    pub fn withdrawn(&self) {
+        let _ = self.tx.send(Msg::Withdrawn);
     }
 
     fn closing_error(&self) -> ServeError {
@@ -196,11 +367,12 @@ impl Scheduler {
         if !self.closing.swap(true, Ordering::AcqRel) {
             let _ = self.tx.send(Msg::Close);
         }
-        let threads = match self.threads.lock() {
-            Ok(mut t) => std::mem::take(&mut *t),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        };
-        for t in threads {
+        let control = std::mem::take(&mut *lock(&self.control));
+        for t in control {
+            let _ = t.join();
+        }
+        let instances = std::mem::take(&mut *lock(&self.instances));
+        for (_, t) in instances {
             let _ = t.join();
         }
     }
@@ -219,100 +391,188 @@ fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<(
         .map_err(|e| ServeError::Internal(format!("cannot start a model thread: {e}")))
 }
 
-/// Moves everything already waiting in the channel into the backlog without blocking.
-fn pull_ready(rx: &Receiver<Msg>, backlog: &mut VecDeque<Job>, closing: &mut bool) {
-    while let Ok(msg) = rx.try_recv() {
-        match msg {
-            Msg::Job(j) => backlog.push_back(j),
-            Msg::Close => *closing = true,
+/// Queued jobs, highest priority level first and in arrival order within a level.
+#[derive(Default)]
+struct Backlog(VecDeque<Job>);
+
+impl Backlog {
+    fn push(&mut self, job: Job) {
+        // Usually the job goes last: one level only, or it is of the lowest level queued.
+        if self.0.back().is_none_or(|last| last.level <= job.level) {
+            self.0.push_back(job);
+        } else {
+            let at = self.0.partition_point(|j| j.level <= job.level);
+            self.0.insert(at, job);
         }
+    }
+
+    /// Removes jobs whose client went away (counted) and answers those past their expiry, so
+    /// neither ever reaches the model. Returns the next expiry among the jobs left.
+    fn prune(&mut self, now: Instant, model: &str, stats: &ModelStats, queued: &AtomicUsize) -> Option<Instant> {
+        let needed = self.0.iter().any(|j| j.reply.is_closed() || j.expires.is_some_and(|(at, _)| at <= now));
+        if needed {
+            let mut cancelled = 0;
+            let mut expired = Vec::new();
+            let mut kept = VecDeque::with_capacity(self.0.len());
+            for job in self.0.drain(..) {
+                match job.expires {
+                    _ if job.reply.is_closed() => cancelled += 1,
+                    Some((at, why)) if at <= now => expired.push((job, why)),
+                    _ => kept.push_back(job),
+                }
+            }
+            self.0 = kept;
+            queued.fetch_sub(cancelled + expired.len(), Ordering::AcqRel);
+            if cancelled > 0 {
+                stats.record_cancelled(cancelled);
+                tracing::debug!(model, cancelled, "dropped queued requests whose client went away");
+            }
+            for (job, why) in expired {
+                let _ = job.reply.send(Err(expiry_error(why, model)));
+            }
+        }
+        self.0.iter().filter_map(|j| j.expires.map(|(at, _)| at)).min()
     }
 }
 
-fn batcher_loop(
+fn expiry_error(why: Expiry, model: &str) -> ServeError {
+    match why {
+        Expiry::Queue(t) => ServeError::QueueTimeout(format!(
+            "the request timed out in the queue of model '{model}' after {} us without running",
+            t.as_micros()
+        )),
+        Expiry::Deadline => ServeError::DeadlineExceeded(format!(
+            "the request's deadline passed while it waited in the queue of model '{model}'"
+        )),
+    }
+}
+
+/// Forms batches from the backlog whenever an instance is idle, and expires queued requests
+/// on time even while every instance is busy.
+struct Batcher {
     rx: Receiver<Msg>,
     idle_rx: Receiver<()>,
     batch_tx: Sender<Vec<Job>>,
     policy: BatchPolicy,
     queued: Arc<AtomicUsize>,
-) {
-    let mut backlog: VecDeque<Job> = VecDeque::new();
-    let mut closing = false;
-    let mut have_instance = false;
-    loop {
-        if backlog.is_empty() {
-            let msg = if closing { rx.try_recv().ok() } else { rx.recv().ok() };
+    stats: Arc<ModelStats>,
+    model: String,
+    /// Told when no more batches will start.
+    watch: Option<Sender<Watch>>,
+}
+
+impl Batcher {
+    /// Moves everything already waiting in the channel into the backlog without blocking.
+    fn pull_ready(&self, backlog: &mut Backlog, closing: &mut bool) {
+        while let Ok(msg) = self.rx.try_recv() {
             match msg {
-                Some(Msg::Job(j)) => backlog.push_back(j),
-                Some(Msg::Close) => {
-                    closing = true;
-                    continue;
-                }
-                None => break,
+                Msg::Job(j) => backlog.push(j),
+                Msg::Withdrawn => {}
+                Msg::Close => *closing = true,
             }
         }
-        if !have_instance {
-            if idle_rx.recv().is_err() {
+    }
+
+    fn run(self) {
+        let (no_msgs, no_idle) = (crossbeam_channel::never::<Msg>(), crossbeam_channel::never::<()>());
+        let mut backlog = Backlog::default();
+        let mut closing = false;
+        let mut have_instance = false;
+        loop {
+            self.pull_ready(&mut backlog, &mut closing);
+            let now = Instant::now();
+            let next_expiry = backlog.prune(now, &self.model, &self.stats, &self.queued);
+            if closing && backlog.0.is_empty() {
                 break;
             }
-            have_instance = true;
-        }
-        pull_ready(&rx, &mut backlog, &mut closing);
-        let plan = loop {
-            let expired = closing || backlog[0].enqueued.elapsed() >= policy.max_queue_delay;
-            let plan = plan_batch(backlog.make_contiguous(), &policy, expired);
-            if plan.ready {
-                break plan;
-            }
-            match rx.recv_deadline(backlog[0].enqueued + policy.max_queue_delay) {
-                Ok(Msg::Job(j)) => {
-                    backlog.push_back(j);
-                    pull_ready(&rx, &mut backlog, &mut closing);
+            let mut wake = next_expiry;
+            if have_instance && !backlog.0.is_empty() {
+                let delay_end = backlog.0[0].enqueued + self.policy.max_queue_delay;
+                let plan = plan_batch(backlog.0.make_contiguous(), &self.policy, closing || now >= delay_end);
+                if plan.ready {
+                    let mut jobs: Vec<Job> = plan.indices.iter().rev().filter_map(|&i| backlog.0.remove(i)).collect();
+                    jobs.reverse();
+                    self.queued.fetch_sub(jobs.len(), Ordering::AcqRel);
+                    if self.batch_tx.send(jobs).is_err() {
+                        break;
+                    }
+                    have_instance = false;
+                    continue;
                 }
-                Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => closing = true,
-                Err(RecvTimeoutError::Timeout) => {}
+                wake = Some(wake.map_or(delay_end, |w| w.min(delay_end)));
             }
-        };
-        let mut jobs: Vec<Job> = plan.indices.iter().rev().filter_map(|&i| backlog.remove(i)).collect();
-        jobs.reverse();
-        queued.fetch_sub(jobs.len(), Ordering::AcqRel);
-        // A client that went away gets nothing executed on its behalf.
-        jobs.retain(|j| !j.reply.is_closed());
-        if jobs.is_empty() {
-            continue;
+            let msgs = if closing { &no_msgs } else { &self.rx };
+            let idle = if have_instance { &no_idle } else { &self.idle_rx };
+            let timer = wake.map_or_else(crossbeam_channel::never, crossbeam_channel::at);
+            crossbeam_channel::select! {
+                recv(msgs) -> msg => match msg {
+                    Ok(Msg::Job(j)) => backlog.push(j),
+                    Ok(Msg::Withdrawn) => {}
+                    Ok(Msg::Close) | Err(_) => closing = true,
+                },
+                recv(idle) -> ready => match ready {
+                    Ok(()) => have_instance = true,
+                    Err(_) => break,
+                },
+                recv(timer) -> _ => {}
+            }
         }
-        if batch_tx.send(jobs).is_err() {
-            break;
+        for job in backlog.0 {
+            let _ = job.reply.send(Err(ServeError::unavailable("the model stopped before this request ran")));
         }
-        have_instance = false;
-    }
-    for job in backlog {
-        let _ = job.reply.send(Err(ServeError::unavailable("the model stopped before this request ran")));
+        if let Some(watch) = &self.watch {
+            let _ = watch.send(Watch::Stop);
+        }
     }
 }
 
-fn instance_loop(
-    mut instance: Box<dyn Instance>,
-    spec: &ModelSpec,
-    stats: &ModelStats,
-    idle_tx: Sender<()>,
-    batch_rx: Receiver<Vec<Job>>,
-) {
+/// Abandons a hung instance thread and, unless the version is stopping, starts a fresh instance
+/// in its seat.
+fn replace_hung(seats: &Arc<Seats>, factory: &Option<InstanceFactory>, id: u64, seat: usize, replace: bool) {
+    seats.abandon(id);
+    if !replace {
+        return;
+    }
+    let model = &seats.spec.name;
+    let Some(factory) = factory else {
+        tracing::error!(model = %model, instance = seat, "no way to create a replacement instance; serving with fewer");
+        return;
+    };
+    match factory(seat).and_then(|instance| seats.spawn(seat, instance)) {
+        Ok(()) => {
+            seats.stats.record_instance_replaced();
+            tracing::info!(model = %model, instance = seat, "replacement instance started");
+        }
+        Err(e) => tracing::error!(model = %model, instance = seat, error = %e, "replacing the hung instance failed"),
+    }
+}
+
+fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: u64, seat: usize) {
     loop {
-        if idle_tx.send(()).is_err() {
+        if seats.idle_tx.send(()).is_err() {
             break;
         }
-        let Ok(jobs) = batch_rx.recv() else { break };
-        run_batch(instance.as_mut(), spec, stats, jobs);
+        let Ok(jobs) = seats.batch_rx.recv() else { break };
+        if !run_batch(instance.as_mut(), seats, id, seat, jobs) {
+            tracing::info!(model = %seats.spec.name, instance = seat, "an abandoned instance returned; it is dropped");
+            break;
+        }
     }
 }
 
-fn run_batch(instance: &mut dyn Instance, spec: &ModelSpec, stats: &ModelStats, mut jobs: Vec<Job>) {
+/// Runs one batch and answers its requests; false when the watchdog answered them first (the
+/// instance was abandoned as hung).
+fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, jobs: Vec<Job>) -> bool {
+    let (spec, stats) = (&*seats.spec, &*seats.stats);
     let mut clock = PhaseClock::new();
     let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let total: usize = rows.iter().sum();
-    let mut per_job: Vec<Vec<Tensor>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.inputs)).collect();
+    let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
+    let replies: Replies = Arc::new(Mutex::new(Some(replies)));
+    if let Some(watch) = &seats.watch {
+        let _ = watch.send(Watch::Started { id, seat, started: clock.start, replies: replies.clone() });
+    }
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
         let inputs = if per_job.len() == 1 {
             per_job.pop().unwrap_or_default()
@@ -329,21 +589,26 @@ fn run_batch(instance: &mut dyn Instance, spec: &ModelSpec, stats: &ModelStats, 
         }
     }))
     .unwrap_or_else(|_| Err(ServeError::Internal(format!("model '{}' panicked while executing", spec.name))));
+    if let Some(watch) = &seats.watch {
+        let _ = watch.send(Watch::Finished { id });
+    }
+    let Some(replies) = watchdog::take(&replies) else { return false };
     let phases = clock.phases(Instant::now());
     match result {
         Ok(outputs) => {
             stats.record_batch(total, &waits, phases);
-            for ((job, outputs), queue) in jobs.into_iter().zip(outputs).zip(waits) {
-                let _ = job.reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
+            for ((reply, outputs), queue) in replies.into_iter().zip(outputs).zip(waits) {
+                let _ = reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
             }
         }
         Err(e) => {
             tracing::warn!(model = %spec.name, version = spec.version, batch_size = total, error = %e, "batch failed");
-            for job in jobs {
-                let _ = job.reply.send(Err(e.clone()));
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }
+    true
 }
 
 #[cfg(test)]
@@ -402,10 +667,10 @@ mod tests {
     }
 
     fn config(max: usize, max_queue_size: usize) -> SchedulerConfig {
-        SchedulerConfig {
-            policy: BatchPolicy { max_batch_size: max, max_queue_delay: Duration::ZERO, preferred_batch_sizes: vec![] },
+        SchedulerConfig::new(
+            BatchPolicy { max_batch_size: max, max_queue_delay: Duration::ZERO, preferred_batch_sizes: vec![] },
             max_queue_size,
-        }
+        )
     }
 
     /// Starts a scheduler whose first batch blocks until the returned gate is released.
@@ -510,5 +775,184 @@ mod tests {
         first.await.unwrap().unwrap();
         assert_eq!(values(kept.await.unwrap()), vec![4.0]);
         assert_eq!(seen.try_iter().collect::<Vec<_>>(), vec![1], "only the live request ran");
+        assert_eq!(s.stats().cancelled(), 1);
+    }
+
+    fn with_priorities(
+        max: usize,
+        levels: u64,
+        default: u64,
+    ) -> (Arc<Scheduler>, Order, crossbeam_channel::Sender<()>) {
+        let (gate_tx, gate_rx) = crossbeam_channel::unbounded();
+        let order = Order::default();
+        let inst = Recorder { order: order.clone(), gate: Some(gate_rx) };
+        let mut cfg = config(max, 100);
+        cfg.priority_levels = levels;
+        cfg.default_priority_level = default;
+        (Scheduler::start(spec(max), cfg, vec![Box::new(inst)]).unwrap(), order, gate_tx)
+    }
+
+    type Order = Arc<Mutex<Vec<Vec<f32>>>>;
+
+    /// Records the values of every batch it runs; holds its first batch on a gate.
+    struct Recorder {
+        order: Order,
+        gate: Option<crossbeam_channel::Receiver<()>>,
+    }
+
+    impl Instance for Recorder {
+        fn execute(&mut self, inputs: Vec<Tensor>, _clock: &mut PhaseClock) -> Result<Vec<Tensor>> {
+            let TensorData::Raw(b) = &inputs[0].data else { unreachable!() };
+            let vals: Vec<f32> = b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            self.order.lock().unwrap().push(vals);
+            if let Some(gate) = self.gate.take() {
+                let _ = gate.recv();
+            }
+            Ok(vec![Tensor { name: "Y".into(), ..inputs[0].clone() }])
+        }
+    }
+
+    fn started(order: &Order) {
+        while order.lock().unwrap().is_empty() {
+            std::thread::yield_now();
+        }
+    }
+
+    fn at(priority: u64) -> QueueOptions {
+        QueueOptions { priority: Some(priority), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn higher_priority_levels_run_first_fifo_within_a_level() {
+        let (s, order, gate) = with_priorities(0, 3, 2);
+        let first = s.submit(request(&[0.0])).unwrap();
+        started(&order);
+        let queued: Vec<_> = [(3, 1.0), (2, 2.0), (0, 3.0), (1, 4.0), (3, 5.0), (1, 6.0)]
+            .into_iter()
+            .map(|(p, v)| s.submit_with(request(&[v]), at(p)).unwrap())
+            .collect();
+        gate.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for rx in queued {
+            rx.await.unwrap().unwrap();
+        }
+        // Priority 0 means the default level (2); level 1 first, then 2, then 3, FIFO within each.
+        let ran: Vec<f32> = order.lock().unwrap().iter().map(|b| b[0]).collect();
+        assert_eq!(ran, vec![0.0, 4.0, 6.0, 2.0, 3.0, 1.0, 5.0]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_fills_from_the_highest_level_down() {
+        let (s, order, gate) = with_priorities(3, 2, 0);
+        let first = s.submit(request(&[0.0])).unwrap();
+        started(&order);
+        let low: Vec<_> = (1..=3).map(|v| s.submit(request(&[v as f32])).unwrap()).collect();
+        let high = s.submit_with(request(&[9.0]), at(1)).unwrap();
+        gate.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        high.await.unwrap().unwrap();
+        for rx in low {
+            rx.await.unwrap().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![vec![0.0], vec![9.0, 1.0, 2.0], vec![3.0]]);
+    }
+
+    #[tokio::test]
+    async fn out_of_range_priorities_are_refused() {
+        let (s, _order, gate) = with_priorities(0, 2, 1);
+        let err = s.submit_with(request(&[1.0]), at(3)).unwrap_err();
+        assert!(matches!(err, ServeError::BadRequest(_)), "{err}");
+        assert_eq!(s.pending(), 0);
+        gate.send(()).unwrap();
+        // Without priority levels, priority 1 is the only (default) level.
+        let (plain, _, gate) = gated(0, 10);
+        assert!(matches!(plain.submit_with(request(&[1.0]), at(2)), Err(ServeError::BadRequest(_))));
+        gate.send(()).unwrap();
+        plain.submit_with(request(&[1.0]), at(1)).unwrap().await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn requests_expire_in_the_queue_without_running() {
+        let (s, seen, gate) = gated(4, 10);
+        let first = s.submit(request(&[0.0])).unwrap();
+        seen.recv().unwrap();
+        let timeout = QueueOptions { timeout: Some(Duration::from_millis(1)), ..Default::default() };
+        let short = s.submit_with(request(&[1.0]), timeout).unwrap();
+        let deadline = QueueOptions { deadline: Some(Instant::now()), ..Default::default() };
+        let late = s.submit_with(request(&[2.0]), deadline).unwrap();
+        let patient = s.submit(request(&[3.0])).unwrap();
+        // Both expire while the only instance is still held, so they are answered before it frees.
+        let err = short.await.unwrap().unwrap_err();
+        assert!(matches!(err, ServeError::QueueTimeout(_)) && err.to_string().contains("timed out in the queue"));
+        assert!(matches!(late.await.unwrap().unwrap_err(), ServeError::DeadlineExceeded(_)));
+        assert_eq!(s.pending(), 1);
+        gate.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(values(patient.await.unwrap()), vec![6.0]);
+        assert_eq!(seen.try_iter().collect::<Vec<_>>(), vec![1], "expired requests never ran");
+    }
+
+    #[tokio::test]
+    async fn the_default_queue_timeout_applies_unless_a_request_sets_its_own() {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (gate_tx, gate_rx) = crossbeam_channel::unbounded();
+        let mut cfg = config(0, 10);
+        cfg.default_queue_timeout = Some(Duration::from_millis(1));
+        let inst = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: None };
+        let s = Scheduler::start(spec(0), cfg, vec![Box::new(inst)]).unwrap();
+        let first = s.submit(request(&[0.0])).unwrap();
+        seen.recv().unwrap();
+        let defaulted = s.submit(request(&[1.0])).unwrap();
+        let own = QueueOptions { timeout: Some(Duration::from_secs(3600)), ..Default::default() };
+        let overridden = s.submit_with(request(&[2.0]), own).unwrap();
+        assert!(matches!(defaulted.await.unwrap().unwrap_err(), ServeError::QueueTimeout(_)));
+        gate_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        assert_eq!(values(overridden.await.unwrap()), vec![4.0]);
+    }
+
+    #[tokio::test]
+    async fn a_hung_batch_fails_and_its_instance_is_replaced() {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (gate_tx, gate_rx) = crossbeam_channel::unbounded();
+        let hung = Doubler { seen: seen_tx.clone(), gate: Some(gate_rx), fail_on: None };
+        let mut cfg = config(0, 10);
+        cfg.execution_timeout = Some(Duration::from_millis(300));
+        let seats = Arc::new(Mutex::new(Vec::new()));
+        let made = seats.clone();
+        let factory: InstanceFactory = Arc::new(move |seat| {
+            made.lock().unwrap().push(seat);
+            Ok(Box::new(Doubler { seen: seen_tx.clone(), gate: None, fail_on: None }) as Box<dyn Instance>)
+        });
+        let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(hung)], Some(factory)).unwrap();
+        let err = s.submit(request(&[1.0])).unwrap().await.unwrap().unwrap_err();
+        assert!(matches!(err, ServeError::ExecutionTimeout(_)), "{err}");
+        assert!(err.to_string().contains("timed out after 300 ms; instance replaced"), "{err}");
+        assert_eq!(values(s.submit(request(&[2.0])).unwrap().await.unwrap()), vec![4.0]);
+        assert_eq!(*seats.lock().unwrap(), vec![0], "one replacement, in the hung instance's seat");
+        assert_eq!(s.stats().instances_replaced(), 1);
+        // The hung call returns late: its answer is dropped and the old instance never runs again.
+        gate_tx.send(()).unwrap();
+        for v in 3..6 {
+            assert_eq!(values(s.submit(request(&[v as f32])).unwrap().await.unwrap()), vec![2.0 * v as f32]);
+        }
+        assert_eq!(s.stats().instances_replaced(), 1);
+        assert_eq!(seen.try_iter().count(), 5);
+        s.shutdown();
+    }
+
+    #[tokio::test]
+    async fn shutdown_does_not_wait_for_a_hung_instance() {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (_gate_tx, gate_rx) = crossbeam_channel::unbounded::<()>();
+        let hung = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: None };
+        let mut cfg = config(0, 10);
+        cfg.execution_timeout = Some(Duration::from_millis(300));
+        let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(hung)], None).unwrap();
+        let reply = s.submit(request(&[1.0])).unwrap();
+        seen.recv().unwrap();
+        // Never released: shutdown waits for the watchdog to fail the batch, not for the model.
+        s.shutdown();
+        assert!(matches!(reply.await.unwrap(), Err(ServeError::ExecutionTimeout(_))));
     }
 }

@@ -13,8 +13,17 @@ pub const DURATION_BUCKETS_S: [f64; 16] =
     [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 /// Failure reasons, the `reason` label of `fastserve_request_failure_total`.
-pub const FAILURE_REASONS: [&str; 8] =
-    ["bad_request", "not_found", "unavailable", "queue_full", "model_error", "timeout", "forbidden", "internal"];
+pub const FAILURE_REASONS: [&str; 9] = [
+    "bad_request",
+    "not_found",
+    "unavailable",
+    "queue_full",
+    "model_error",
+    "timeout",
+    "execution_timeout",
+    "forbidden",
+    "internal",
+];
 
 pub fn failure_reason_index(e: &ServeError) -> usize {
     FAILURE_REASONS.iter().position(|r| *r == e.reason()).unwrap_or(FAILURE_REASONS.len() - 1)
@@ -115,6 +124,8 @@ pub struct ModelStats {
     failures: [AtomicU64; FAILURE_REASONS.len()],
     inference_count: AtomicU64,
     execution_count: AtomicU64,
+    cancelled: AtomicU64,
+    instances_replaced: AtomicU64,
     last_inference_ms: AtomicU64,
     /// Index = batch size (0 unused; with batching off every batch has size 1).
     batches: Vec<BatchSlot>,
@@ -138,6 +149,8 @@ impl ModelStats {
             failures: Default::default(),
             inference_count: AtomicU64::new(0),
             execution_count: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            instances_replaced: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
             batches: (0..=max_batch_size.max(1)).map(|_| BatchSlot::default()).collect(),
             histograms_on: AtomicBool::new(true),
@@ -202,6 +215,24 @@ impl ModelStats {
         if self.histograms() {
             self.request_hist.observe(elapsed);
         }
+    }
+
+    /// Queued requests dropped unrun because their client went away.
+    pub fn record_cancelled(&self, n: usize) {
+        self.cancelled.fetch_add(n as u64, Relaxed);
+    }
+
+    pub fn cancelled(&self) -> u64 {
+        self.cancelled.load(Relaxed)
+    }
+
+    /// An instance abandoned after `execution_timeout_ms` and started afresh.
+    pub fn record_instance_replaced(&self) {
+        self.instances_replaced.fetch_add(1, Relaxed);
+    }
+
+    pub fn instances_replaced(&self) -> u64 {
+        self.instances_replaced.load(Relaxed)
     }
 
     pub fn failures(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {

@@ -12,12 +12,12 @@ use std::time::Duration;
 use fastserve_core::auth::Auth;
 use fastserve_core::batcher::BatchPolicy;
 use fastserve_core::registry::{ModelVersion, Routing};
-use fastserve_core::scheduler::{Instance, Scheduler, SchedulerConfig};
+use fastserve_core::scheduler::{Instance, InstanceFactory, Scheduler, SchedulerConfig};
 use fastserve_core::server::{Server, ServerConfig};
 use fastserve_core::spec::{ModelSpec, TensorSpec};
 use fastserve_core::state::Limits;
 use fastserve_core::tls::{Tls, TlsFiles};
-use fastserve_core::DataType;
+use fastserve_core::{DataType, ServeError};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -39,6 +39,21 @@ fn tensor_specs(what: &str, list: Vec<SpecTuple>) -> PyResult<Vec<TensorSpec>> {
             Ok(TensorSpec { name, datatype, dims })
         })
         .collect()
+}
+
+/// Replacement instances for hung ones: `factory(seat)` returns a fresh model object. Called on
+/// the watchdog thread, never on the request path.
+fn replacement_factory(factory: Py<PyAny>, label: String) -> InstanceFactory {
+    Arc::new(move |seat| {
+        Python::attach(|py| {
+            let model = factory
+                .call1(py, (seat,))
+                .map_err(|e| ServeError::Internal(format!("{label}: creating a replacement instance raised {e}")))?;
+            PyInstance::new(py, model, label.clone())
+                .map(|i| Box::new(i) as Box<dyn Instance>)
+                .map_err(|e| ServeError::Internal(format!("{label}: {e}")))
+        })
+    })
 }
 
 /// The serving engine: network front ends, model registry, schedulers.
@@ -129,7 +144,7 @@ impl CoreServer {
     }
 
     /// Registers a loaded model version and starts its scheduler (replacing one of the same version).
-    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, max_batch_size = 0, max_queue_delay_us = 0, preferred_batch_sizes = Vec::new(), max_queue_size = 1024))]
+    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, max_batch_size = 0, max_queue_delay_us = 0, preferred_batch_sizes = Vec::new(), max_queue_size = 1024, default_queue_timeout_us = 0, priority_levels = 0, default_priority_level = 0, execution_timeout_ms = 0, instance_factory = None))]
     #[allow(clippy::too_many_arguments)]
     fn add_model(
         &self,
@@ -144,6 +159,11 @@ impl CoreServer {
         max_queue_delay_us: u64,
         preferred_batch_sizes: Vec<usize>,
         max_queue_size: usize,
+        default_queue_timeout_us: u64,
+        priority_levels: u64,
+        default_priority_level: u64,
+        execution_timeout_ms: u64,
+        instance_factory: Option<Py<PyAny>>,
     ) -> PyResult<()> {
         if instances.is_empty() {
             return Err(PyValueError::new_err(format!("model '{name}': at least one instance is required")));
@@ -161,18 +181,29 @@ impl CoreServer {
             .into_iter()
             .map(|obj| PyInstance::new(py, obj, label.clone()).map(|i| Box::new(i) as Box<dyn Instance>))
             .collect::<PyResult<Vec<_>>>()?;
-        let config = SchedulerConfig {
-            policy: BatchPolicy {
-                max_batch_size,
-                max_queue_delay: Duration::from_micros(max_queue_delay_us),
-                preferred_batch_sizes,
-            },
-            max_queue_size,
+        if default_priority_level > priority_levels.max(1) {
+            return Err(PyValueError::new_err(format!(
+                "model '{name}': default_priority_level {default_priority_level} exceeds priority_levels {priority_levels}"
+            )));
+        }
+        let policy = BatchPolicy {
+            max_batch_size,
+            max_queue_delay: Duration::from_micros(max_queue_delay_us),
+            preferred_batch_sizes,
         };
+        let config = SchedulerConfig {
+            default_queue_timeout: (default_queue_timeout_us > 0)
+                .then(|| Duration::from_micros(default_queue_timeout_us)),
+            priority_levels,
+            default_priority_level,
+            execution_timeout: (execution_timeout_ms > 0).then(|| Duration::from_millis(execution_timeout_ms)),
+            ..SchedulerConfig::new(policy, max_queue_size)
+        };
+        let factory = instance_factory.map(|f| replacement_factory(f, label.clone()));
         // Replacing a version drains the old one, whose threads need the GIL.
         py.detach(|| {
-            let scheduler =
-                Scheduler::start(spec, config, instances).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+            let scheduler = Scheduler::start_with(spec, config, instances, factory)
+                .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
             self.server.registry().insert(ModelVersion::ready(scheduler));
             Ok(())
         })
