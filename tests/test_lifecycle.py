@@ -7,6 +7,7 @@ import json
 import shutil
 import textwrap
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -220,20 +221,30 @@ def test_swap_and_unload_under_load_lose_nothing(start_server, tmp_path: Path) -
         with lock:
             return len(results)
 
+    def more_answered_than(n: int) -> int:
+        """Waits (hang guard only) until requests completed after this point, so each change below
+        happens with traffic flowing."""
+        deadline = time.monotonic() + 60
+        while seen() <= n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return seen()
+
     with ThreadPoolExecutor(8) as pool:
         workers = [pool.submit(hammer) for _ in range(8)]
         try:
+            more_answered_than(0)
             # v1 -> v1+v2: the new version is built while v1 serves, then requests move to v2.
             add_version(model, 2)
             client = httpclient.InferenceServerClient(server.address)
             client.load_model("m")
-            before_unload = seen()
+            before_unload = more_answered_than(seen())
             # Drop v1 with a config override (specific = [2]): v1 drains while requests keep coming.
             client.load_model("m", config=json.dumps({"version_policy": {"specific": [2]}}))
+            more_answered_than(seen())
             # Reload v2 itself (changed file): new instances swap in while the old ones drain.
             (model / "2" / "model.py").write_text((model / "2" / "model.py").read_text() + "\n# edited\n")
             client.load_model("m", config=json.dumps({"version_policy": {"specific": [2]}}))
-            after = seen()
+            after = more_answered_than(seen())
         finally:
             stop.set()
         for w in workers:
