@@ -139,6 +139,20 @@ def write_model(repo: Path, name: str, config: str, model_py: str | None = None,
     return model_dir
 
 
+def xy_config(extra: str = "") -> str:
+    """The config most Python test models share: FP32 X -> Y, 2 values per row, batches of up to 8
+    rows; ``extra`` goes after the top-level keys (more keys, or tables)."""
+    io = '[[input]]\nname = "X"\ndatatype = "FP32"\ndims = [2]\n[[output]]\nname = "Y"\ndatatype = "FP32"\ndims = [2]\n'
+    return f'backend = "python"\nmax_batch_size = 8\n{extra}\n{io}'
+
+
+DOUBLE_MODEL = """
+    class Model:
+        def execute(self, inputs):
+            return {"Y": inputs["X"] * 2}
+"""
+
+
 def infer_json(url: str, model: str, inputs: list[dict], **extra: object) -> requests.Response:
     return requests.post(f"{url}/v2/models/{model}/infer", json={"inputs": inputs, **extra}, timeout=60)
 

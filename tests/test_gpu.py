@@ -16,7 +16,7 @@ from fastserve.backends import cuda_device_count
 from fastserve.backends.onnxruntime import BoundOnnxInstance
 from test_instances import BARRIER_MODEL, call_concurrently
 
-from conftest import EXAMPLES, infer_json, write_model
+from conftest import DOUBLE_MODEL, EXAMPLES, infer_json, write_model, xy_config
 
 MLP = EXAMPLES / "mlp" / "1" / "model.onnx"
 PROVIDERS = ort.get_available_providers()
@@ -44,26 +44,6 @@ needs_tensorrt = pytest.mark.skipif(
 )
 needs_cupy = pytest.mark.skipif(CUPY_DEVICES < 1, reason="needs CuPy and a visible CUDA device")
 needs_two_gpus = pytest.mark.skipif(CUPY_DEVICES < 2, reason="needs CuPy and two visible CUDA devices")
-
-XY_CONFIG = """
-    backend = "python"
-    max_batch_size = 8
-    {extra}
-    [[input]]
-    name = "X"
-    datatype = "FP32"
-    dims = [2]
-    [[output]]
-    name = "Y"
-    datatype = "FP32"
-    dims = [2]
-"""
-
-DOUBLE_MODEL = """
-    class Model:
-        def execute(self, inputs):
-            return {"Y": inputs["X"] * 2}
-"""
 
 
 def mlp_repo(repo: Path, name: str, config: str) -> Path:
@@ -139,7 +119,7 @@ def test_onnx_gpu_without_cuda_is_a_load_error(start_server, tmp_path: Path) -> 
 
 @pytest.mark.skipif(CUPY_DEVICES > 0, reason="CuPy and a CUDA device are present")
 def test_python_gpu_model_without_cupy_is_a_load_error(start_server, tmp_path: Path) -> None:
-    write_model(tmp_path, "bad", XY_CONFIG.format(extra='device = "gpu"'), DOUBLE_MODEL)
+    write_model(tmp_path, "bad", xy_config('device = "gpu"'), DOUBLE_MODEL)
     mlp_repo(tmp_path, "good", "")
     server = start_server(tmp_path)
     try:
@@ -158,7 +138,7 @@ def test_python_gpu_model_without_cupy_is_a_load_error(start_server, tmp_path: P
 @pytest.mark.skipif(cuda_device_count() is None, reason="the CUDA driver cannot tell how many devices it sees")
 def test_gpu_ids_beyond_the_visible_devices_are_a_load_error(start_server, tmp_path: Path) -> None:
     # A Python model placed on GPUs (kind = "gpu", NumPy in and out) still gets its ids checked.
-    config = XY_CONFIG.format(extra='[instance_group]\nkind = "gpu"\ngpus = [0, 4096]')
+    config = xy_config('[instance_group]\nkind = "gpu"\ngpus = [0, 4096]')
     write_model(tmp_path, "bad", config, DOUBLE_MODEL)
     mlp_repo(tmp_path, "good", "")
     server = start_server(tmp_path)

@@ -22,33 +22,15 @@ import requests
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import ServerProcess, infer_json, write_model
+from conftest import DOUBLE_MODEL, ServerProcess, infer_json, write_model, xy_config
 
 HANG_GUARD_S = 30
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-DOUBLE_CONFIG = """
-    backend = "python"
-    max_batch_size = 8
-    [[input]]
-    name = "X"
-    datatype = "FP32"
-    dims = [2]
-    [[output]]
-    name = "Y"
-    datatype = "FP32"
-    dims = [2]
-"""
-DOUBLE_MODEL = """
-    class Model:
-        def execute(self, inputs):
-            return {"Y": inputs["X"] * 2}
-"""
-
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    write_model(tmp_path, "double", DOUBLE_CONFIG, DOUBLE_MODEL)
+    write_model(tmp_path, "double", xy_config(), DOUBLE_MODEL)
     return tmp_path
 
 
@@ -460,7 +442,7 @@ def test_busy_connections_are_not_idle(start_server, tmp_path: Path) -> None:
                     f.read()
                 return {{"Y": inputs["X"]}}
     """
-    write_model(tmp_path, "slow", DOUBLE_CONFIG, model)
+    write_model(tmp_path, "slow", xy_config(), model)
     server = start_server(tmp_path, "--idle-timeout-s", "1")
     result: dict = {}
     caller = threading.Thread(target=lambda: result.update(r=infer_json(server.url, "slow", x_input())))

@@ -12,22 +12,9 @@ import pytest
 import requests
 import tritonclient.grpc as grpcclient
 
-from conftest import infer_json, write_model
+from conftest import infer_json, write_model, xy_config
 
-SCALE_CONFIG = """
-    backend = "python"
-    max_batch_size = 8
-    [[input]]
-    name = "X"
-    datatype = "FP32"
-    dims = [2]
-    [[output]]
-    name = "Y"
-    datatype = "FP32"
-    dims = [2]
-    [parameters]
-    factor = 3
-"""
+SCALE_CONFIG = xy_config("[parameters]\nfactor = 3")
 
 SCALE_MODEL = """
     import numpy as np
