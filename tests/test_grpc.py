@@ -82,6 +82,32 @@ def test_model_config_is_triton_shaped(example_server: ServerProcess) -> None:
     assert e.value.status() == "StatusCode.NOT_FOUND"
 
 
+def test_http_model_config_matches_grpc(example_server: ServerProcess) -> None:
+    http = httpclient.InferenceServerClient(example_server.address)
+    grpc_client = grpcclient.InferenceServerClient(example_server.grpc_address)
+
+    def tensors(config: dict, key: str) -> list[tuple]:
+        return [(t["name"], t["data_type"], [int(d) for d in t["dims"]]) for t in config[key]]
+
+    for model in ("mlp", "echo"):
+        over_http = http.get_model_config(model)
+        over_grpc = grpc_client.get_model_config(model, as_json=True)["config"]
+        for key in ("name", "platform", "backend"):
+            assert over_http[key] == over_grpc[key]
+        assert over_http["max_batch_size"] == over_grpc.get("max_batch_size", 0)
+        assert tensors(over_http, "input") == tensors(over_grpc, "input")
+        assert tensors(over_http, "output") == tensors(over_grpc, "output")
+    mlp = http.get_model_config("mlp", model_version="1")
+    assert tensors(mlp, "input") == [("INPUT0", "TYPE_FP32", [64])]
+    queue = mlp["dynamic_batching"]["default_queue_policy"]
+    assert (queue["max_queue_size"], queue["timeout_action"]) == (4096, "REJECT")
+    r = requests.get(f"{example_server.url}/v2/models/no_such_model/config", timeout=10)
+    assert r.status_code == 404 and "no_such_model" in r.json()["error"]
+    assert requests.get(f"{example_server.url}/v2/models/mlp/versions/9/config", timeout=10).status_code == 404
+    r = requests.post(f"{example_server.url}/v2/models/mlp/config", timeout=10)
+    assert r.status_code == 404 and "POST is not supported" in r.json()["error"]
+
+
 @pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
 def test_mlp_matches_onnxruntime_and_the_json_path(example_server: ServerProcess, compression: str | None) -> None:
     client = grpcclient.InferenceServerClient(example_server.grpc_address)

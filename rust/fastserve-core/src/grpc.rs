@@ -23,7 +23,6 @@ use tracing::Instrument;
 
 use crate::auth::{Auth, Scope};
 use crate::control::RepositoryControl;
-use crate::datatype::DataType;
 use crate::error::ServeError;
 use crate::grpc_codec::{decode_request, encode_response};
 use crate::infer::{Parameters, ServedBy};
@@ -132,59 +131,6 @@ impl InferenceService {
             .map_err(|e| Status::internal(format!("repository operation failed: {e}")))?
             .map_err(Status::from)
     }
-
-    fn model_config_of(&self, name: &str, version: &str) -> Result<ModelConfig, ServeError> {
-        let mv = self.state.registry.resolve(name, Some(version))?;
-        let scheduler = mv.scheduler()?;
-        let spec = scheduler.spec();
-        let config = scheduler.config();
-        let policy = &config.policy;
-        Ok(ModelConfig {
-            name: spec.name.clone(),
-            platform: spec.platform.clone(),
-            backend: backend_of(&spec.platform).to_string(),
-            max_batch_size: i32::try_from(spec.max_batch_size).unwrap_or(i32::MAX),
-            input: spec
-                .inputs
-                .iter()
-                .map(|t| ModelInput {
-                    name: t.name.clone(),
-                    data_type: config_type(t.datatype) as i32,
-                    dims: t.dims.clone(),
-                })
-                .collect(),
-            output: spec
-                .outputs
-                .iter()
-                .map(|t| ModelOutput {
-                    name: t.name.clone(),
-                    data_type: config_type(t.datatype) as i32,
-                    dims: t.dims.clone(),
-                })
-                .collect(),
-            scheduling_choice: spec.batching().then(|| {
-                model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
-                    preferred_batch_size: policy
-                        .preferred_batch_sizes
-                        .iter()
-                        .map(|&n| i32::try_from(n).unwrap_or(i32::MAX))
-                        .collect(),
-                    max_queue_delay_microseconds: u64::try_from(policy.max_queue_delay.as_micros()).unwrap_or(u64::MAX),
-                    priority_levels: config.priority_levels,
-                    default_priority_level: config.default_priority_level,
-                    default_queue_policy: Some(ModelQueuePolicy {
-                        // Expired requests are refused, never run late; requests may set their own.
-                        timeout_action: model_queue_policy::TimeoutAction::Reject as i32,
-                        default_timeout_microseconds: config
-                            .default_queue_timeout
-                            .map_or(0, |t| u64::try_from(t.as_micros()).unwrap_or(u64::MAX)),
-                        allow_timeout_override: true,
-                        max_queue_size: u32::try_from(config.max_queue_size).unwrap_or(u32::MAX),
-                    }),
-                })
-            }),
-        })
-    }
 }
 
 /// When the client's `grpc-timeout` (if any) runs out, counted from now.
@@ -212,32 +158,6 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 /// Triton's backend name for a platform string.
-fn backend_of(platform: &str) -> &str {
-    match platform {
-        "onnxruntime_onnx" => "onnxruntime",
-        other => other,
-    }
-}
-
-fn config_type(dt: DataType) -> proto::DataType {
-    use proto::DataType as T;
-    match dt {
-        DataType::Bool => T::TypeBool,
-        DataType::Uint8 => T::TypeUint8,
-        DataType::Uint16 => T::TypeUint16,
-        DataType::Uint32 => T::TypeUint32,
-        DataType::Uint64 => T::TypeUint64,
-        DataType::Int8 => T::TypeInt8,
-        DataType::Int16 => T::TypeInt16,
-        DataType::Int32 => T::TypeInt32,
-        DataType::Int64 => T::TypeInt64,
-        DataType::Fp16 => T::TypeFp16,
-        DataType::Fp32 => T::TypeFp32,
-        DataType::Fp64 => T::TypeFp64,
-        DataType::Bytes => T::TypeString,
-    }
-}
-
 /// tonic reports a message over the size limit as OUT_OF_RANGE; the V2 protocol (and gRPC's own
 /// convention) says RESOURCE_EXHAUSTED. Nothing else in this service answers OUT_OF_RANGE.
 fn size_limit_status(status: Status) -> Status {
@@ -416,7 +336,9 @@ impl GrpcInferenceService for InferenceService {
 
     async fn model_config(&self, request: Request<ModelConfigRequest>) -> GrpcResult<ModelConfigResponse> {
         let r = request.into_inner();
-        Ok(Response::new(ModelConfigResponse { config: Some(self.model_config_of(&r.name, &r.version)?) }))
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(crate::model_config::build(&self.state, &r.name, Some(&r.version))?),
+        }))
     }
 
     async fn model_statistics(&self, request: Request<ModelStatisticsRequest>) -> GrpcResult<ModelStatisticsResponse> {

@@ -29,6 +29,7 @@ use crate::error::{Result, ServeError};
 use crate::infer::Parameters;
 use crate::json_codec::{check_json_depth, encode_infer_response, error_body, parse_infer_request};
 use crate::metrics::{self, Protocol, ServerCollector};
+use crate::model_config;
 use crate::scheduler::Scheduler;
 use crate::state::{Limits, ServerState, MIN_HEADER_BYTES};
 use crate::stats::ModelStats;
@@ -265,10 +266,11 @@ async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<B
                 [] if get => model_metadata(state, model, version),
                 ["ready"] if get => model_ready(state, model, version),
                 ["stats"] if get => Ok(ok_json(&state.model_stats(Some(model), version)?)),
+                ["config"] if get => Ok(ok_json(&model_config::to_json(&model_config::build(state, model, version)?))),
                 ["infer"] if post => {
                     Ok(infer_endpoint(state, model, version, req).instrument(request_span(model)).await)
                 }
-                [] | ["ready"] | ["infer"] | ["stats"] => Err(method_not_allowed(&method, &path)),
+                [] | ["ready"] | ["infer"] | ["stats"] | ["config"] => Err(method_not_allowed(&method, &path)),
                 _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
             }
         }

@@ -18,6 +18,7 @@ pub mod infer;
 pub mod json_codec;
 pub mod logging;
 pub mod metrics;
+pub mod model_config;
 pub mod registry;
 pub mod scheduler;
 pub mod server;
