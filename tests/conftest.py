@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from fastserve import Server, Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
@@ -185,6 +186,24 @@ class Identity:
         x = inputs["IN"]
         self.seen.append((x.dtype.name, x.shape))
         return {"OUT": x}
+
+
+@pytest.fixture(scope="module")
+def identity_models() -> Iterator[tuple[Server, dict[str, Identity]]]:
+    """An embedded server (HTTP and gRPC) with one identity model per V2 datatype, `id_<dtype>`."""
+    server = Server(http_port=0, grpc_port=0)
+    models = {}
+    for dt in DTYPES:
+        models[dt] = Identity()
+        server.add_model(
+            f"id_{dt.lower()}",
+            models[dt],
+            inputs=[Tensor("IN", dt, [-1])],
+            outputs=[Tensor("OUT", dt, [-1])],
+            max_batch_size=8,
+        )
+    with server:
+        yield server, models
 
 
 def sample(datatype: str, shape: tuple[int, ...]) -> np.ndarray:

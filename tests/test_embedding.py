@@ -16,26 +16,9 @@ from fastserve import Server, Tensor
 from conftest import DTYPES, EXAMPLES, Identity, Recorder, infer_json, sample
 
 
-@pytest.fixture(scope="module")
-def identity_server():
-    server = Server(http_port=0)
-    models = {}
-    for dt in DTYPES:
-        models[dt] = Identity()
-        server.add_model(
-            f"id_{dt.lower()}",
-            models[dt],
-            inputs=[Tensor("IN", dt, [-1])],
-            outputs=[Tensor("OUT", dt, [-1])],
-            max_batch_size=8,
-        )
-    with server:
-        yield server, models
-
-
 @pytest.mark.parametrize("datatype", list(DTYPES))
-def test_every_datatype_round_trips_as_numpy(identity_server, datatype: str) -> None:
-    server, models = identity_server
+def test_every_datatype_round_trips_as_numpy(identity_models, datatype: str) -> None:
+    server, models = identity_models
     client = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
     x = sample(datatype, (2, 3))
     inp = httpclient.InferInput("IN", [2, 3], datatype)

@@ -19,7 +19,7 @@ from fastserve import Server, Tensor
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from conftest import DTYPES, EXAMPLES, Identity, Recorder, ServerProcess, infer_json, sample
+from conftest import DTYPES, EXAMPLES, Recorder, ServerProcess, infer_json, sample
 
 
 def mlp_session() -> ort.InferenceSession:
@@ -231,8 +231,8 @@ def raw_request(datatype: str, shape: list[int], raw: list[bytes], **contents) -
         (raw_request("FP32", [1, 1 << 40, 1 << 40], []), "is too large"),
     ],
 )
-def test_bad_tensor_data_is_invalid_argument(identity_grpc, request_, message: str) -> None:
-    server, _ = identity_grpc
+def test_bad_tensor_data_is_invalid_argument(identity_models, request_, message: str) -> None:
+    server, _ = identity_models
     with pytest.raises(grpc.RpcError) as e:
         stub(f"127.0.0.1:{server.grpc_port}").ModelInfer(request_, timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -305,23 +305,6 @@ def test_oversized_messages_are_resource_exhausted(start_server) -> None:
     assert_mlp_still_serves(client)
 
 
-@pytest.fixture(scope="module")
-def identity_grpc():
-    server = Server(http_port=0, grpc_port=0)
-    models = {}
-    for dt in DTYPES:
-        models[dt] = Identity()
-        server.add_model(
-            f"id_{dt.lower()}",
-            models[dt],
-            inputs=[Tensor("IN", dt, [-1])],
-            outputs=[Tensor("OUT", dt, [-1])],
-            max_batch_size=8,
-        )
-    with server:
-        yield server, models
-
-
 def typed_contents(datatype: str, x: np.ndarray) -> dict:
     field = {
         "BOOL": "bool_contents",
@@ -341,8 +324,8 @@ def typed_contents(datatype: str, x: np.ndarray) -> dict:
 
 
 @pytest.mark.parametrize("datatype", list(DTYPES))
-def test_every_datatype_equals_the_json_path(identity_grpc, datatype: str) -> None:
-    server, models = identity_grpc
+def test_every_datatype_equals_the_json_path(identity_models, datatype: str) -> None:
+    server, models = identity_models
     model = f"id_{datatype.lower()}"
     x = sample(datatype, (2, 3))
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
