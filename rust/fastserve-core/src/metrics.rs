@@ -254,6 +254,19 @@ impl Collector for ServerCollector {
             "Model instances abandoned after execution_timeout_ms and replaced.",
             &each(&|s| s.instances_replaced()),
         )?;
+        let load_failures: Vec<(Labels, u64)> = self
+            .state
+            .registry
+            .load_failures()
+            .into_iter()
+            .map(|((name, version), n)| (model_labels(&name, version), n))
+            .collect();
+        counter(
+            e,
+            "fastserve_model_load_failure",
+            "Model version loads that failed (a failed reload leaves the serving version in place).",
+            &load_failures,
+        )?;
         let pending: Vec<(Labels, f64)> = models.iter().map(|(l, _, p)| (l.clone(), *p as f64)).collect();
         gauge(e, "fastserve_pending_requests", "Requests queued, waiting for an instance.", &pending)?;
         histogram(e, "fastserve_request_duration_seconds", "End-to-end inference request time.", &models, |s| {

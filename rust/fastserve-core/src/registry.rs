@@ -144,11 +144,18 @@ pub struct Registry {
     models: ArcSwap<HashMap<String, Arc<ModelEntry>>>,
     write: Mutex<()>,
     histograms: AtomicBool,
+    /// Failed loads per (model, version), whether or not an older version kept serving.
+    load_failures: Mutex<BTreeMap<(String, u64), u64>>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self { models: ArcSwap::default(), write: Mutex::new(()), histograms: AtomicBool::new(true) }
+        Self {
+            models: ArcSwap::default(),
+            write: Mutex::new(()),
+            histograms: AtomicBool::new(true),
+            load_failures: Mutex::default(),
+        }
     }
 }
 
@@ -255,6 +262,18 @@ impl Registry {
     /// True when every known version is ready (Triton's strict readiness).
     pub fn all_ready(&self) -> bool {
         self.models.load().values().all(|e| e.versions.values().all(|v| v.is_ready()))
+    }
+
+    /// Counts a failed (re)load of a model version, for `fastserve_model_load_failure_total`.
+    pub fn record_load_failure(&self, name: &str, version: u64) {
+        let mut failures = self.load_failures.lock().unwrap_or_else(|p| p.into_inner());
+        *failures.entry((name.to_string(), version)).or_default() += 1;
+    }
+
+    /// `((model, version), failed loads)` for every version that ever failed to load.
+    pub fn load_failures(&self) -> Vec<((String, u64), u64)> {
+        let failures = self.load_failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// Removes every model, draining each. Called after the front ends stopped, so nothing waits.

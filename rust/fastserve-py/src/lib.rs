@@ -214,6 +214,11 @@ impl CoreServer {
         py.detach(|| self.server.registry().insert(ModelVersion::failed(name, version, reason)));
     }
 
+    /// Counts a failed (re)load in `fastserve_model_load_failure_total`.
+    fn record_load_failure(&self, name: &str, version: u64) {
+        self.server.registry().record_load_failure(name, version);
+    }
+
     /// Unloads a model (or one version) after draining its queue; returns how many versions went.
     #[pyo3(signature = (name, version = None))]
     fn remove_model(&self, py: Python<'_>, name: String, version: Option<u64>) -> usize {
