@@ -98,7 +98,7 @@ def test_parameters_and_instances(start_server, tmp_path: Path) -> None:
     ("config", "reason"),
     [
         ('[parameters]\nperformance_hint = "FAST"', "performance_hint must be one of LATENCY, THROUGHPUT"),
-        ("[parameters]\nnum_streams = 0", "num_streams must be an integer >= 1"),
+        ("[parameters]\nnum_streams = 0", "num_streams must be >= 1 and <= 1024"),
         ('[parameters]\ndevice = "NPU9"', "OpenVINO cannot compile the model for device NPU9"),
         ('[instance_group]\nkind = "gpu"', "not [instance_group] kind"),
         ('[[input]]\nname = "INPUT0"\ndatatype = "FP16"\ndims = [64]', "as FP16, the model has FP32"),

@@ -6,6 +6,7 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,54 @@ else:  # pragma: no cover
 BACKENDS = ("onnxruntime", "openvino", "python")
 INSTANCE_KINDS = ("cpu", "gpu")
 DEVICES = ("cpu", "gpu")
+
+I64_MAX = 2**63 - 1  # versions travel as int64 (gRPC, Triton's JSON) and u64 (the native registry)
+DIM_MAX = 2**31 - 1  # Triton's dims are int64, but no real tensor dimension comes near this
+WARMUP_MAX_ELEMENTS = 2**24  # elements per warmup sample tensor: 128 MiB at most (FP64)
+MAX_INSTANCES = 1024  # count x GPUs: every instance is a thread and a copy of the model
+
+
+@dataclass(frozen=True)
+class Range:
+    """The inclusive range of one numeric key, and why it ends there (for the README)."""
+
+    low: int
+    high: int
+    why: str
+
+
+# Every numeric key of config.toml, by dotted path ("[]": each list item, "*": each table value).
+# The parser enforces exactly these and the README's table is generated from them
+# (``ranges_markdown``): a bound keeps one model's typo from exhausting the server's memory or
+# overflowing the native scheduler's integers, which would stop every other model too.
+RANGES: dict[str, Range] = {
+    "max_batch_size": Range(0, 2**20, "rows per batch; batch buffers are sized from it"),
+    "execution_timeout_ms": Range(0, 86_400_000, "24 h"),
+    "dynamic_batching.max_queue_delay_us": Range(0, 3_600_000_000, "1 h"),
+    "dynamic_batching.preferred_batch_sizes[]": Range(1, 2**20, "each also <= max_batch_size"),
+    "dynamic_batching.max_queue_size": Range(1, 10_000_000, "queued requests per version"),
+    "dynamic_batching.default_queue_timeout_us": Range(0, 3_600_000_000, "1 h"),
+    "dynamic_batching.priority_levels": Range(0, 1024, "one queue per level"),
+    "dynamic_batching.default_priority_level": Range(0, 1024, "also <= priority_levels"),
+    "instance_group.count": Range(1, MAX_INSTANCES, f'per GPU with kind = "gpu"; count x GPUs <= {MAX_INSTANCES}'),
+    "instance_group.gpus[]": Range(0, 1023, "CUDA device ids"),
+    "version_policy.latest": Range(1, 1024, "versions served side by side"),
+    "version_policy.specific[]": Range(0, I64_MAX, "version numbers (also version directory names)"),
+    "routing.labels.*": Range(0, I64_MAX, "version numbers"),
+    "routing.weights.*": Range(0, 1_000_000, "relative weights; keys are version numbers"),
+    "input.dims[]": Range(-1, DIM_MAX, "-1: variable"),
+    "output.dims[]": Range(-1, DIM_MAX, "-1: variable"),
+    "warmup.batch_size": Range(1, 2**20, "also <= max(1, max_batch_size)"),
+    "warmup.count": Range(1, 1000, "runs per instance"),
+    "warmup.dims.*[]": Range(0, DIM_MAX, f"each sample tensor has at most {WARMUP_MAX_ELEMENTS:,} elements"),
+    "parameters.intra_op_num_threads": Range(1, 1024, "onnxruntime"),
+    "parameters.inter_op_num_threads": Range(1, 1024, "onnxruntime"),
+    "parameters.num_streams": Range(1, 1024, "openvino"),
+    "parameters.inference_num_threads": Range(1, 1024, "openvino"),
+}
+
+# An integer as protobuf's JSON mapping may write it (Triton's config JSON quotes 64-bit ints).
+QUOTED_INT = re.compile(r"-?[0-9]+")
 
 
 class ConfigError(ValueError):
@@ -127,12 +176,44 @@ def _no_leftovers(table: dict[str, Any], where: str) -> None:
         raise ConfigError(f"unknown key(s) in {where or 'config.toml'}: {', '.join(sorted(table))}")
 
 
-def _int_list(values: Any, where: str, minimum: int) -> list[int]:
-    if not isinstance(values, list) or any(
-        isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values
-    ):
-        raise ConfigError(f"{where} must be a list of integers >= {minimum}")
-    return list(values)
+def as_int(value: Any) -> int | None:
+    """The integer a config value stands for, or None: TOML/JSON integers, and integers in quotes,
+    since protobuf's JSON mapping (Triton's config JSON) may quote any integer and always quotes
+    64-bit ones. Booleans, floats and other strings are no integers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and QUOTED_INT.fullmatch(value):
+        # Python refuses to parse thousands of digits; anything that long is out of range anyway.
+        return int(value) if len(value) <= 64 else (-1 if value.startswith("-") else 1) * 10**64
+    return None
+
+
+def in_range(value: Any, path: str, label: str) -> int:
+    """``value`` as an integer within ``RANGES[path]``, else a ConfigError naming ``label`` and the range."""
+    bounds = RANGES[path]
+    number = as_int(value)
+    if number is None:
+        raise ConfigError(f"{label} must be an integer, got {value!r}")
+    if not bounds.low <= number <= bounds.high:
+        raise ConfigError(f"{label} must be >= {bounds.low} and <= {bounds.high}, got {value!r}")
+    return number
+
+
+def _int(table: dict[str, Any], key: str, where: str, default: Any, path: str) -> Any:
+    """Takes integer ``key`` out of ``table``, checked against ``RANGES[path]``."""
+    if key not in table:
+        return default
+    return in_range(table.pop(key), path, f"{where}{key}")
+
+
+def _int_list(values: Any, label: str, path: str) -> list[int]:
+    bounds = RANGES[path]
+    numbers = [as_int(v) for v in values] if isinstance(values, list) else [None]
+    if any(n is None or not bounds.low <= n <= bounds.high for n in numbers):
+        raise ConfigError(f"{label} must be a list of integers >= {bounds.low} and <= {bounds.high}, got {values!r}")
+    return [n for n in numbers if n is not None]
 
 
 def _tensors(items: Any, key: str) -> list[Tensor]:
@@ -146,7 +227,7 @@ def _tensors(items: Any, key: str) -> list[Tensor]:
         where = f"[[{key}]] entry {i}: "
         name = _take(item, "name", str, where)
         datatype = _take(item, "datatype", str, where)
-        dims = _int_list(_take(item, "dims", list, where, []), f"{where}dims", -1)
+        dims = _int_list(_take(item, "dims", list, where, []), f"{where}dims", f"{key}.dims[]")
         if name is None or datatype is None:
             raise ConfigError(f"{where}name and datatype are required")
         _no_leftovers(item, f"[[{key}]] entry {i}")
@@ -162,22 +243,21 @@ def _routing(rt: dict[str, Any]) -> Routing:
     labels = dict(_take(rt, "labels", dict, where, {}))
     weights = dict(_take(rt, "weights", dict, where, {}))
     _no_leftovers(rt, "[routing]")
+    parsed_labels: dict[str, int] = {}
     for label, version in labels.items():
         # Labels share the URL slot of version numbers, so they must not look like one.
         if not label or label.isdigit() or not label.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}label '{label}' must be a non-numeric name of letters, digits, - and _")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ConfigError(f"{where}label '{label}' must map to a version number")
+        parsed_labels[label] = in_range(version, "routing.labels.*", f"{where}label '{label}' (a version number)")
     parsed: dict[int, int] = {}
     for version, weight in weights.items():
-        if not str(version).isdigit():
+        if not isinstance(version, str) or not QUOTED_INT.fullmatch(version) or version.startswith("-"):
             raise ConfigError(f"{where}weights keys must be version numbers, got '{version}'")
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-            raise ConfigError(f"{where}weight of version {version} must be an integer >= 0")
-        parsed[int(version)] = weight
+        number = in_range(version, "version_policy.specific[]", f"{where}weights key")
+        parsed[number] = in_range(weight, "routing.weights.*", f"{where}weight of version {version}")
     if parsed and not any(parsed.values()):
         raise ConfigError(f"{where}weights must not all be 0")
-    return Routing(labels=labels, weights=parsed)
+    return Routing(labels=parsed_labels, weights=parsed)
 
 
 def _warmups(items: Any) -> list[Warmup]:
@@ -189,23 +269,96 @@ def _warmups(items: Any) -> list[Warmup]:
             raise ConfigError(f"[[warmup]] entry {i} must be a table")
         item = dict(item)
         where = f"[[warmup]] entry {i}: "
+        dims = _take(item, "dims", dict, where, {})
         w = Warmup(
-            batch_size=_take(item, "batch_size", int, where, 1),
-            count=_take(item, "count", int, where, 1),
+            batch_size=_int(item, "batch_size", where, 1, "warmup.batch_size"),
+            count=_int(item, "count", where, 1, "warmup.count"),
             data=_take(item, "data", str, where, "zero"),
-            dims={k: _int_list(v, f"{where}dims.{k}", 0) for k, v in _take(item, "dims", dict, where, {}).items()},
+            dims={k: _int_list(v, f"{where}dims.{k}", "warmup.dims.*[]") for k, v in dims.items()},
         )
         _no_leftovers(item, f"[[warmup]] entry {i}")
-        if w.batch_size < 1 or w.count < 1:
-            raise ConfigError(f"{where}batch_size and count must be >= 1")
         if w.data not in ("zero", "random"):
             raise ConfigError(f'{where}data must be "zero" or "random"')
         out.append(w)
     return out
 
 
+def _dynamic_batching(db: dict[str, Any]) -> DynamicBatching:
+    where = "[dynamic_batching] "
+    path = "dynamic_batching."
+    preferred = _take(db, "preferred_batch_sizes", list, where, [])
+    batching = DynamicBatching(
+        max_queue_delay_us=_int(db, "max_queue_delay_us", where, 0, path + "max_queue_delay_us"),
+        preferred_batch_sizes=_int_list(preferred, f"{where}preferred_batch_sizes", path + "preferred_batch_sizes[]"),
+        max_queue_size=_int(db, "max_queue_size", where, 1024, path + "max_queue_size"),
+        default_queue_timeout_us=_int(db, "default_queue_timeout_us", where, 0, path + "default_queue_timeout_us"),
+        priority_levels=_int(db, "priority_levels", where, 0, path + "priority_levels"),
+        default_priority_level=_int(db, "default_priority_level", where, 0, path + "default_priority_level"),
+    )
+    _no_leftovers(db, "[dynamic_batching]")
+    if batching.default_priority_level > max(batching.priority_levels, 1):
+        raise ConfigError(f"{where}default_priority_level must be between 0 and priority_levels")
+    return batching
+
+
+def check_batch_sizes(batching: DynamicBatching, warmups: list[Warmup], max_batch_size: int) -> None:
+    """Batch sizes a config names must fit the model's ``max_batch_size``; checked again once a
+    backend has chosen the default for a config that sets none."""
+    too_big = [b for b in batching.preferred_batch_sizes if b > max_batch_size]
+    if too_big:
+        raise ConfigError(
+            f"[dynamic_batching] preferred_batch_sizes {too_big} exceed max_batch_size = {max_batch_size} "
+            f"(each must be >= 1 and <= max_batch_size)"
+        )
+    for i, w in enumerate(warmups):
+        if w.batch_size > max(1, max_batch_size):
+            raise ConfigError(
+                f"[[warmup]] entry {i}: batch_size must be >= 1 and <= max(1, max_batch_size) = "
+                f"{max(1, max_batch_size)}, got {w.batch_size}"
+            )
+
+
+def _instance_group(ig: dict[str, Any], device: str) -> InstanceGroup:
+    where = "[instance_group] "
+    count = _int(ig, "count", where, 1, "instance_group.count")
+    # A Python model with device = "gpu" is placed on GPUs without restating kind = "gpu".
+    kind = _take(ig, "kind", str, where, "gpu" if device == "gpu" else "cpu")
+    gpus = _take(ig, "gpus", list, where)
+    if kind not in INSTANCE_KINDS:
+        raise ConfigError(f"{where}kind must be one of {', '.join(INSTANCE_KINDS)}")
+    if device == "gpu" and kind != "gpu":
+        raise ConfigError(f'device = "gpu" contradicts {where}kind = "{kind}"')
+    if gpus is not None:
+        if kind != "gpu":
+            raise ConfigError(f'{where}gpus needs kind = "gpu"')
+        gpus = _int_list(gpus, f"{where}gpus", "instance_group.gpus[]")
+        if not gpus or len(set(gpus)) != len(gpus):
+            raise ConfigError(f"{where}gpus must list at least one device id, each once")
+    group = InstanceGroup(count=count, kind=kind, gpus=gpus if gpus is not None else [0])
+    _no_leftovers(ig, "[instance_group]")
+    if len(group.placements()) > MAX_INSTANCES:
+        raise ConfigError(f"{where}count x GPUs must be <= {MAX_INSTANCES} instances, got {len(group.placements())}")
+    return group
+
+
+def _version_policy(vp: dict[str, Any]) -> VersionPolicy:
+    where = "[version_policy] "
+    latest = _int(vp, "latest", where, None, "version_policy.latest")
+    all_versions = _take(vp, "all", bool, where, False)
+    specific = _take(vp, "specific", list, where)
+    if sum(x is not None and x is not False for x in (latest, all_versions or None, specific)) > 1:
+        raise ConfigError(f"{where}set only one of latest, all, specific")
+    _no_leftovers(vp, "[version_policy]")
+    return VersionPolicy(
+        latest=latest if latest is not None else 1,
+        all=all_versions,
+        specific=_int_list(specific, f"{where}specific", "version_policy.specific[]") if specific is not None else None,
+    )
+
+
 def parse_config(data: dict[str, Any]) -> ModelConfig:
-    """Validates a parsed TOML document into a ModelConfig."""
+    """Validates a parsed TOML document (or a load API's JSON override merged into one) into a
+    ModelConfig; every number is checked against ``RANGES``."""
     raw = dict(data)
     table = dict(data)
     cfg = ModelConfig(raw=raw)
@@ -215,80 +368,35 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     cfg.device = _take(table, "device", str, "", "cpu")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
-    cfg.execution_timeout_ms = _take(table, "execution_timeout_ms", int, "", 0)
-    if cfg.execution_timeout_ms < 0:
-        raise ConfigError("execution_timeout_ms must be >= 0")
-    cfg.max_batch_size = _take(table, "max_batch_size", int, "")
-    if cfg.max_batch_size is not None and cfg.max_batch_size < 0:
-        raise ConfigError("max_batch_size must be >= 0")
-
-    db = dict(_take(table, "dynamic_batching", dict, "", {}))
-    where = "[dynamic_batching] "
-    cfg.dynamic_batching = DynamicBatching(
-        max_queue_delay_us=_take(db, "max_queue_delay_us", int, where, 0),
-        preferred_batch_sizes=_int_list(
-            _take(db, "preferred_batch_sizes", list, where, []), f"{where}preferred_batch_sizes", 1
-        ),
-        max_queue_size=_take(db, "max_queue_size", int, where, 1024),
-        default_queue_timeout_us=_take(db, "default_queue_timeout_us", int, where, 0),
-        priority_levels=_take(db, "priority_levels", int, where, 0),
-        default_priority_level=_take(db, "default_priority_level", int, where, 0),
-    )
-    if cfg.dynamic_batching.max_queue_delay_us < 0:
-        raise ConfigError(f"{where}max_queue_delay_us must be >= 0")
-    if cfg.dynamic_batching.max_queue_size < 1:
-        raise ConfigError(f"{where}max_queue_size must be >= 1")
-    for key in ("default_queue_timeout_us", "priority_levels", "default_priority_level"):
-        if getattr(cfg.dynamic_batching, key) < 0:
-            raise ConfigError(f"{where}{key} must be >= 0")
-    if cfg.dynamic_batching.default_priority_level > max(cfg.dynamic_batching.priority_levels, 1):
-        raise ConfigError(f"{where}default_priority_level must be between 0 and priority_levels")
-    _no_leftovers(db, "[dynamic_batching]")
-
-    ig = dict(_take(table, "instance_group", dict, "", {}))
-    where = "[instance_group] "
-    count = _take(ig, "count", int, where, 1)
-    # A Python model with device = "gpu" is placed on GPUs without restating kind = "gpu".
-    kind = _take(ig, "kind", str, where, "gpu" if cfg.device == "gpu" else "cpu")
-    gpus = _take(ig, "gpus", list, where)
-    if count < 1:
-        raise ConfigError(f"{where}count must be >= 1")
-    if kind not in INSTANCE_KINDS:
-        raise ConfigError(f"{where}kind must be one of {', '.join(INSTANCE_KINDS)}")
-    if cfg.device == "gpu" and kind != "gpu":
-        raise ConfigError(f'device = "gpu" contradicts {where}kind = "{kind}"')
-    if gpus is not None:
-        if kind != "gpu":
-            raise ConfigError(f'{where}gpus needs kind = "gpu"')
-        gpus = _int_list(gpus, f"{where}gpus", 0)
-        if not gpus or len(set(gpus)) != len(gpus):
-            raise ConfigError(f"{where}gpus must list at least one device id, each once")
-    cfg.instance_group = InstanceGroup(count=count, kind=kind, gpus=gpus if gpus is not None else [0])
-    _no_leftovers(ig, "[instance_group]")
-
-    vp = dict(_take(table, "version_policy", dict, "", {}))
-    where = "[version_policy] "
-    latest = _take(vp, "latest", int, where)
-    all_versions = _take(vp, "all", bool, where, False)
-    specific = _take(vp, "specific", list, where)
-    if sum(x is not None and x is not False for x in (latest, all_versions or None, specific)) > 1:
-        raise ConfigError(f"{where}set only one of latest, all, specific")
-    if latest is not None and latest < 1:
-        raise ConfigError(f"{where}latest must be >= 1")
-    cfg.version_policy = VersionPolicy(
-        latest=latest if latest is not None else 1,
-        all=all_versions,
-        specific=_int_list(specific, f"{where}specific", 0) if specific is not None else None,
-    )
-    _no_leftovers(vp, "[version_policy]")
-
+    cfg.execution_timeout_ms = _int(table, "execution_timeout_ms", "", 0, "execution_timeout_ms")
+    cfg.max_batch_size = _int(table, "max_batch_size", "", None, "max_batch_size")
+    cfg.dynamic_batching = _dynamic_batching(dict(_take(table, "dynamic_batching", dict, "", {})))
+    cfg.instance_group = _instance_group(dict(_take(table, "instance_group", dict, "", {})), cfg.device)
+    cfg.version_policy = _version_policy(dict(_take(table, "version_policy", dict, "", {})))
     cfg.routing = _routing(dict(_take(table, "routing", dict, "", {})))
     cfg.warmup = _warmups(table.pop("warmup", []))
+    if cfg.max_batch_size is not None:
+        check_batch_sizes(cfg.dynamic_batching, cfg.warmup, cfg.max_batch_size)
     cfg.inputs = _tensors(table.pop("input", []), "input")
     cfg.outputs = _tensors(table.pop("output", []), "output")
     cfg.parameters = dict(_take(table, "parameters", dict, "", {}))
     _no_leftovers(table, "")
     return cfg
+
+
+def parameter_int(parameters: dict[str, Any], key: str, default: int) -> int:
+    """A backend's numeric ``[parameters]`` key, checked against ``RANGES["parameters.<key>"]``."""
+    if key not in parameters:
+        return default
+    return in_range(parameters[key], f"parameters.{key}", f"[parameters] {key}")
+
+
+def ranges_markdown() -> str:
+    """The README's table of numeric config.toml keys, generated from ``RANGES``."""
+    lines = ["| Key | Minimum | Maximum | Note |", "| --- | ---: | ---: | --- |"]
+    for path, r in RANGES.items():
+        lines.append(f"| `{path}` | {r.low:,} | {r.high:,} | {r.why} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_config(model_dir: Path) -> ModelConfig:

@@ -12,6 +12,7 @@ and every other model still serves. A reload that fails leaves the serving versi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -23,8 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backends import LoadContext, LoadError, load_version
-from .config import ConfigError, ModelConfig, parse_config
+from .backends import (
+    LoadContext,
+    LoadedModel,
+    LoadError,
+    finalize_instances,
+    load_version,
+    module_name,
+    release_version,
+    set_module,
+)
+from .config import I64_MAX, ConfigError, ModelConfig, check_batch_sizes, parse_config
 from .warmup import run_warmup
 
 if sys.version_info >= (3, 11):
@@ -82,19 +92,49 @@ def model_names(repo: Path) -> list[str]:
     )
 
 
-def version_numbers(path: Path) -> list[int]:
-    """Numeric version directories that really are inside ``path`` (a symlink out is ignored)."""
-    root = path.resolve()
-    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and p.resolve().parent == root)
+# A version directory's name: a number without leading zeros (so no two names mean one version).
+VERSION_DIR = re.compile(r"0|[1-9][0-9]*")
+_skipped: set[Path] = set()
+
+
+def _skip(path: Path, why: str) -> None:
+    """Logs a skipped version directory once, not on every poll."""
+    if path not in _skipped:
+        _skipped.add(path)
+        log.warning("ignoring version directory '%s': %s", path, why)
+
+
+def _version_of(p: Path) -> int | None:
+    """The version a directory name stands for, or None (logged when it looks like a number)."""
+    if not p.name.isdigit():
+        return None
+    if not VERSION_DIR.fullmatch(p.name):
+        _skip(p, "version directory names are numbers written without leading zeros in ASCII digits")
+        return None
+    if len(p.name) > 19 or int(p.name) > I64_MAX:
+        _skip(p, f"version numbers go up to {I64_MAX}")
+        return None
+    return int(p.name)
 
 
 def version_dirs(path: Path, bare_is_version_1: bool = False) -> dict[int, Path]:
-    """Version number -> directory; with ``bare_is_version_1`` and no version directories, a model
-    file directly in ``path`` makes ``path`` itself version 1."""
-    dirs = {v: path / str(v) for v in version_numbers(path)}
+    """Version number -> directory, for version directories that really are inside ``path`` (a
+    symlink out is ignored); with ``bare_is_version_1`` and no version directories, a model file
+    directly in ``path`` makes ``path`` itself version 1."""
+    root = path.resolve()
+    dirs = {}
+    for p in path.iterdir():
+        version = _version_of(p)
+        if version is not None and p.is_dir() and p.resolve().parent == root:
+            dirs[version] = p
     if not dirs and bare_is_version_1 and any((path / f).is_file() for f in MODEL_FILES):
         return {1: path}
-    return dirs
+    return dict(sorted(dirs.items()))
+
+
+def version_numbers(path: Path) -> list[int]:
+    """Numeric version directories that really are inside ``path``."""
+    return sorted(version_dirs(path))
 
 
 def _digest(parts: Iterable[str]) -> str:
@@ -129,17 +169,63 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class _Loaded:
-    """What was loaded of one model, to tell later whether anything changed."""
+    """What serves of one model, to tell later whether anything changed."""
 
     config_digest: str
     override: dict[str, Any] | None = None
     serving: dict[int, str] = field(default_factory=dict)  # version -> fingerprint of what serves
-    failed: dict[int, str] = field(default_factory=dict)  # version -> fingerprint that failed
+    failed_attempt: str = ""  # the last attempt that failed; polling retries only a different one
+
+
+@dataclass
+class _Built:
+    """A version loaded and warmed up but not registered yet: the load transaction's work in progress."""
+
+    ctx: LoadContext
+    loaded: LoadedModel
+    previous_module: Any  # the version's sys.modules entry before this build (a serving copy, or None)
+
+    @property
+    def version(self) -> int:
+        return int(self.ctx.version)
+
+    def discard(self) -> None:
+        """Undoes the build: its instances are finalized and the module entry it replaced is back."""
+        finalize_instances(self.loaded.instances)
+        set_module(self.ctx.name, self.version, self.previous_module)
+
+    def forget_replaced(self) -> None:
+        """Once registered: a build that imported no model.py (another backend) leaves the replaced
+        version's module behind in sys.modules; drop it with the instances it belonged to."""
+        key = module_name(self.ctx.name, self.version)
+        if self.previous_module is not None and sys.modules.get(key) is self.previous_module:
+            release_version(self.ctx.name, self.version)
+
+
+class _Abort(Exception):
+    """Ends a load transaction: ``failures`` maps versions to their reasons."""
+
+    def __init__(self, failures: dict[int, str]) -> None:
+        super().__init__(failures)
+        self.failures = failures
+
+
+def _reason(name: str, version: int, e: BaseException) -> str:
+    """The reason a version failed, as users see it; unexpected errors (a backend bug, a Rust
+    panic) are logged with their traceback."""
+    if isinstance(e, (LoadError, ValueError)):
+        return str(e)
+    log.error("unexpected error loading model '%s' version %s", name, version, exc_info=e)
+    return f"{type(e).__name__}: {e}"
 
 
 class ModelRepository:
     """Loads, reloads and unloads the models of one repository. One change runs at a time; the
-    index can be read meanwhile and shows LOADING/UNLOADING states."""
+    index can be read meanwhile and shows LOADING/UNLOADING states.
+
+    A (re)load is a transaction: every version that needs (re)loading is built and warmed up
+    unregistered, and only when all of them succeeded are they registered, routing set and versions
+    no longer selected unloaded. On any failure what served before serves on unchanged."""
 
     def __init__(self, core: Any, root: Path, model_name: str | None = None) -> None:
         if not root.is_dir():
@@ -152,10 +238,18 @@ class ModelRepository:
         self._change = threading.RLock()
         self._state_lock = threading.Lock()
         self._transient: dict[tuple[str, int], str] = {}
-        self._reasons: dict[tuple[str, int], str] = {}
+        self._failures: dict[str, dict[int, str]] = {}  # model -> version -> reason of its last failed load
         self._loaded: dict[str, _Loaded] = {}
+        self._garbage = False  # versions were built or removed since the last collection
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+
+    def _collect(self) -> None:
+        """Frees what replaced, aborted and unloaded versions left: a Python model's module, its
+        classes and their data form reference cycles, which only the cycle collector frees."""
+        if self._garbage:
+            self._garbage = False
+            gc.collect()
 
     def _public(self, reason: str) -> str:
         """The reason as API clients see it: without the server's filesystem layout."""
@@ -175,14 +269,23 @@ class ModelRepository:
         except LoadError as e:
             raise LookupError(str(e)) from None
 
-    def _set(self, name: str, version: int, transient: str | None = None, reason: str | None = None) -> None:
+    def _set(self, name: str, version: int, transient: str | None = None) -> None:
         with self._state_lock:
             if transient is None:
                 self._transient.pop((name, version), None)
             else:
                 self._transient[(name, version)] = transient
-            if reason is not None:
-                self._reasons[(name, version)] = reason
+
+    def _set_failures(self, name: str, failures: dict[int, str] | None) -> None:
+        with self._state_lock:
+            if failures:
+                self._failures[name] = dict(failures)
+            else:
+                self._failures.pop(name, None)
+
+    def _versions(self, name: str) -> dict[int, bool]:
+        """The registered versions of ``name`` and whether each is ready."""
+        return {v: ready for n, v, ready in self.core.models() if n == name}
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -195,160 +298,202 @@ class ModelRepository:
             except LookupError as e:
                 log.error("%s", e)
                 statuses.append(VersionStatus(name, 0, False, str(e)))
+            except Exception as e:  # an unreadable model directory must not stop the others
+                log.exception("loading model '%s' failed", name)
+                statuses.append(VersionStatus(name, 0, False, self._public(f"{type(e).__name__}: {e}")))
         return statuses
 
     def load(
         self, name: str, override: dict[str, Any] | None = None, *, keep_override: bool = False, retry: bool = True
     ) -> list[VersionStatus]:
-        """Loads or reloads ``name``: changed versions are rebuilt and swapped in while the old ones
-        serve; versions the policy no longer selects are drained and removed. With ``retry=False``
-        (polling) versions that failed are retried only once their files or config change."""
+        """Loads or reloads ``name`` as one transaction (see the class). With ``retry=False``
+        (polling) an attempt that failed is retried only once files or config change."""
         with self._change:
             path = self._dir(name)
             current = self._loaded.get(name) or _Loaded(config_digest="")
             if keep_override:
                 override = current.override
-            config_file = path / "config.toml"
-            text = config_file.read_bytes().decode("utf-8", "replace") if config_file.is_file() else ""
-            digest = _digest([text, json.dumps(override, sort_keys=True, default=str)])
-            same_config = current.config_digest == digest
-            dirs = version_dirs(path, bare_is_version_1=self.single is not None)
-            versions = sorted(dirs)
-            new = _Loaded(config_digest=digest, override=override)
             try:
-                config = parse_config(_merge(_read_config(path), override or {}))
-            except ConfigError as e:
-                if same_config and not retry:
-                    return []
-                new.serving = dict(current.serving)
-                self._loaded[name] = new
-                return [self._fail(name, v, str(e), v in current.serving) for v in (versions or [1])]
-            selected = config.version_policy.select(versions)
-            if not selected:
-                reason = (
-                    "no numeric version directories"
-                    if not versions
-                    else (f"version_policy selects none of the versions {versions}")
-                )
-                new.serving = dict(current.serving)
-                self._loaded[name] = new
-                return [self._fail(name, versions[-1] if versions else 1, reason, False)]
-            statuses = []
-            for v in selected:
-                fingerprint = version_fingerprint(dirs[v])
-                if same_config and current.serving.get(v) == fingerprint and self._is_ready(name, v):
-                    new.serving[v] = fingerprint
-                    statuses.append(VersionStatus(name, v, True))
-                    continue
-                if same_config and current.failed.get(v) == fingerprint and not retry:
-                    new.failed[v] = fingerprint
-                    continue
-                status = self._load_version(name, path, dirs[v], v, config, serving=v in current.serving)
-                statuses.append(status)
-                if status.ready:
-                    new.serving[v] = fingerprint
-                else:
-                    new.failed[v] = fingerprint
-                    if v in current.serving:  # the old version still serves
-                        new.serving[v] = current.serving[v]
-            registered = {v for n, v, _ in self.core.models() if n == name}
-            for v in sorted(registered - set(selected)):
-                self._unload_version(name, v)
-            self._loaded[name] = new
-            if new.serving:
-                self.core.set_routing(name, dict(config.routing.labels), dict(config.routing.weights))
-            return statuses
+                return self._transact(name, path, current, override, retry)
+            finally:
+                self._collect()
 
-    def _is_ready(self, name: str, version: int) -> bool:
-        return any(n == name and v == version and ready for n, v, ready in self.core.models())
-
-    def _fail(self, name: str, version: int, reason: str, serving: bool) -> VersionStatus:
-        public = self._public(reason)
-        if serving and self._is_ready(name, version):
-            log.error("reloading model '%s' version %s failed, the serving version stays: %s", name, version, reason)
-        else:
-            log.error("model '%s' version %s failed to load: %s", name, version, reason)
-            self.core.add_failed_model(name, version, public)
-        self._set(name, version, reason=public)
-        return VersionStatus(name, version, False, public)
-
-    def _load_version(
-        self, name: str, path: Path, version_dir: Path, version: int, config: ModelConfig, serving: bool
-    ) -> VersionStatus:
-        self._set(name, version, "LOADING")
-        ctx = LoadContext(name=name, version=version, model_dir=path, version_dir=version_dir, config=config)
+    def _transact(
+        self, name: str, path: Path, current: _Loaded, override: dict[str, Any] | None, retry: bool
+    ) -> list[VersionStatus]:
+        config_file = path / "config.toml"
+        text = config_file.read_bytes().decode("utf-8", "replace") if config_file.is_file() else ""
+        digest = _digest([text, json.dumps(override, sort_keys=True, default=str)])
+        dirs = version_dirs(path, bare_is_version_1=self.single is not None)
         try:
-            loaded = load_version(ctx)
-            run_warmup(loaded, config.warmup)
-            batching = config.dynamic_batching
-            self.core.add_model(
+            config = parse_config(_merge(_read_config(path), override or {}))
+        except ConfigError as e:
+            attempt = _digest(["config", digest])
+            return self._abort(name, current, attempt, retry, {v: str(e) for v in (list(dirs) or [1])})
+        selected = config.version_policy.select(list(dirs))
+        if not selected:
+            reason = "no numeric version directories" if dirs else f"version_policy selects none of {list(dirs)}"
+            attempt = _digest(["none", digest, *map(str, dirs)])
+            return self._abort(name, current, attempt, retry, {max(dirs, default=1): reason})
+        fingerprints = {v: version_fingerprint(dirs[v]) for v in selected}
+        ready = self._versions(name)
+        unchanged = current.config_digest == digest
+        stale = [v for v in selected if not (unchanged and current.serving.get(v) == fingerprints[v] and ready.get(v))]
+        attempt = _digest([digest, *(f"{v}:{fingerprints[v]}" for v in stale)])
+        if not retry and attempt == current.failed_attempt:
+            return []
+        try:
+            built = self._build(name, path, dirs, stale, config)
+            self._register(name, built, config)
+        except _Abort as e:
+            return self._abort(name, current, attempt, True, e.failures)
+        self._loaded[name] = _Loaded(config_digest=digest, override=override, serving=fingerprints)
+        self._set_failures(name, None)
+        self.core.set_routing(name, dict(config.routing.labels), dict(config.routing.weights))
+        for v in sorted(set(self._versions(name)) - set(selected)):
+            self._unload_version(name, v)
+        return [VersionStatus(name, v, True) for v in selected]
+
+    def _build(
+        self, name: str, path: Path, dirs: dict[int, Path], stale: list[int], config: ModelConfig
+    ) -> list[_Built]:
+        """Loads and warms up each stale version without registering it; on the first failure the
+        versions built so far are discarded and the transaction aborts."""
+        built: list[_Built] = []
+        for version in stale:
+            self._garbage = True
+            self._set(name, version, "LOADING")
+            try:
+                built.append(self._build_version(name, path, dirs[version], version, config))
+            except BaseException as e:
+                for b in built:
+                    b.discard()
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise _Abort({version: _reason(name, version, e)}) from None
+            finally:
+                self._set(name, version)
+        return built
+
+    def _build_version(self, name: str, path: Path, version_dir: Path, version: int, config: ModelConfig) -> _Built:
+        ctx = LoadContext(name=name, version=version, model_dir=path, version_dir=version_dir, config=config)
+        previous = sys.modules.get(module_name(name, version))
+        built = _Built(ctx, load_version(ctx), previous)
+        try:
+            # A config without max_batch_size learns the backend's choice only now.
+            check_batch_sizes(config.dynamic_batching, config.warmup, built.loaded.max_batch_size)
+            run_warmup(built.loaded, config.warmup)
+        except BaseException:
+            built.discard()
+            raise
+        return built
+
+    def _register(self, name: str, built: list[_Built], config: ModelConfig) -> None:
+        """Registers every built version; each replaced same-numbered version drains meanwhile.
+        Should the native side refuse one, the rest are discarded and the transaction aborts (the
+        versions registered before it stay: they loaded and serve)."""
+        for i, b in enumerate(built):
+            try:
+                self._add_model(name, b, config)
+            except BaseException as e:
+                for rest in built[i + 1 :]:
+                    rest.discard()
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                raise _Abort({b.version: _reason(name, b.version, e)}) from None
+            b.forget_replaced()
+            log.info(
+                "loaded model '%s' version %s (%s, max_batch_size %s, %s instance(s))",
                 name,
-                version,
-                loaded.platform,
-                [t.as_tuple() for t in loaded.inputs],
-                [t.as_tuple() for t in loaded.outputs],
-                loaded.instances,
-                max_batch_size=loaded.max_batch_size,
-                max_queue_delay_us=batching.max_queue_delay_us,
-                preferred_batch_sizes=list(batching.preferred_batch_sizes),
-                max_queue_size=batching.max_queue_size,
-                default_queue_timeout_us=batching.default_queue_timeout_us,
-                priority_levels=batching.priority_levels,
-                default_priority_level=batching.default_priority_level,
-                execution_timeout_ms=config.execution_timeout_ms,
-                instance_factory=_replacement(ctx) if config.execution_timeout_ms > 0 else None,
+                b.version,
+                b.loaded.platform,
+                b.loaded.max_batch_size,
+                len(b.loaded.instances),
             )
-        except (LoadError, ConfigError, ValueError) as e:
-            return self._fail(name, version, str(e), serving)
-        except Exception as e:  # a backend bug must not take the other models down
-            log.exception("unexpected error loading model '%s' version %s", name, version)
-            return self._fail(name, version, f"{type(e).__name__}: {e}", serving)
-        finally:
-            self._set(name, version)
-        self._set(name, version, reason="")
-        log.info(
-            "loaded model '%s' version %s (%s, max_batch_size %s, %s instance(s))",
+
+    def _add_model(self, name: str, b: _Built, config: ModelConfig) -> None:
+        batching = config.dynamic_batching
+        self.core.add_model(
             name,
-            version,
-            loaded.platform,
-            loaded.max_batch_size,
-            len(loaded.instances),
+            b.version,
+            b.loaded.platform,
+            [t.as_tuple() for t in b.loaded.inputs],
+            [t.as_tuple() for t in b.loaded.outputs],
+            b.loaded.instances,
+            max_batch_size=b.loaded.max_batch_size,
+            max_queue_delay_us=batching.max_queue_delay_us,
+            preferred_batch_sizes=list(batching.preferred_batch_sizes),
+            max_queue_size=batching.max_queue_size,
+            default_queue_timeout_us=batching.default_queue_timeout_us,
+            priority_levels=batching.priority_levels,
+            default_priority_level=batching.default_priority_level,
+            execution_timeout_ms=config.execution_timeout_ms,
+            instance_factory=_replacement(b.ctx) if config.execution_timeout_ms > 0 else None,
         )
-        return VersionStatus(name, version, True)
+
+    def _abort(
+        self, name: str, current: _Loaded, attempt: str, retry: bool, failures: dict[int, str]
+    ) -> list[VersionStatus]:
+        """Reports a failed attempt and leaves what serves as it is. Only when no version of the
+        model serves are the failures registered, so ready/metadata answers explain them; else they
+        show in the repository index (registering them would make the server unready)."""
+        if not retry and attempt == current.failed_attempt:
+            return []
+        registered = self._versions(name)
+        serving = sorted(v for v, ready in registered.items() if ready)
+        public = {v: self._public(reason) for v, reason in failures.items()}
+        for version, reason in failures.items():
+            self.core.record_load_failure(name, version)
+            if serving:
+                log.error("loading model '%s' version %s failed, %s keep serving: %s", name, version, serving, reason)
+            else:
+                log.error("model '%s' version %s failed to load: %s", name, version, reason)
+                self.core.add_failed_model(name, version, public[version])
+        if not serving:  # failures of an earlier attempt that this one does not repeat
+            for version in sorted(set(registered) - set(failures)):
+                self.core.remove_model(name, version)
+        self._set_failures(name, public)
+        self._loaded[name] = dataclasses.replace(current, failed_attempt=attempt)
+        return [VersionStatus(name, v, False, reason) for v, reason in public.items()]
 
     # -- unloading -----------------------------------------------------------------------------
 
     def _unload_version(self, name: str, version: int) -> None:
+        """Drains and removes one version, then drops the module it leaves in ``sys.modules``."""
         self._set(name, version, "UNLOADING")
+        self._garbage = True
         try:
             self.core.remove_model(name, version)
         finally:
             self._set(name, version)
-            with self._state_lock:
-                self._reasons.pop((name, version), None)
+            release_version(name, version)
         log.info("unloaded model '%s' version %s", name, version)
 
     def unload(self, name: str) -> int:
         """Stops admitting requests to every version of ``name``, drains them, and removes them."""
         with self._change:
-            versions = sorted({v for n, v, _ in self.core.models() if n == name})
+            versions = sorted(self._versions(name))
             if not versions and name not in self._loaded:
                 self._dir(name)
-            for v in versions:
-                self._unload_version(name, v)
-            self._loaded.pop(name, None)
+            try:
+                for v in versions:
+                    self._unload_version(name, v)
+            finally:
+                self._loaded.pop(name, None)
+                self._set_failures(name, None)
+                self._collect()
             return len(versions)
 
     # -- index and polling ---------------------------------------------------------------------
 
     def index(self, ready_only: bool = False) -> list[tuple[str, str | None, str, str]]:
-        """``(name, version, state, reason)`` for every model of the repository and every
-        registered version. Never waits for a load in progress."""
+        """``(name, version, state, reason)`` for every model of the repository, every registered
+        version and every version whose last load failed. Never waits for a load in progress."""
         registered = {(n, v): ready for n, v, ready in self.core.models()}
         with self._state_lock:
             transient = dict(self._transient)
-            reasons = dict(self._reasons)
-        keys = set(registered) | set(transient)
+            reasons = {(n, v): r for n, failed in self._failures.items() for v, r in failed.items()}
+        keys = set(registered) | set(transient) | set(reasons)
         rows: list[tuple[str, str | None, str, str]] = []
         for name in sorted(set(self._names()) | {n for n, _ in keys}):
             versions = sorted(v for n, v in keys if n == name)
@@ -360,7 +505,8 @@ class ModelRepository:
         return [r for r in rows if r[2] == "READY"] if ready_only else rows
 
     def poll_once(self) -> None:
-        """Loads new and changed models, unloads removed ones."""
+        """Loads new and changed models, unloads removed ones; one model's failure never stops
+        the others."""
         with self._change:
             present = set(self._names())
             for name in sorted(present):
@@ -368,6 +514,8 @@ class ModelRepository:
                     self.load(name, keep_override=True, retry=False)
                 except LookupError as e:
                     log.error("%s", e)
+                except Exception:
+                    log.exception("polling model '%s' failed", name)
             for name in sorted(set(self._loaded) - present):
                 self.unload(name)
 
@@ -376,7 +524,7 @@ class ModelRepository:
             while not self._stop.wait(interval_s):
                 try:
                     self.poll_once()
-                except Exception:
+                except BaseException:  # a Rust panic (PanicException) included: polling goes on
                     log.exception("repository poll failed")
 
         self._poller = threading.Thread(target=loop, name="fastserve-repository-poll", daemon=True)

@@ -7,10 +7,14 @@ each with ``execute(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]``.
 from __future__ import annotations
 
 import ctypes
+import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..tensor import Tensor
+
+log = logging.getLogger("fastserve.backends")
 
 
 class LoadError(RuntimeError):
@@ -50,6 +54,41 @@ class LoadContext:
             "config": self.config.raw,
             "parameters": dict(self.config.parameters),
         }
+
+
+def module_name(name: str, version: int) -> str:
+    """The ``sys.modules`` key of a Python model version's ``model.py``."""
+    return f"fastserve_models.{name}.v{version}"
+
+
+def set_module(name: str, version: int, module: Any) -> None:
+    """Puts ``module`` (None: nothing) back as the version's ``sys.modules`` entry."""
+    key = module_name(name, version)
+    if module is None:
+        sys.modules.pop(key, None)
+    else:
+        sys.modules[key] = module
+
+
+def release_version(name: str, version: int) -> None:
+    """Forgets what the process keeps of an unloaded version besides its instances: a Python
+    model's module stays in ``sys.modules`` (with all its module-level data) until dropped here."""
+    set_module(name, version, None)
+
+
+def finalize_instances(instances: list[Any]) -> None:
+    """Calls ``finalize`` on instances that were built but will never be served (a failed or
+    aborted load), as an unload would; one that raises does not stop the others."""
+    for instance in instances:
+        finalize = getattr(instance, "finalize", None)
+        if not callable(finalize):
+            continue
+        try:
+            finalize()
+        except KeyboardInterrupt:
+            raise
+        except BaseException:  # a model's sys.exit() must not stop the server either
+            log.exception("finalize() of an instance that was never served failed")
 
 
 # Used when a model's first dimension is dynamic and config.toml sets no max_batch_size.

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ConfigError, parameter_int
 from ..tensor import Tensor
 from . import DEFAULT_MAX_BATCH_SIZE, LoadContext, LoadedModel, LoadError, check_gpus, reconcile
 
@@ -111,6 +112,15 @@ def _parameters(ctx: LoadContext) -> dict[str, Any]:
     return options
 
 
+def _threads(params: dict[str, Any], key: str, default: int) -> int:
+    """A thread count from [parameters]: an integer in its documented range, since ORT would
+    otherwise take 2.5 as 2, "x" as a crash, or a huge count as an attempt to start that many."""
+    try:
+        return parameter_int(params, key, default)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+
+
 def _wheel_conflict_hint() -> str:
     """Both ORT wheels install the same ``onnxruntime`` module; the CPU one may have overwritten it."""
     from importlib import metadata
@@ -186,14 +196,15 @@ def load(ctx: LoadContext) -> LoadedModel:
         if "trt_engine_cache_path" in tensorrt:
             Path(tensorrt["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     params = cfg.parameters
+    # CPU instances share the cores; by default split them instead of oversubscribing.
+    cpu_instances = 1 if kind == "gpu" else len(placements)
+    intra_threads = _threads(params, "intra_op_num_threads", max(1, (os.cpu_count() or 1) // cpu_instances))
+    inter_threads = _threads(params, "inter_op_num_threads", 1)
     sessions = []
     for device_id in placements:
         options = ort.SessionOptions()
-        # CPU instances share the cores; by default split them instead of oversubscribing.
-        cpu_instances = 1 if kind == "gpu" else len(placements)
-        threads = params.get("intra_op_num_threads", max(1, (os.cpu_count() or 1) // cpu_instances))
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = int(params.get("inter_op_num_threads", 1))
+        options.intra_op_num_threads = intra_threads
+        options.inter_op_num_threads = inter_threads
         # ORT's pool threads spin between runs by default: that burns the cores the network threads need
         # (on 2 cores it halved throughput for the example MLP), so a server turns spinning off.
         spinning = params.get("intra_op_allow_spinning", False)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ConfigError, parameter_int
 from ..tensor import Tensor
 from . import DEFAULT_MAX_BATCH_SIZE, LoadContext, LoadedModel, LoadError, reconcile
 
@@ -59,6 +60,13 @@ def _model_file(ctx: LoadContext) -> Any:
     raise LoadError("openvino models need model.xml (+ model.bin) or model.onnx in the version directory")
 
 
+def _parameter_int(params: dict[str, Any], key: str, default: int) -> int:
+    try:
+        return parameter_int(params, key, default)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+
+
 def _properties(ctx: LoadContext) -> tuple[str, dict[str, str]]:
     """The device and compile properties from [parameters], checked before anything is compiled."""
     params = ctx.config.parameters
@@ -73,19 +81,14 @@ def _properties(ctx: LoadContext) -> tuple[str, dict[str, str]]:
                 f"[parameters] performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}, got {hint!r}"
             )
         properties["PERFORMANCE_HINT"] = hint
-    streams = params.get("num_streams")
-    if streams is not None:
-        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
-            raise LoadError(f"[parameters] num_streams must be an integer >= 1, got {streams!r}")
-        properties["NUM_STREAMS"] = str(streams)
-    threads = params.get("inference_num_threads")
+    if "num_streams" in params:
+        properties["NUM_STREAMS"] = str(_parameter_int(params, "num_streams", 1))
     if device == "CPU":
         # Instances share the cores; by default split them instead of oversubscribing.
-        if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // ctx.config.instance_group.count)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise LoadError(f"[parameters] inference_num_threads must be an integer >= 1, got {threads!r}")
-        properties["INFERENCE_NUM_THREADS"] = str(threads)
+        default = max(1, (os.cpu_count() or 1) // ctx.config.instance_group.count)
+        properties["INFERENCE_NUM_THREADS"] = str(_parameter_int(params, "inference_num_threads", default))
+    elif "inference_num_threads" in params:
+        _parameter_int(params, "inference_num_threads", 1)
     return device, properties
 
 

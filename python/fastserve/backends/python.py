@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import LoadContext, LoadedModel, LoadError, check_gpus
+from . import LoadContext, LoadedModel, LoadError, check_gpus, finalize_instances, module_name, set_module
 
 log = logging.getLogger("fastserve.backends.python")
 
@@ -22,16 +22,17 @@ def _import(ctx: LoadContext) -> ModuleType:
     if not path.is_file():
         raise LoadError("model.py not found in the version directory")
     # A unique module name per model version, so versions never share module state.
-    module_name = f"fastserve_models.{ctx.name}.v{ctx.version}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
+    name = module_name(ctx.name, ctx.version)
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise LoadError("model.py cannot be imported")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
-        sys.modules.pop(module_name, None)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # sys.exit() in model.py fails this model, not the server
         log.exception("importing model.py of model '%s' version %s failed", ctx.name, ctx.version)
         raise LoadError(f"model.py raised {type(e).__name__}: {e}") from None
     return module
@@ -92,6 +93,9 @@ def _cupy(gpus: list[int]) -> Any:
 
 
 def load(ctx: LoadContext) -> LoadedModel:
+    """Imports model.py as this version's module and creates its instances; on any failure the
+    module entry this version had before (a serving copy, or none) is put back, so a failed reload
+    neither replaces the serving module nor keeps the failed one alive."""
     cfg = ctx.config
     if not cfg.inputs or not cfg.outputs:
         raise LoadError("python models must declare [[input]] and [[output]] in config.toml")
@@ -100,27 +104,12 @@ def load(ctx: LoadContext) -> LoadedModel:
         cupy = _cupy(cfg.instance_group.gpus)
     elif cfg.instance_group.kind == "gpu":
         check_gpus(cfg.instance_group.gpus, "python model")
-    model_class = getattr(_import(ctx), "Model", None)
-    if not isinstance(model_class, type):
-        raise LoadError("model.py must define a class named Model")
-    instances = []
-    for index, device_id in enumerate(cfg.instance_group.placements()):
-        # Weights a GPU model creates in initialize() land on its own device.
-        on_device = cupy.cuda.Device(device_id) if cupy is not None else contextlib.nullcontext()
-        try:
-            model = model_class()
-            if not callable(getattr(model, "execute", None)):
-                raise LoadError("class Model has no execute(inputs) method")
-            initialize = getattr(model, "initialize", None)
-            if callable(initialize):
-                with on_device:
-                    initialize(ctx.initialize_args(index, device_id))
-        except LoadError:
-            raise
-        except Exception as e:
-            log.exception("initializing model '%s' version %s failed", ctx.name, ctx.version)
-            raise LoadError(f"Model() or initialize() raised {type(e).__name__}: {e}") from None
-        instances.append(CupyInstance(model, cupy, device_id) if cupy is not None else model)
+    previous = sys.modules.get(module_name(ctx.name, ctx.version))
+    try:
+        instances = _instances(ctx, _import(ctx), cupy)
+    except BaseException:
+        set_module(ctx.name, ctx.version, previous)
+        raise
     return LoadedModel(
         platform="python",
         max_batch_size=cfg.max_batch_size or 0,
@@ -128,3 +117,39 @@ def load(ctx: LoadContext) -> LoadedModel:
         outputs=list(cfg.outputs),
         instances=instances,
     )
+
+
+def _instances(ctx: LoadContext, module: ModuleType, cupy: Any) -> list[Any]:
+    """One ``Model()`` per placement, initialized; those already made are finalized when a later
+    one fails, as an unload would."""
+    model_class = getattr(module, "Model", None)
+    if not isinstance(model_class, type):
+        raise LoadError("model.py must define a class named Model")
+    instances: list[Any] = []
+    try:
+        for index, device_id in enumerate(ctx.config.instance_group.placements()):
+            model = _instance(ctx, model_class, index, device_id, cupy)
+            instances.append(CupyInstance(model, cupy, device_id) if cupy is not None else model)
+    except BaseException:
+        finalize_instances(instances)
+        raise
+    return instances
+
+
+def _instance(ctx: LoadContext, model_class: type, index: int, device_id: int | None, cupy: Any) -> Any:
+    # Weights a GPU model creates in initialize() land on its own device.
+    on_device = cupy.cuda.Device(device_id) if cupy is not None else contextlib.nullcontext()
+    try:
+        model = model_class()
+        if not callable(getattr(model, "execute", None)):
+            raise LoadError("class Model has no execute(inputs) method")
+        initialize = getattr(model, "initialize", None)
+        if callable(initialize):
+            with on_device:
+                initialize(ctx.initialize_args(index, device_id))
+    except (LoadError, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # sys.exit() in initialize fails this model, not the server
+        log.exception("initializing model '%s' version %s failed", ctx.name, ctx.version)
+        raise LoadError(f"Model() or initialize() raised {type(e).__name__}: {e}") from None
+    return model
