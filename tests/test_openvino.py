@@ -99,6 +99,11 @@ def test_parameters_and_instances(start_server, tmp_path: Path) -> None:
     [
         ('[parameters]\nperformance_hint = "FAST"', "performance_hint must be one of LATENCY, THROUGHPUT"),
         ("[parameters]\nnum_streams = 0", "num_streams must be >= 1 and <= 1024"),
+        (
+            '[parameters]\ninference_precision = "i8"',
+            "inference_precision must be one of 'f32', 'bf16', 'f16', got 'i8'",
+        ),
+        ("[parameters]\ninference_precision = 32", "inference_precision must be one of 'f32', 'bf16', 'f16', got 32"),
         ('[parameters]\ndevice = "NPU9"', "OpenVINO cannot compile the model for device NPU9"),
         ('[instance_group]\nkind = "gpu"', "not [instance_group] kind"),
         ('[[input]]\nname = "INPUT0"\ndatatype = "FP16"\ndims = [64]', "as FP16, the model has FP32"),
@@ -121,3 +126,17 @@ def test_ir_without_weights_is_a_load_error(start_server, tmp_path: Path) -> Non
     r = requests.get(f"{server.url}/v2/models/noweights/ready", timeout=10)
     assert r.status_code == 400
     assert "model.xml found without its weights file model.bin" in r.json()["error"]
+
+
+def test_fp32_models_run_in_fp32_unless_a_lower_precision_is_asked_for(start_server, tmp_path: Path) -> None:
+    # OpenVINO's CPU plugin runs FP32 models in bf16 wherever the CPU has bf16 units (AVX512-BF16,
+    # AMX) unless told otherwise; fastserve asks for the model's precision by default.
+    onnx_model(tmp_path, "default", 'backend = "openvino"\n')
+    onnx_model(tmp_path, "f32", 'backend = "openvino"\n[parameters]\ninference_precision = "f32"\n')
+    onnx_model(tmp_path, "bf16", 'backend = "openvino"\n[parameters]\ninference_precision = "bf16"\n')
+    server = start_server(tmp_path)
+    x = np.random.default_rng(14).standard_normal((16, 64)).astype(np.float32)
+    for model in ("default", "f32"):
+        np.testing.assert_allclose(infer(server.address, model, x), reference(x), rtol=1e-4, atol=1e-5)
+    # bf16 keeps ~3 significant digits (or is ignored by CPUs without bf16 units): close, not equal.
+    np.testing.assert_allclose(infer(server.address, "bf16", x), reference(x), rtol=5e-2, atol=5e-2)
