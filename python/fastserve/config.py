@@ -52,7 +52,7 @@ RANGES: dict[str, Range] = {
     "dynamic_batching.priority_levels": Range(0, 1024, "one queue per level"),
     "dynamic_batching.default_priority_level": Range(0, 1024, "also <= priority_levels"),
     "instance_group.count": Range(1, MAX_INSTANCES, f'per GPU with kind = "gpu"; count x GPUs <= {MAX_INSTANCES}'),
-    "instance_group.gpus[]": Range(0, 1023, "CUDA device ids"),
+    "instance_group.gpus[]": Range(0, 65535, "CUDA device ids; each must also be visible at load"),
     "version_policy.latest": Range(1, 1024, "versions served side by side"),
     "version_policy.specific[]": Range(0, I64_MAX, "version numbers (also version directory names)"),
     "routing.labels.*": Range(0, I64_MAX, "version numbers"),
