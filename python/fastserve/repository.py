@@ -332,7 +332,11 @@ class ModelRepository:
             return self._abort(name, current, attempt, retry, {v: str(e) for v in (list(dirs) or [1])})
         selected = config.version_policy.select(list(dirs))
         if not selected:
-            reason = "no numeric version directories" if dirs else f"version_policy selects none of {list(dirs)}"
+            reason = (
+                f"version_policy selects none of the versions {list(dirs)}"
+                if dirs
+                else "no numeric version directories"
+            )
             attempt = _digest(["none", digest, *map(str, dirs)])
             return self._abort(name, current, attempt, retry, {max(dirs, default=1): reason})
         fingerprints = {v: version_fingerprint(dirs[v]) for v in selected}
@@ -396,6 +400,8 @@ class ModelRepository:
             try:
                 self._add_model(name, b, config)
             except BaseException as e:
+                # Its instances may be the native side's now (it finalizes them); its module is not.
+                set_module(name, b.version, b.previous_module)
                 for rest in built[i + 1 :]:
                     rest.discard()
                 if isinstance(e, KeyboardInterrupt):
@@ -440,12 +446,12 @@ class ModelRepository:
         if not retry and attempt == current.failed_attempt:
             return []
         registered = self._versions(name)
-        serving = sorted(v for v, ready in registered.items() if ready)
+        serving = ", ".join(f"version {v}" for v, ready in sorted(registered.items()) if ready)
         public = {v: self._public(reason) for v, reason in failures.items()}
         for version, reason in failures.items():
             self.core.record_load_failure(name, version)
             if serving:
-                log.error("loading model '%s' version %s failed, %s keep serving: %s", name, version, serving, reason)
+                log.error("loading model '%s' version %s failed (%s serve on): %s", name, version, serving, reason)
             else:
                 log.error("model '%s' version %s failed to load: %s", name, version, reason)
                 self.core.add_failed_model(name, version, public[version])
