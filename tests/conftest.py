@@ -23,13 +23,15 @@ EXAMPLES = ROOT / "examples" / "models"
 LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?https?://([0-9.]+):(\d+)")
 METRICS_LISTENING = re.compile(r"metrics listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)/metrics")
 GRPC_LISTENING = re.compile(r"gRPC listening.*address\"?[=:]\"?([0-9.]+):(\d+)")
+# Logged once the startup loads are done (the listeners come up before the models load).
+LOADED = re.compile(r"model version\(s\) ready, \d+ failed")
 
 
 class ServerProcess:
     """A `fastserve serve` subprocess on ephemeral HTTP and gRPC ports; its stderr is collected line
-    by line."""
+    by line. Returns once the startup loads are done (``wait_loaded=False``: once it listens)."""
 
-    def __init__(self, repo: Path, *extra: str) -> None:
+    def __init__(self, repo: Path, *extra: str, wait_loaded: bool = True) -> None:
         cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo)]
         cmd += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -57,6 +59,9 @@ class ServerProcess:
                 m = LISTENING.search(line)
                 if m and self.port is None:
                     self.port = int(m.group(2))
+                    if not wait_loaded:
+                        ready.set()
+                if LOADED.search(line):
                     ready.set()
             ready.set()
 
@@ -113,8 +118,8 @@ class ServerProcess:
 def start_server() -> Iterator:
     started: list[ServerProcess] = []
 
-    def start(repo: Path, *extra: str) -> ServerProcess:
-        server = ServerProcess(repo, *extra)
+    def start(repo: Path, *extra: str, wait_loaded: bool = True) -> ServerProcess:
+        server = ServerProcess(repo, *extra, wait_loaded=wait_loaded)
         started.append(server)
         return server
 

@@ -120,6 +120,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         default=64 * 1024 * 1024,
         help="largest gRPC message received or sent (default 64 MiB)",
     )
+    serve.add_argument(
+        "--grpc-response-compression",
+        default="none",
+        choices=["none", "gzip", "deflate"],
+        help="compress gRPC responses for clients that accept it (default none, as Triton); "
+        "compressed requests are always accepted",
+    )
     serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
     serve.add_argument(
@@ -170,6 +177,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     security.add_argument(
         "--tls-client-ca", type=Path, metavar="PEM", help="require client certificates issued by this CA (mTLS)"
     )
+    security.add_argument(
+        "--allow-remote-repository-api",
+        action="store_true",
+        help="serve the repository API (control modes poll/explicit) on a non-loopback --host without "
+        "--admin-token-file (refused by default)",
+    )
     _env_defaults(serve, os.environ if environ is None else environ)
     return parser
 
@@ -213,6 +226,8 @@ def _build_server(args: argparse.Namespace, auth_token: str | None, admin_token:
         header_read_timeout_s=args.header_read_timeout_s,
         body_read_timeout_s=args.body_read_timeout_s,
         idle_timeout_s=args.idle_timeout_s,
+        grpc_response_compression=args.grpc_response_compression,
+        allow_remote_repository_api=args.allow_remote_repository_api,
     )
 
 
@@ -264,20 +279,6 @@ def serve(args: argparse.Namespace) -> int:
     if args.repository_poll_secs <= 0:
         sys.stderr.write("fastserve: error: --repository-poll-secs must be positive\n")
         return 2
-    try:
-        statuses = server.load_repository(
-            repo,
-            control_mode=args.model_control_mode,
-            load_models=args.load_model,
-            poll_secs=args.repository_poll_secs,
-            model_name=args.model_name,
-        )
-    except ValueError as e:
-        sys.stderr.write(f"fastserve: error: {e}\n")
-        return 2
-    failed = [s for s in statuses if not s.ready]
-    log.info("%d model version(s) ready, %d failed", len(statuses) - len(failed), len(failed))
-
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -286,16 +287,37 @@ def serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    # Listen first (live at once, ready once the models loaded, as Triton), so a port in use is
+    # reported before any model loads and probes answer during long loads.
     try:
         server.start()
     except OSError as e:
         log.error("%s", e)
         server.stop()
         return 1
+    try:
+        statuses = server.load_repository(
+            repo,
+            control_mode=args.model_control_mode,
+            load_models=args.load_model,
+            poll_secs=args.repository_poll_secs,
+            model_name=args.model_name,
+        )
+    except (ValueError, PermissionError) as e:
+        sys.stderr.write(f"fastserve: error: {e}\n")
+        server.stop()
+        return 2
+    failed = [s for s in statuses if not s.ready]
+    log.info("%d model version(s) ready, %d failed", len(statuses) - len(failed), len(failed))
     stop.wait()
-    server.stop()
+    abandoned = server.stop()
     flush_telemetry()
     log.info("stopped")
+    if abandoned:
+        # Threads stuck in a model's code cannot be stopped, and interpreter shutdown would wait on
+        # them: exit now, as the drain timeout promises.
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -45,6 +45,7 @@ class Range:
 RANGES: dict[str, Range] = {
     "max_batch_size": Range(0, 2**20, "rows per batch; batch buffers are sized from it"),
     "execution_timeout_ms": Range(0, 86_400_000, "24 h"),
+    "max_abandoned_instances": Range(0, 1024, "hung instances left running before the version is unavailable"),
     "dynamic_batching.max_queue_delay_us": Range(0, 3_600_000_000, "1 h"),
     "dynamic_batching.preferred_batch_sizes[]": Range(1, 2**20, "each also <= max_batch_size"),
     "dynamic_batching.max_queue_size": Range(1, 10_000_000, "queued requests per version"),
@@ -142,6 +143,7 @@ class ModelConfig:
     max_batch_size: int | None = None
     device: str = "cpu"  # python models: "gpu" hands execute() CuPy arrays
     execution_timeout_ms: int = 0  # 0: none; a longer execute() fails its batch and the instance is replaced
+    max_abandoned_instances: int = 4  # hung instances left running before the version is marked unavailable
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
@@ -369,6 +371,7 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     if cfg.device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
     cfg.execution_timeout_ms = _int(table, "execution_timeout_ms", "", 0, "execution_timeout_ms")
+    cfg.max_abandoned_instances = _int(table, "max_abandoned_instances", "", 4, "max_abandoned_instances")
     cfg.max_batch_size = _int(table, "max_batch_size", "", None, "max_batch_size")
     cfg.dynamic_batching = _dynamic_batching(dict(_take(table, "dynamic_batching", dict, "", {})))
     cfg.instance_group = _instance_group(dict(_take(table, "instance_group", dict, "", {})), cfg.device)

@@ -434,6 +434,7 @@ class ModelRepository:
             priority_levels=batching.priority_levels,
             default_priority_level=batching.default_priority_level,
             execution_timeout_ms=config.execution_timeout_ms,
+            max_abandoned_instances=config.max_abandoned_instances,
             instance_factory=_replacement(b.ctx) if config.execution_timeout_ms > 0 else None,
         )
 
@@ -536,10 +537,12 @@ class ModelRepository:
         self._poller = threading.Thread(target=loop, name="fastserve-repository-poll", daemon=True)
         self._poller.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stops polling; waits up to ``timeout_s`` for a poll under way (a load may take long; the
+        poller is a daemon thread, so a shutdown need not wait for it)."""
         self._stop.set()
         if self._poller is not None:
-            self._poller.join()
+            self._poller.join(timeout_s)
 
 
 class RepositoryApi:

@@ -62,6 +62,8 @@ class Server:
         header_read_timeout_s: float = 30.0,
         body_read_timeout_s: float = 60.0,
         idle_timeout_s: float = 120.0,
+        grpc_response_compression: str = "none",
+        allow_remote_repository_api: bool = False,
     ) -> None:
         """``metrics_port``: serve Prometheus ``/metrics`` there (0 = any free port, None = off).
         ``access_log``: one log line per inference request.
@@ -79,7 +81,12 @@ class Server:
         listeners (more are closed on accept); ``grpc_max_concurrent_streams`` the calls per gRPC
         connection. Slow clients: ``header_read_timeout_s`` (HTTP/1 head, 408),
         ``body_read_timeout_s`` (body, 408), ``idle_timeout_s`` (connections without a request are
-        closed). Bad values raise ``ValueError``."""
+        closed). Bad values raise ``ValueError``.
+
+        ``grpc_response_compression``: "none" (default, as Triton), "gzip" or "deflate" — compress gRPC
+        responses for clients that accept it; compressed requests are always accepted.
+        ``allow_remote_repository_api``: serve the repository API on a non-loopback ``host`` without an
+        ``admin_token`` (refused otherwise: model management must not be open to the network)."""
         self._core = _core.CoreServer(
             host=host,
             http_port=http_port,
@@ -104,8 +111,11 @@ class Server:
             header_read_timeout_s=header_read_timeout_s,
             body_read_timeout_s=body_read_timeout_s,
             idle_timeout_s=idle_timeout_s,
+            grpc_response_compression=grpc_response_compression,
+            allow_remote_repository_api=allow_remote_repository_api,
         )
         self._repository: ModelRepository | None = None
+        self._drain_timeout_s = drain_timeout_s
 
     def add_model(
         self,
@@ -123,13 +133,16 @@ class Server:
         priority_levels: int = 0,
         default_priority_level: int = 0,
         execution_timeout_ms: int = 0,
+        max_abandoned_instances: int = 4,
         instance_count: int = 1,
         platform: str = "python",
     ) -> None:
         """Serves ``model`` (an object with ``execute``) under ``name``/``version``.
 
         Pass a class or factory instead of an object to get ``instance_count`` separate instances;
-        an object is shared by all instances.
+        an object is shared by all instances. With ``execution_timeout_ms`` a batch running longer
+        fails and its instance is replaced; once ``max_abandoned_instances`` hung ones are still
+        running, the version is marked unavailable instead (a thread cannot be killed).
         """
         factory: Callable[[], Any] | None = model if isinstance(model, type) or not hasattr(model, "execute") else None
         if factory is None:
@@ -152,6 +165,7 @@ class Server:
             default_priority_level=default_priority_level,
             execution_timeout_ms=execution_timeout_ms,
             instance_factory=(lambda _seat: factory()) if factory is not None else (lambda _seat: model),
+            max_abandoned_instances=max_abandoned_instances,
         )
 
     def load_repository(
@@ -173,16 +187,25 @@ class Server:
         """
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)}")
-        self._repository = ModelRepository(self._core, Path(path), model_name)
-        if control_mode == "explicit":
-            names = None if load_models is not None and "*" in load_models else list(load_models or [])
-            statuses = self._repository.load_all(names)
-        else:
-            statuses = self._repository.load_all()
+        repository = ModelRepository(self._core, Path(path), model_name)
         if control_mode != "none":
-            self._core.set_repository_control(RepositoryApi(self._repository))
+            # Refused before anything loads when management would be open to the network.
+            self._core.set_repository_control(RepositoryApi(repository))
+        self._repository = repository
+        root = Path(path)
+        self._core.set_private_paths(sorted({str(root), str(root.absolute()), str(root.resolve())}))
+        # Live but not ready while the models load, as Triton: probes answer during long loads.
+        self._core.set_starting(True)
+        try:
+            if control_mode == "explicit":
+                names = None if load_models is not None and "*" in load_models else list(load_models or [])
+                statuses = repository.load_all(names)
+            else:
+                statuses = repository.load_all()
+        finally:
+            self._core.set_starting(False)
         if control_mode == "poll":
-            self._repository.start_polling(poll_secs)
+            repository.start_polling(poll_secs)
         return statuses
 
     def load_model(self, name: str, config: dict | None = None) -> list[VersionStatus]:
@@ -206,12 +229,17 @@ class Server:
         _running.add(self)
         return self
 
-    def stop(self) -> None:
-        """Stops accepting, answers in-flight requests, drains and finalizes every model."""
+    def stop(self) -> int:
+        """Stops accepting, answers in-flight requests, drains and finalizes every model; bounded by
+        ``drain_timeout_s`` plus a few seconds. Returns how many model threads were left running
+        (stuck in a model's ``execute`` or ``finalize``): they cannot be stopped, so a process that
+        got a non-zero answer should exit with ``os._exit`` rather than wait for them."""
         if self._repository is not None:
-            self._repository.stop()
-        self._core.stop()
+            # A poll may be loading a model: shutdown stays bounded and does not wait for it long.
+            self._repository.stop(timeout_s=min(self._drain_timeout_s, 1.0))
+        abandoned = self._core.stop()
         _running.discard(self)
+        return abandoned
 
     @property
     def http_port(self) -> int | None:

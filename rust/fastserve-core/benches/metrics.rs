@@ -13,7 +13,7 @@ fn bench_metrics(c: &mut Criterion) {
         Phases { input: Duration::from_micros(12), infer: Duration::from_micros(60), output: Duration::from_micros(9) };
     let waits = [Duration::from_micros(30); 16];
     for on in [true, false] {
-        let stats = ModelStats::new(64);
+        let stats = ModelStats::new();
         stats.set_histograms(on);
         let label = if on { "metrics on" } else { "metrics off" };
         c.bench_function(&format!("record 1 request + batch of 1/{label}"), |b| {

@@ -47,6 +47,11 @@ impl Auth {
         Self { inference: inference.map(String::into_bytes), admin: admin.map(String::into_bytes) }
     }
 
+    /// Whether the repository API has a token of its own.
+    pub fn has_admin_token(&self) -> bool {
+        self.admin.is_some()
+    }
+
     pub fn is_enabled(&self) -> bool {
         self.inference.is_some() || self.admin.is_some()
     }

@@ -19,6 +19,16 @@ pub enum Coding {
 }
 
 impl Coding {
+    /// A setting's spelling: `none` (None), `gzip` or `deflate`.
+    pub fn parse_setting(value: &str) -> std::result::Result<Option<Self>, String> {
+        match value {
+            "none" => Ok(None),
+            "gzip" => Ok(Some(Self::Gzip)),
+            "deflate" => Ok(Some(Self::Deflate)),
+            other => Err(format!("must be none, gzip or deflate, got '{other}'")),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Gzip => "gzip",

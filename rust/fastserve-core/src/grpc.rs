@@ -22,10 +22,11 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::auth::{Auth, Scope};
+use crate::compression::Coding;
 use crate::control::RepositoryControl;
 use crate::error::ServeError;
 use crate::grpc_codec::{decode_request, encode_response};
-use crate::infer::{Parameters, ServedBy};
+use crate::infer::{Parameters, ServedBy, MAX_REQUEST_ID_BYTES};
 use crate::metrics::{ConnectionGuard, Protocol};
 use crate::scheduler::Scheduler;
 use crate::state::ServerState;
@@ -211,6 +212,7 @@ fn statistics(name: &str, version: u64, s: &ModelStats) -> ModelStatistics {
         }),
         batch_stats: s
             .batch_sizes()
+            .into_iter()
             .map(|(size, b)| InferBatchStatistics {
                 batch_size: size as u64,
                 compute_input: duration(&b.compute_input),
@@ -300,10 +302,16 @@ impl GrpcInferenceService for InferenceService {
                     Ok(Some(request)) => {
                         let (service, tx) = (service.clone(), tx.clone());
                         tokio::spawn(async move {
+                            // An over-long id is refused, never echoed.
+                            let id = if request.id.len() <= MAX_REQUEST_ID_BYTES {
+                                request.id.clone()
+                            } else {
+                                String::new()
+                            };
                             let echo = ModelInferResponse {
                                 model_name: request.model_name.clone(),
                                 model_version: request.model_version.clone(),
-                                id: request.id.clone(),
+                                id,
                                 ..Default::default()
                             };
                             // A cancelled stream withdraws its requests that have not run yet.
@@ -487,12 +495,21 @@ where
     }
 }
 
+/// Message settings of the gRPC listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Largest message received or sent.
+    pub max_message_bytes: usize,
+    /// Compression of responses for clients that accept it (None: never, as Triton's default).
+    pub response_compression: Option<Coding>,
+}
+
 /// Serves gRPC on `listener` until `shutdown` flips, then lets open calls finish for up to `drain`.
 /// With `tls`, every connection is a TLS one (handshakes run in their own tasks).
 pub async fn serve(
     listener: TcpListener,
     state: Arc<ServerState>,
-    max_message_bytes: usize,
+    options: Options,
     shutdown: watch::Receiver<bool>,
     drain: Duration,
     tls: Option<TlsAcceptor>,
@@ -508,7 +525,7 @@ pub async fn serve(
                 }
                 Err(e) => Some(Err(e)),
             });
-            serve_incoming(incoming, state, auth, max_message_bytes, shutdown, drain).await
+            serve_incoming(incoming, state, auth, options, shutdown, drain).await
         }
         Some(acceptor) => {
             let accepted = crate::tls::incoming(listener, acceptor, shutdown.clone());
@@ -519,7 +536,7 @@ pub async fn serve(
                 }
                 Err(e) => Some(Err(e)),
             });
-            serve_incoming(incoming, state, auth, max_message_bytes, shutdown, drain).await
+            serve_incoming(incoming, state, auth, options, shutdown, drain).await
         }
     }
 }
@@ -528,20 +545,24 @@ async fn serve_incoming<IO>(
     incoming: impl Stream<Item = std::io::Result<CountedStream<IO>>> + Send + 'static,
     state: Arc<ServerState>,
     auth: Auth,
-    max_message_bytes: usize,
+    options: Options,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = state.limits.clone();
-    let service = GrpcInferenceServiceServer::new(InferenceService { state, max_message_bytes })
+    let max_message_bytes = options.max_message_bytes;
+    let mut service = GrpcInferenceServiceServer::new(InferenceService { state, max_message_bytes })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Deflate);
+        .accept_compressed(CompressionEncoding::Deflate);
+    match options.response_compression {
+        Some(Coding::Gzip) => service = service.send_compressed(CompressionEncoding::Gzip),
+        Some(Coding::Deflate) => service = service.send_compressed(CompressionEncoding::Deflate),
+        None => {}
+    }
     let mut stop = shutdown.clone();
     let stopped = async move {
         let _ = stop.wait_for(|&s| s).await;

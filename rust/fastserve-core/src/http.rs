@@ -26,7 +26,7 @@ use crate::auth::Scope;
 use crate::compression::Coding;
 use crate::connections::Activity;
 use crate::error::{Result, ServeError};
-use crate::infer::Parameters;
+use crate::infer::{check_request_id, Parameters, MAX_REQUEST_ID_BYTES};
 use crate::json_codec::{check_json_depth, encode_infer_response, error_body, parse_infer_request};
 use crate::metrics::{self, Protocol, ServerCollector};
 use crate::model_config;
@@ -203,7 +203,59 @@ impl Conn<'_> {
 }
 
 async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> std::result::Result<Response<Body>, Infallible> {
-    Ok(route(&state, req).await.unwrap_or_else(|e| error_response(&e)))
+    let (parts, body) = req.into_parts();
+    let mut req = Req { parts, body: Some(body) };
+    let mut resp = route(&state, &mut req).await.unwrap_or_else(|e| error_response(&e));
+    if let Some(body) = req.body.take() {
+        keep_alive_after_unread(&req.parts, body, &mut resp, &state.limits).await;
+    }
+    Ok(resp)
+}
+
+/// A request whose body is read only by the handlers that need it.
+struct Req {
+    parts: http::request::Parts,
+    body: Option<Incoming>,
+}
+
+impl Req {
+    fn header(&self, name: impl http::header::AsHeaderName) -> Option<&str> {
+        self.parts.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Reads the whole body within the limits (see [`read_body`]).
+    async fn read_body(&mut self, limits: &Limits) -> Result<Bytes> {
+        let body = self.body.take().ok_or_else(|| ServeError::Internal("the request body was already read".into()))?;
+        read_body(&self.parts, body, limits).await
+    }
+}
+
+/// Largest body read and dropped after an answer that did not need it, to keep the connection.
+const DISCARD_LIMIT: usize = 1024 * 1024;
+
+/// An HTTP/1 connection can carry the next request only once this one's body was read. After an
+/// early answer (unknown model, not ready, auth failure, ...) a small body is read and dropped; a
+/// larger or slow one gets `Connection: close`, so the client never writes into a closed socket.
+async fn keep_alive_after_unread(
+    parts: &http::request::Parts,
+    body: Incoming,
+    resp: &mut Response<Body>,
+    limits: &Limits,
+) {
+    use hyper::body::Body as _;
+    if parts.version >= http::Version::HTTP_2 || body.is_end_stream() {
+        return;
+    }
+    let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let small = declared.is_none_or(|n| n <= DISCARD_LIMIT as u64);
+    let drained = small
+        && matches!(
+            tokio::time::timeout(limits.body_read_timeout, Limited::new(body, DISCARD_LIMIT).collect()).await,
+            Ok(Ok(_))
+        );
+    if !drained {
+        resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
@@ -241,10 +293,10 @@ fn status_only(ok: bool) -> Response<Body> {
     json_response(if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST }, Vec::new())
 }
 
-async fn route(state: &ServerState, req: Request<Incoming>) -> Result<Response<Body>> {
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    state.auth.check(scope_of(&path), req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes))?;
+async fn route(state: &ServerState, req: &mut Req) -> Result<Response<Body>> {
+    let method = req.parts.method.clone();
+    let path = req.parts.uri.path().to_string();
+    state.auth.check(scope_of(&path), req.parts.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes))?;
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let get = method == Method::GET;
     let post = method == Method::POST;
@@ -286,9 +338,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| ServeError::Internal(format!("repository operation failed: {e}")))?
 }
 
-async fn repository_index(state: &ServerState, req: Request<Incoming>) -> Result<Response<Body>> {
+async fn repository_index(state: &ServerState, req: &mut Req) -> Result<Response<Body>> {
     let control = state.repository()?;
-    let (_, body) = read_body(req, &state.limits).await?;
+    let body = req.read_body(&state.limits).await?;
     let params: serde_json::Value = if body.is_empty() {
         serde_json::Value::Null
     } else {
@@ -300,14 +352,9 @@ async fn repository_index(state: &ServerState, req: Request<Incoming>) -> Result
     Ok(json_response(StatusCode::OK, serde_json::to_vec(&index).unwrap_or_default()))
 }
 
-async fn repository_change(
-    state: &ServerState,
-    model: &str,
-    action: &str,
-    req: Request<Incoming>,
-) -> Result<Response<Body>> {
+async fn repository_change(state: &ServerState, model: &str, action: &str, req: &mut Req) -> Result<Response<Body>> {
     let control = state.repository()?;
-    let (_, body) = read_body(req, &state.limits).await?;
+    let body = req.read_body(&state.limits).await?;
     let parameters = if body.is_empty() {
         Parameters::new()
     } else {
@@ -349,8 +396,7 @@ fn model_ready(state: &ServerState, model: &str, version: Option<&str>) -> Resul
 /// Reads a whole body within the limits: a declared length over `max_body_bytes` is refused before
 /// reading, a chunked one as soon as it passes it, and a body still arriving after
 /// `body_read_timeout` gets 408.
-async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<(http::request::Parts, Bytes)> {
-    let (parts, body) = req.into_parts();
+async fn read_body(parts: &http::request::Parts, body: Incoming, limits: &Limits) -> Result<Bytes> {
     let limit = limits.max_body_bytes;
     let too_large = || ServeError::PayloadTooLarge(format!("request body exceeds the limit of {limit} bytes"));
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -370,7 +416,7 @@ async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<(http::req
                 ServeError::bad_request(format!("could not read the request body: {e}"))
             }
         })?;
-    Ok((parts, collected.to_bytes()))
+    Ok(collected.to_bytes())
 }
 
 /// What the access log needs to know about one served request.
@@ -386,26 +432,24 @@ struct Served {
 }
 
 /// Runs an infer request and accounts for it: statistics, protocol counters, request id, access log.
-async fn infer_endpoint(
-    state: &ServerState,
-    model: &str,
-    version: Option<&str>,
-    req: Request<Incoming>,
-) -> Response<Body> {
+async fn infer_endpoint(state: &ServerState, model: &str, version: Option<&str>, req: &mut Req) -> Response<Body> {
     let start = Instant::now();
     let protocol =
-        if req.headers().contains_key(HEADER_CONTENT_LENGTH) { Protocol::HttpBinary } else { Protocol::Http };
+        if req.parts.headers.contains_key(HEADER_CONTENT_LENGTH) { Protocol::HttpBinary } else { Protocol::Http };
     state.transport.request(protocol);
-    let header_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let routing_key = req.headers().get(ROUTING_KEY).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header_id = req.header(REQUEST_ID).map(str::to_string);
+    let routing_key = req.header(ROUTING_KEY).map(str::to_string);
     let mut served = Served::default();
     let mut stats = None;
     // Resolve first so an unknown model is a 404 without reading the body.
-    let result = match state.registry.resolve_with_key(model, version, routing_key.as_deref()) {
-        Err(e) => {
+    let resolved = match header_id.as_deref().map(check_request_id) {
+        Some(Err(e)) => Err(e),
+        _ => state.registry.resolve_with_key(model, version, routing_key.as_deref()).inspect_err(|_| {
             state.transport.unknown_model();
-            Err(e)
-        }
+        }),
+    };
+    let result = match resolved {
+        Err(e) => Err(e),
         Ok(mv) => {
             served.version = Some(mv.version);
             match mv.scheduler() {
@@ -422,7 +466,8 @@ async fn infer_endpoint(
         stats.record_request(result.as_ref().map(|_| ()), start.elapsed());
     }
     let mut resp = result.unwrap_or_else(|e| error_response(&e));
-    let id = served.id.or(header_id).unwrap_or_else(generate_request_id);
+    // An over-long id was refused above; it is never echoed.
+    let id = served.id.or(header_id).filter(|id| id.len() <= MAX_REQUEST_ID_BYTES).unwrap_or_else(generate_request_id);
     if state.access_log {
         tracing::info!(
             target: "fastserve::access",
@@ -469,12 +514,13 @@ fn generate_request_id() -> String {
 async fn infer(
     state: &ServerState,
     mut scheduler: Arc<Scheduler>,
-    req: Request<Incoming>,
+    req: &mut Req,
     served: &mut Served,
     reroute: Option<&str>,
 ) -> Result<Response<Body>> {
     let limit = state.limits.max_body_bytes;
-    let (parts, body) = read_body(req, &state.limits).await?;
+    let body = req.read_body(&state.limits).await?;
+    let parts = &req.parts;
     let header = |name| parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let body = match Coding::from_content_encoding(header(CONTENT_ENCODING))? {
         Some(coding) => coding.decompress(&body, limit)?,

@@ -13,6 +13,24 @@ use crate::tensor::Tensor;
 /// Free-form V2 `parameters`.
 pub type Parameters = Map<String, Value>;
 
+/// Longest request id accepted (`id` in HTTP and gRPC, `X-Request-Id`): ids are echoed in
+/// response headers and access logs.
+pub const MAX_REQUEST_ID_BYTES: usize = 256;
+
+/// Refuses an id longer than [`MAX_REQUEST_ID_BYTES`].
+pub fn check_request_id(id: &str) -> Result<()> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(ServeError::bad_request(format!(
+            "the request id has {} bytes, over the limit of {MAX_REQUEST_ID_BYTES}",
+            id.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Sequence-batching parameters (Triton's correlation id and its flags).
+const SEQUENCE_PARAMETERS: [&str; 3] = ["sequence_id", "sequence_start", "sequence_end"];
+
 /// An output the client asked for.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestedOutput {
@@ -31,6 +49,30 @@ pub struct InferRequest {
 }
 
 impl InferRequest {
+    /// Refuses what the request asks for but the model cannot honor, instead of ignoring it: an
+    /// over-long id, or a sequence (correlation id, start/end flags) on a model without sequence
+    /// batching, whose requests would otherwise be answered as unrelated ones.
+    pub fn check_supported(&self, model: &str) -> Result<()> {
+        if let Some(id) = &self.id {
+            check_request_id(id)?;
+        }
+        for name in SEQUENCE_PARAMETERS {
+            let set = match self.parameters.get(name) {
+                None | Some(Value::Null | Value::Bool(false)) => false,
+                Some(Value::Number(n)) => n.as_u64() != Some(0),
+                Some(Value::String(s)) => !s.is_empty(),
+                Some(_) => true,
+            };
+            if set {
+                return Err(ServeError::bad_request(format!(
+                    "inference request to model '{model}' sets parameter '{name}', but the model is not \
+                     configured for sequence batching"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Request-level `binary_data_output`: every output comes back binary unless it says otherwise.
     pub fn binary_outputs_by_default(&self) -> bool {
         self.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false)
@@ -110,6 +152,7 @@ pub async fn run_until(
     deadline: Option<Instant>,
 ) -> Result<(InferResponse, ServedBy)> {
     let spec = scheduler.spec();
+    request.check_supported(&spec.name)?;
     let options = request.queue_options(deadline)?;
     let validated = spec.validate(&mut request)?;
     let reply = scheduler.submit_with(validated, options)?;

@@ -357,6 +357,11 @@ impl<'de> Visitor<'de> for Nested<'_> {
 
 /// Decodes a JSON `data` value (flat or nested, row-major) holding exactly `elements` elements.
 pub fn decode_json_data(name: &str, datatype: DataType, elements: usize, json: &str) -> Result<TensorData> {
+    if let Some(floats) = decode_json_floats(datatype, elements, json) {
+        return floats
+            .map(|raw| TensorData::Raw(raw.into()))
+            .map_err(|e| ServeError::bad_request(format!("input '{name}': {e}")));
+    }
     // Every JSON element takes at least one byte of text, which bounds the allocation.
     let capacity = elements.min(json.len());
     let mut sink = Sink {
@@ -380,6 +385,59 @@ pub fn decode_json_data(name: &str, datatype: DataType, elements: usize, json: &
         DataType::Bytes => TensorData::Strings(sink.strings),
         _ => TensorData::Raw(sink.raw.into()),
     })
+}
+
+/// Float tensors parsed from each number's own text by the standard library's correctly rounded
+/// parser, so every value comes back bit-identical: serde_json hands visitors an `f64`, which is
+/// not correctly rounded without its `float_roundtrip` feature and rounds FP32 twice (decimal →
+/// f64 → f32) with it. `json` is already valid JSON (a `RawValue`), so only numbers, brackets,
+/// commas and whitespace need telling apart; `None` for anything else (strings, booleans, null,
+/// objects), which the general decoder then reports.
+fn decode_json_floats(datatype: DataType, elements: usize, json: &str) -> Option<std::result::Result<Vec<u8>, String>> {
+    let size = match datatype {
+        DataType::Fp16 | DataType::Fp32 | DataType::Fp64 => datatype.size()?,
+        _ => return None,
+    };
+    let bytes = json.as_bytes();
+    // Every element takes at least one byte of text, which bounds the allocation.
+    let mut raw = Vec::with_capacity(elements.min(json.len()) * size);
+    let (mut i, mut count) = (0, 0usize);
+    while i < bytes.len() {
+        match bytes[i] {
+            b'[' | b']' | b',' | b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len() && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                count += 1;
+                if count > elements {
+                    return Some(Err(format!("data has more than the {elements} elements the shape holds")));
+                }
+                let text = &json[start..i];
+                let out_of_range = || format!("value {text} is out of range for {datatype}");
+                match datatype {
+                    DataType::Fp64 => match text.parse::<f64>() {
+                        Ok(v) if v.is_finite() => raw.extend_from_slice(&v.to_le_bytes()),
+                        _ => return Some(Err(out_of_range())),
+                    },
+                    DataType::Fp32 => match text.parse::<f32>() {
+                        Ok(v) if v.is_finite() => raw.extend_from_slice(&v.to_le_bytes()),
+                        _ => return Some(Err(out_of_range())),
+                    },
+                    _ => match text.parse::<f64>().map(f16::from_f64) {
+                        Ok(v) if v.is_finite() => raw.extend_from_slice(&v.to_le_bytes()),
+                        _ => return Some(Err(out_of_range())),
+                    },
+                }
+            }
+            _ => return None,
+        }
+    }
+    if count != elements {
+        return Some(Err(format!("shape needs {elements} elements, data has {count}")));
+    }
+    Some(Ok(raw))
 }
 
 /// Data errors point into a sub-document, so their line/column would mislead the user.
@@ -710,5 +768,75 @@ mod tests {
             err,
             ServeError::PayloadTooLarge("the request's inputs hold 6 tensor elements, over the limit of 5".into())
         );
+    }
+
+    /// Encodes `values` as a response's JSON data and decodes that text as request data.
+    fn json_round_trip(datatype: DataType, raw: Vec<u8>, elements: usize) -> Vec<u8> {
+        let t = Tensor::new("x", datatype, vec![elements], TensorData::Raw(raw.into())).unwrap();
+        let text = serde_json::to_string(&JsonData(&t)).unwrap();
+        match decode_json_data("x", datatype, elements, &text).unwrap() {
+            TensorData::Raw(b) => b.to_vec(),
+            TensorData::Strings(_) => unreachable!(),
+        }
+    }
+
+    fn decoded(datatype: DataType, text: &str) -> Vec<u8> {
+        match decode_json_data("x", datatype, 1, text).unwrap() {
+            TensorData::Raw(b) => b.to_vec(),
+            TensorData::Strings(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn floats_are_parsed_correctly_rounded() {
+        // serde_json's default parser answered -0.4922065185513296 for this one.
+        assert_eq!(decoded(DataType::Fp64, "[-0.49220651855132963]"), (-0.492_206_518_551_329_63_f64).to_le_bytes());
+        for (text, v) in [("4.9e-324", 4.9e-324_f64), ("1.7976931348623157e308", f64::MAX), ("-0.0", -0.0)] {
+            assert_eq!(decoded(DataType::Fp64, text), v.to_le_bytes(), "{text}");
+        }
+        for (text, v) in [("1e-45", f32::from_bits(1)), ("3.4028235e38", f32::MAX), ("0.1", 0.1_f32)] {
+            assert_eq!(decoded(DataType::Fp32, text), v.to_le_bytes(), "{text}");
+        }
+        let err = decode_json_data("x", DataType::Fp32, 1, "[1e39]").unwrap_err().to_string();
+        assert!(err.contains("out of range for FP32"), "{err}");
+        let err = decode_json_data("x", DataType::Fp32, 1, r#"["1"]"#).unwrap_err().to_string();
+        assert!(err.contains("got a string"), "{err}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(4000))]
+
+        /// Every finite double (subnormals and extremes included) comes back bit-identical, whether
+        /// written shortest (as we answer), with 17 significant digits (as C's %.17g), or in
+        /// exponent form; and what we answer parses back to the same bits.
+        #[test]
+        fn fp64_json_round_trips_bit_identically(bits in proptest::prelude::any::<u64>()) {
+            let v = f64::from_bits(bits);
+            proptest::prop_assume!(v.is_finite());
+            for text in [format!("[{v}]"), format!("[{v:.16e}]"), format!("[{v:e}]")] {
+                proptest::prop_assert_eq!(decoded(DataType::Fp64, &text), v.to_le_bytes().to_vec(), "{}", text);
+            }
+            proptest::prop_assert_eq!(json_round_trip(DataType::Fp64, v.to_le_bytes().to_vec(), 1), v.to_le_bytes().to_vec());
+        }
+
+        /// The same for FP32, including the exact double value of a float (what a client that
+        /// widens float32 to a Python float sends).
+        #[test]
+        fn fp32_json_round_trips_bit_identically(bits in proptest::prelude::any::<u32>()) {
+            let v = f32::from_bits(bits);
+            proptest::prop_assume!(v.is_finite());
+            let wide = f64::from(v);
+            for text in [format!("[{v}]"), format!("[{v:.8e}]"), format!("[{wide}]"), format!("[{wide:.16e}]")] {
+                proptest::prop_assert_eq!(decoded(DataType::Fp32, &text), v.to_le_bytes().to_vec(), "{}", text);
+            }
+            proptest::prop_assert_eq!(json_round_trip(DataType::Fp32, v.to_le_bytes().to_vec(), 1), v.to_le_bytes().to_vec());
+        }
+
+        #[test]
+        fn fp16_json_round_trips_bit_identically(bits in proptest::prelude::any::<u16>()) {
+            let v = f16::from_bits(bits);
+            proptest::prop_assume!(v.is_finite());
+            proptest::prop_assert_eq!(json_round_trip(DataType::Fp16, v.to_le_bytes().to_vec(), 1), v.to_le_bytes().to_vec());
+        }
     }
 }

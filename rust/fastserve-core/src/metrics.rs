@@ -56,6 +56,11 @@ impl TransportMetrics {
         self.unknown_model.fetch_add(1, Relaxed);
     }
 
+    /// Client connections open now, over every listener.
+    pub fn open_connections(&self) -> i64 {
+        self.open_http.load(Relaxed) + self.open_grpc.load(Relaxed)
+    }
+
     /// Counts a connection as open until the guard drops.
     pub fn connection(self: &Arc<Self>, grpc: bool) -> ConnectionGuard {
         self.gauge(grpc).fetch_add(1, Relaxed);
@@ -292,13 +297,15 @@ impl Collector for ServerCollector {
             e.encode_descriptor("fastserve_batch_size", "Rows per executed batch.", None, MetricType::Histogram)?;
         for (labels, stats, _) in &models {
             let mut bounds: Vec<usize> = std::iter::successors(Some(1usize), |b| b.checked_mul(2)).take(16).collect();
-            let max = stats.batch_sizes().map(|(n, _)| n).max().unwrap_or(1);
+            let sizes = stats.batch_sizes();
+            let max = sizes.last().map_or(1, |(n, _)| *n);
             bounds.retain(|&b| b < max);
             bounds.push(max);
             let mut buckets: Vec<(f64, u64)> = bounds.iter().map(|&b| (b as f64, 0)).collect();
             buckets.push((f64::INFINITY, 0));
             let (mut sum, mut count) = (0.0, 0);
-            for (size, slot) in stats.batch_sizes() {
+            for (size, slot) in &sizes {
+                let size = *size;
                 let n = slot.compute_infer.count();
                 let i = bounds.partition_point(|&b| b < size);
                 buckets[i].1 += n;

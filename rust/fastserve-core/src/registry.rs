@@ -36,28 +36,32 @@ impl ModelVersion {
         Self { name: name.into(), version, state: VersionState::Failed(reason.into()) }
     }
 
+    /// Loaded and still able to serve (not broken by hung instances).
     pub fn is_ready(&self) -> bool {
-        matches!(self.state, VersionState::Ready(_))
+        matches!(&self.state, VersionState::Ready(s) if s.broken().is_none())
     }
 
-    /// The scheduler, or a 503 that carries the load failure.
+    /// The scheduler, or a 503 that carries the load failure or why the version broke.
     pub fn scheduler(&self) -> Result<&Arc<Scheduler>> {
-        match &self.state {
-            VersionState::Ready(s) => Ok(s),
-            VersionState::Failed(reason) => Err(ServeError::unavailable(format!(
-                "model '{}' version {} is not ready: {}",
-                self.name, self.version, reason
-            ))),
-        }
+        let reason = match &self.state {
+            VersionState::Ready(s) => match s.broken() {
+                None => return Ok(s),
+                Some(reason) => reason,
+            },
+            VersionState::Failed(reason) => reason,
+        };
+        Err(ServeError::unavailable(format!("model '{}' version {} is not ready: {reason}", self.name, self.version)))
     }
 
     pub fn spec(&self) -> Result<&Arc<ModelSpec>> {
         self.scheduler().map(|s| s.spec())
     }
 
-    fn shutdown(&self) {
-        if let VersionState::Ready(s) = &self.state {
-            s.shutdown();
+    /// Drains the version (see [`Scheduler::shutdown_by`]); returns the threads left running.
+    fn shutdown(&self, deadline: Option<Instant>) -> usize {
+        match &self.state {
+            VersionState::Ready(s) => s.shutdown_by(deadline),
+            VersionState::Failed(_) => 0,
         }
     }
 }
@@ -75,7 +79,7 @@ fn retire(version: Arc<ModelVersion>) {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
-    version.shutdown();
+    version.shutdown(None);
 }
 
 /// Where requests that name no version (or name a label) go.
@@ -276,14 +280,12 @@ impl Registry {
         failures.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
-    /// Removes every model, draining each. Called after the front ends stopped, so nothing waits.
-    pub fn shutdown(&self) {
+    /// Removes every model, draining each until `deadline` (None: until every queued request
+    /// ran); returns how many model threads were left running (stuck in a model). Called after
+    /// the front ends stopped.
+    pub fn shutdown(&self, deadline: Option<Instant>) -> usize {
         let all = self.update(std::mem::take);
-        for entry in all.values() {
-            for v in entry.versions.values() {
-                v.shutdown();
-            }
-        }
+        all.values().flat_map(|entry| entry.versions.values()).map(|v| v.shutdown(deadline)).sum()
     }
 }
 

@@ -5,14 +5,14 @@
 //! oneshot, so no tokio worker ever waits on a model. Batches are formed only when an instance is
 //! idle, so under load requests pile up and batches grow without an artificial delay.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
 use crate::batcher::{concat_inputs, plan_batch, split_outputs, BatchPolicy, Batchable};
@@ -90,7 +90,13 @@ pub struct SchedulerConfig {
     pub default_priority_level: u64,
     /// A batch whose `execute` runs longer fails and its instance is replaced (None: no limit).
     pub execution_timeout: Option<Duration>,
+    /// Hung instances that may be left running (a thread cannot be killed) before the version is
+    /// marked unavailable instead of replacing another one.
+    pub max_abandoned_instances: usize,
 }
+
+/// Default of [`SchedulerConfig::max_abandoned_instances`].
+pub const DEFAULT_MAX_ABANDONED_INSTANCES: usize = 4;
 
 impl SchedulerConfig {
     /// A queue without timeouts or priorities.
@@ -102,6 +108,7 @@ impl SchedulerConfig {
             priority_levels: 0,
             default_priority_level: 0,
             execution_timeout: None,
+            max_abandoned_instances: DEFAULT_MAX_ABANDONED_INSTANCES,
         }
     }
 
@@ -158,10 +165,11 @@ impl Batchable for Job {
 
 enum Msg {
     Job(Job),
-    /// A queued request's client went away: drop it now rather than at the next batch.
-    Withdrawn,
-    /// Stop admitting; finish what is queued, then exit.
-    Close,
+    /// A queued request's client went away, or the version broke: look at the backlog now
+    /// rather than at the next batch.
+    Wake,
+    /// Stop admitting; run what is queued until the deadline (None: all of it), then exit.
+    Close(Option<Instant>),
 }
 
 pub struct Scheduler {
@@ -172,12 +180,34 @@ pub struct Scheduler {
     config: SchedulerConfig,
     closing: AtomicBool,
     /// The batcher and the watchdog: joined first, so no instance starts or is abandoned after.
-    control: Mutex<Vec<JoinHandle<()>>>,
-    instances: InstanceThreads,
+    control: Mutex<Vec<Worker>>,
+    seats: Arc<Seats>,
 }
 
 /// Live instance threads by id; an abandoned one leaves the list and is never joined.
-type InstanceThreads = Arc<Mutex<Vec<(u64, JoinHandle<()>)>>>;
+type InstanceThreads = Arc<Mutex<Vec<(u64, Worker)>>>;
+
+/// A model thread that can be joined with a deadline: it holds a channel's only sender, which
+/// disconnects when the thread's work (and the instance's `finalize`) is done.
+struct Worker {
+    handle: JoinHandle<()>,
+    done: Receiver<()>,
+}
+
+impl Worker {
+    /// Joins the thread if it finishes by `deadline` (None: however long it takes); else leaves it
+    /// running and returns false.
+    fn join_by(self, deadline: Option<Instant>) -> bool {
+        let finished = match deadline {
+            None => true,
+            Some(at) => matches!(self.done.recv_deadline(at), Err(RecvTimeoutError::Disconnected)),
+        };
+        if finished {
+            let _ = self.handle.join();
+        }
+        finished
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -193,6 +223,16 @@ struct Seats {
     threads: InstanceThreads,
     next_id: AtomicU64,
     label: String,
+    /// The reply slots of the batches running now, by instance thread id, so a shutdown that
+    /// gives up on a stuck batch can still answer its requests.
+    running: Mutex<HashMap<u64, Replies>>,
+    /// Abandoned instance threads that have not returned yet.
+    abandoned: AtomicUsize,
+    max_abandoned: usize,
+    /// Set once the version can no longer serve (too many hung instances); the reason.
+    broken: OnceLock<String>,
+    /// Wakes the batcher, which then answers the queue with `broken`.
+    wake: Sender<Msg>,
 }
 
 impl Seats {
@@ -200,15 +240,43 @@ impl Seats {
     fn spawn(self: &Arc<Self>, seat: usize, instance: Box<dyn Instance>) -> Result<()> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let seats = self.clone();
-        let handle =
+        let worker =
             spawn(format!("fs-inst-{}-{seat}", self.label), move || instance_loop(instance, &seats, id, seat))?;
-        lock(&self.threads).push((id, handle));
+        lock(&self.threads).push((id, worker));
         Ok(())
     }
 
-    /// Forgets a hung instance thread: never joined, never handed work again.
-    fn abandon(&self, id: u64) {
+    /// Forgets a hung instance thread: never joined, never handed work again. True while fewer
+    /// than `max_abandoned` are still running, i.e. a replacement may be started.
+    fn abandon(&self, id: u64) -> bool {
         lock(&self.threads).retain(|(i, _)| *i != id);
+        self.abandoned.fetch_add(1, Ordering::AcqRel) < self.max_abandoned
+    }
+
+    /// Marks the version unavailable for good; queued and future requests get `reason`.
+    fn break_with(&self, reason: String) {
+        tracing::error!(model = %self.spec.name, version = self.spec.version, reason = %reason, "model version unavailable");
+        let _ = self.broken.set(reason);
+        let _ = self.wake.send(Msg::Wake);
+    }
+
+    fn broken_error(&self) -> Option<ServeError> {
+        self.broken.get().map(|reason| {
+            ServeError::unavailable(format!(
+                "model '{}' version {} is unavailable: {reason}",
+                self.spec.name, self.spec.version
+            ))
+        })
+    }
+
+    /// Answers the batches still running with `error` (the caller gives up on them).
+    fn fail_running(&self, error: &ServeError) {
+        let running: Vec<Replies> = lock(&self.running).drain().map(|(_, r)| r).collect();
+        for replies in running {
+            for reply in watchdog::take(&replies).into_iter().flatten() {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
     }
 }
 
@@ -239,7 +307,7 @@ impl Scheduler {
         let watch = config.execution_timeout.map(|timeout| (timeout, watch_tx, watch_rx));
         let queued = Arc::new(AtomicUsize::new(0));
         let label = format!("{}-v{}", spec.name, spec.version);
-        let stats = Arc::new(ModelStats::new(spec.max_batch_size));
+        let stats = Arc::new(ModelStats::new());
         let threads: InstanceThreads = Arc::new(Mutex::new(Vec::with_capacity(instances.len())));
         let seats = Arc::new(Seats {
             spec: spec.clone(),
@@ -250,6 +318,11 @@ impl Scheduler {
             threads: threads.clone(),
             next_id: AtomicU64::new(0),
             label: label.clone(),
+            running: Mutex::default(),
+            abandoned: AtomicUsize::new(0),
+            max_abandoned: config.max_abandoned_instances,
+            broken: OnceLock::new(),
+            wake: tx.clone(),
         });
         for (seat, instance) in instances.into_iter().enumerate() {
             seats.spawn(seat, instance)?;
@@ -264,14 +337,14 @@ impl Scheduler {
             stats: stats.clone(),
             model: spec.name.clone(),
             watch: watch.as_ref().map(|(_, tx, _)| tx.clone()),
+            seats: seats.clone(),
         };
         control.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
         if let Some((timeout, _, watch_rx)) = watch {
+            let seats = seats.clone();
             control.push(spawn(format!("fs-watch-{label}"), move || {
                 let model = seats.spec.name.clone();
-                watchdog::run(watch_rx, timeout, &model, |id, seat, replace| {
-                    replace_hung(&seats, &factory, id, seat, replace)
-                })
+                watchdog::run(watch_rx, timeout, &model, &Replacer { seats: &seats, factory: &factory })
             })?);
         }
         Ok(Arc::new(Scheduler {
@@ -282,8 +355,13 @@ impl Scheduler {
             config,
             closing: AtomicBool::new(false),
             control: Mutex::new(control),
-            instances: threads,
+            seats,
         }))
+    }
+
+    /// Why the version cannot serve any more (too many hung instances), if it cannot.
+    pub fn broken(&self) -> Option<&str> {
+        self.seats.broken.get().map(String::as_str)
     }
 
     pub fn spec(&self) -> &Arc<ModelSpec> {
@@ -315,6 +393,9 @@ impl Scheduler {
         let level = self.level(options.priority)?;
         if self.closing.load(Ordering::Acquire) {
             return Err(self.closing_error());
+        }
+        if let Some(e) = self.seats.broken_error() {
+            return Err(e);
         }
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.max_queue_size {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -355,7 +436,7 @@ impl Scheduler {
 
     /// Tells the batcher that a queued request's client went away (its reply receiver is gone).
     pub fn withdrawn(&self) {
-        let _ = self.tx.send(Msg::Withdrawn);
+        let _ = self.tx.send(Msg::Wake);
     }
 
     fn closing_error(&self) -> ServeError {
@@ -364,19 +445,51 @@ impl Scheduler {
 
     /// Stops admitting, runs everything already queued, and joins the threads. Idempotent.
     pub fn shutdown(&self) {
+        self.shutdown_by(None);
+    }
+
+    /// As [`Scheduler::shutdown`], bounded by `deadline`: requests still queued then are answered
+    /// 503 unrun, and threads still running [`SHUTDOWN_GRACE`] after it (a stuck `execute` or
+    /// `finalize`) are abandoned, their requests answered 503. Returns how many model threads
+    /// are left running, including instances abandoned earlier as hung.
+    pub fn shutdown_by(&self, deadline: Option<Instant>) -> usize {
         if !self.closing.swap(true, Ordering::AcqRel) {
-            let _ = self.tx.send(Msg::Close);
+            let _ = self.tx.send(Msg::Close(deadline));
         }
+        let give_up = deadline.map(|d| d.max(Instant::now()) + SHUTDOWN_GRACE);
+        let mut left = Vec::new();
         let control = std::mem::take(&mut *lock(&self.control));
-        for t in control {
-            let _ = t.join();
+        for worker in control {
+            if !worker.join_by(give_up) {
+                left.push("batcher/watchdog".to_string());
+            }
         }
-        let instances = std::mem::take(&mut *lock(&self.instances));
-        for (_, t) in instances {
-            let _ = t.join();
+        let instances = std::mem::take(&mut *lock(&self.seats.threads));
+        for (id, worker) in instances {
+            if !worker.join_by(give_up) {
+                self.seats.abandoned.fetch_add(1, Ordering::AcqRel);
+                left.push(format!("instance thread {id}"));
+            }
         }
+        if !left.is_empty() {
+            self.seats.fail_running(&ServeError::unavailable(format!(
+                "the server shut down while model '{}' was still executing this request",
+                self.spec.name
+            )));
+            tracing::warn!(
+                model = %self.spec.name,
+                version = self.spec.version,
+                abandoned = ?left,
+                "threads still running at the shutdown deadline are abandoned"
+            );
+        }
+        self.seats.abandoned.load(Ordering::Acquire)
     }
 }
+
+/// How long past the shutdown deadline a running batch may take to finish before its thread is
+/// abandoned.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 impl Drop for Scheduler {
     fn drop(&mut self) {
@@ -384,11 +497,16 @@ impl Drop for Scheduler {
     }
 }
 
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<Worker> {
+    let (alive, done) = crossbeam_channel::bounded::<()>(0);
+    let handle = std::thread::Builder::new()
         .name(name)
-        .spawn(f)
-        .map_err(|e| ServeError::Internal(format!("cannot start a model thread: {e}")))
+        .spawn(move || {
+            let _alive = alive;
+            f()
+        })
+        .map_err(|e| ServeError::Internal(format!("cannot start a model thread: {e}")))?;
+    Ok(Worker { handle, done })
 }
 
 /// Queued jobs, highest priority level first and in arrival order within a level.
@@ -459,36 +577,65 @@ struct Batcher {
     model: String,
     /// Told when no more batches will start.
     watch: Option<Sender<Watch>>,
+    seats: Arc<Seats>,
+}
+
+/// The batcher's view of a shutdown: none yet, or closing with an optional deadline.
+#[derive(Clone, Copy)]
+enum Closing {
+    No,
+    By(Option<Instant>),
 }
 
 impl Batcher {
     /// Moves everything already waiting in the channel into the backlog without blocking.
-    fn pull_ready(&self, backlog: &mut Backlog, closing: &mut bool) {
+    fn pull_ready(&self, backlog: &mut Backlog, closing: &mut Closing) {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
                 Msg::Job(j) => backlog.push(j),
-                Msg::Withdrawn => {}
-                Msg::Close => *closing = true,
+                Msg::Wake => {}
+                Msg::Close(deadline) => *closing = Closing::By(deadline),
             }
+        }
+    }
+
+    /// Answers every queued request with `error` (none of them will run).
+    fn fail_all(&self, backlog: &mut Backlog, error: &ServeError) {
+        self.queued.fetch_sub(backlog.0.len(), Ordering::AcqRel);
+        for job in backlog.0.drain(..) {
+            let _ = job.reply.send(Err(error.clone()));
         }
     }
 
     fn run(self) {
         let (no_msgs, no_idle) = (crossbeam_channel::never::<Msg>(), crossbeam_channel::never::<()>());
         let mut backlog = Backlog::default();
-        let mut closing = false;
+        let mut closing = Closing::No;
         let mut have_instance = false;
         loop {
             self.pull_ready(&mut backlog, &mut closing);
             let now = Instant::now();
-            let next_expiry = backlog.prune(now, &self.model, &self.stats, &self.queued);
-            if closing && backlog.0.is_empty() {
-                break;
+            if let Some(e) = self.seats.broken_error() {
+                self.fail_all(&mut backlog, &e);
             }
-            let mut wake = next_expiry;
+            let next_expiry = backlog.prune(now, &self.model, &self.stats, &self.queued);
+            let close_by = match closing {
+                Closing::No => None,
+                Closing::By(None) if backlog.0.is_empty() => break,
+                Closing::By(None) => None,
+                Closing::By(Some(at)) if backlog.0.is_empty() || now >= at => break,
+                Closing::By(Some(at)) => Some(at),
+            };
+            let mut wake = match (next_expiry, close_by) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if have_instance && !backlog.0.is_empty() {
-                let delay_end = backlog.0[0].enqueued + self.policy.max_queue_delay;
-                let plan = plan_batch(backlog.0.make_contiguous(), &self.policy, closing || now >= delay_end);
+                // A delay too large for the clock means "until the batch is full".
+                let delay_end = backlog.0[0].enqueued.checked_add(self.policy.max_queue_delay);
+                let expired = delay_end.is_some_and(|end| now >= end);
+                let closing = matches!(closing, Closing::By(_));
+                let plan = plan_batch(backlog.0.make_contiguous(), &self.policy, closing || expired);
                 if plan.ready {
                     let mut jobs: Vec<Job> = plan.indices.iter().rev().filter_map(|&i| backlog.0.remove(i)).collect();
                     jobs.reverse();
@@ -499,16 +646,21 @@ impl Batcher {
                     have_instance = false;
                     continue;
                 }
-                wake = Some(wake.map_or(delay_end, |w| w.min(delay_end)));
+                if let Some(end) = delay_end {
+                    wake = Some(wake.map_or(end, |w| w.min(end)));
+                }
             }
-            let msgs = if closing { &no_msgs } else { &self.rx };
+            // Once closing, only a deadline or an idle instance moves things on; a Wake for a
+            // withdrawn request is seen at the next pass.
+            let msgs = if matches!(closing, Closing::By(_)) { &no_msgs } else { &self.rx };
             let idle = if have_instance { &no_idle } else { &self.idle_rx };
             let timer = wake.map_or_else(crossbeam_channel::never, crossbeam_channel::at);
             crossbeam_channel::select! {
                 recv(msgs) -> msg => match msg {
                     Ok(Msg::Job(j)) => backlog.push(j),
-                    Ok(Msg::Withdrawn) => {}
-                    Ok(Msg::Close) | Err(_) => closing = true,
+                    Ok(Msg::Wake) => {}
+                    Ok(Msg::Close(deadline)) => closing = Closing::By(deadline),
+                    Err(_) => closing = Closing::By(None),
                 },
                 recv(idle) -> ready => match ready {
                     Ok(()) => have_instance = true,
@@ -517,33 +669,44 @@ impl Batcher {
                 recv(timer) -> _ => {}
             }
         }
-        for job in backlog.0 {
-            let _ = job.reply.send(Err(ServeError::unavailable("the model stopped before this request ran")));
-        }
+        let stopped = ServeError::unavailable(format!("model '{}' shut down before this request ran", self.model));
+        self.fail_all(&mut backlog, &stopped);
         if let Some(watch) = &self.watch {
             let _ = watch.send(Watch::Stop);
         }
     }
 }
 
-/// Abandons a hung instance thread and, unless the version is stopping, starts a fresh instance
-/// in its seat.
-fn replace_hung(seats: &Arc<Seats>, factory: &Option<InstanceFactory>, id: u64, seat: usize, replace: bool) {
-    seats.abandon(id);
-    if !replace {
-        return;
+/// Abandons hung instance threads and starts fresh instances in their seats.
+struct Replacer<'a> {
+    seats: &'a Arc<Seats>,
+    factory: &'a Option<InstanceFactory>,
+}
+
+impl watchdog::OnHung for Replacer<'_> {
+    fn abandon(&self, id: u64) -> bool {
+        self.seats.abandon(id)
     }
-    let model = &seats.spec.name;
-    let Some(factory) = factory else {
-        tracing::error!(model = %model, instance = seat, "no way to create a replacement instance; serving with fewer");
-        return;
-    };
-    match factory(seat).and_then(|instance| seats.spawn(seat, instance)) {
-        Ok(()) => {
-            seats.stats.record_instance_replaced();
-            tracing::info!(model = %model, instance = seat, "replacement instance started");
+
+    fn replace(&self, seat: usize) {
+        let model = &self.seats.spec.name;
+        let Some(factory) = self.factory else {
+            tracing::error!(model = %model, instance = seat, "no way to create a replacement instance; serving with fewer");
+            return;
+        };
+        match factory(seat).and_then(|instance| self.seats.spawn(seat, instance)) {
+            Ok(()) => {
+                self.seats.stats.record_instance_replaced();
+                tracing::info!(model = %model, instance = seat, "replacement instance started");
+            }
+            Err(e) => {
+                tracing::error!(model = %model, instance = seat, error = %e, "replacing the hung instance failed")
+            }
         }
-        Err(e) => tracing::error!(model = %model, instance = seat, error = %e, "replacing the hung instance failed"),
+    }
+
+    fn give_up(&self, reason: String) {
+        self.seats.break_with(reason);
     }
 }
 
@@ -555,6 +718,7 @@ fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: u64, seat: 
         let Ok(jobs) = seats.batch_rx.recv() else { break };
         if !run_batch(instance.as_mut(), seats, id, seat, jobs) {
             tracing::info!(model = %seats.spec.name, instance = seat, "an abandoned instance returned; it is dropped");
+            seats.abandoned.fetch_sub(1, Ordering::AcqRel);
             break;
         }
     }
@@ -570,6 +734,7 @@ fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, j
     let total: usize = rows.iter().sum();
     let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
     let replies: Replies = Arc::new(Mutex::new(Some(replies)));
+    lock(&seats.running).insert(id, replies.clone());
     if let Some(watch) = &seats.watch {
         let _ = watch.send(Watch::Started { id, seat, started: clock.start, replies: replies.clone() });
     }
@@ -592,6 +757,7 @@ fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, j
     if let Some(watch) = &seats.watch {
         let _ = watch.send(Watch::Finished { id });
     }
+    lock(&seats.running).remove(&id);
     let Some(replies) = watchdog::take(&replies) else { return false };
     let phases = clock.phases(Instant::now());
     match result {
@@ -643,14 +809,16 @@ mod tests {
         }
     }
 
+    /// Requests are `[rows, 1]`: the batch dimension plus one, or two dims without batching.
     fn spec(max_batch_size: usize) -> Arc<ModelSpec> {
+        let dims = if max_batch_size > 0 { vec![1] } else { vec![-1, 1] };
         Arc::new(ModelSpec {
             name: "double".into(),
             version: 1,
             platform: "test".into(),
             max_batch_size,
-            inputs: vec![TensorSpec::new("X", DataType::Fp32, vec![-1])],
-            outputs: vec![TensorSpec::new("Y", DataType::Fp32, vec![-1])],
+            inputs: vec![TensorSpec::new("X", DataType::Fp32, dims.clone())],
+            outputs: vec![TensorSpec::new("Y", DataType::Fp32, dims)],
         })
     }
 
@@ -701,7 +869,7 @@ mod tests {
         assert_eq!(s.stats().execution_count(), 4);
         assert_eq!(s.stats().inference_count(), 11);
         let batch_sizes: Vec<(usize, u64)> =
-            s.stats().batch_sizes().map(|(n, b)| (n, b.compute_infer.count())).collect();
+            s.stats().batch_sizes().into_iter().map(|(n, b)| (n, b.compute_infer.count())).collect();
         assert_eq!(batch_sizes, vec![(1, 1), (2, 1), (4, 2)]);
     }
 
@@ -939,6 +1107,82 @@ mod tests {
         assert_eq!(s.stats().instances_replaced(), 1);
         assert_eq!(seen.try_iter().count(), 5);
         s.shutdown();
+    }
+
+    #[tokio::test]
+    async fn too_many_hung_instances_make_the_version_unavailable() {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let gates: Vec<_> = (0..3).map(|_| crossbeam_channel::unbounded::<()>()).collect();
+        let hung = |i: usize| Doubler { seen: seen_tx.clone(), gate: Some(gates[i].1.clone()), fail_on: None };
+        let first = hung(0);
+        let made = Arc::new(Mutex::new(1..3));
+        let replacements: Vec<Doubler> = (1..3).map(hung).collect();
+        let replacements = Arc::new(Mutex::new(replacements.into_iter()));
+        let factory: InstanceFactory = Arc::new(move |_| {
+            made.lock().unwrap().next();
+            let next = replacements.lock().unwrap().next().expect("at most two replacements");
+            Ok(Box::new(next) as Box<dyn Instance>)
+        });
+        let mut cfg = config(0, 10);
+        cfg.execution_timeout = Some(Duration::from_millis(100));
+        cfg.max_abandoned_instances = 2;
+        let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(first)], Some(factory)).unwrap();
+        for _ in 0..2 {
+            let err = s.submit(request(&[1.0])).unwrap().await.unwrap().unwrap_err();
+            assert!(err.to_string().contains("instance replaced"), "{err}");
+        }
+        assert!(s.broken().is_none());
+        let err = s.submit(request(&[1.0])).unwrap().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("the model version is now unavailable"), "{err}");
+        // The version refuses from now on, naming the reason; nothing else runs.
+        let refused = loop {
+            match s.submit(request(&[2.0])) {
+                Err(e) => break e,
+                Ok(rx) => assert!(matches!(rx.await.unwrap(), Err(ServeError::Unavailable(_)))),
+            }
+        };
+        assert!(matches!(refused, ServeError::Unavailable(_)), "{refused}");
+        assert!(refused.to_string().contains("max_abandoned_instances"), "{refused}");
+        assert_eq!(s.stats().instances_replaced(), 2);
+        assert_eq!(seen.try_iter().count(), 3, "three batches ran, each on a fresh instance");
+        for (tx, _) in &gates {
+            tx.send(()).unwrap();
+        }
+        s.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_bounded_shutdown_abandons_a_stuck_instance_and_answers_everything() {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (gate_tx, gate_rx) = crossbeam_channel::unbounded::<()>();
+        let stuck = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: None };
+        let s = Scheduler::start(spec(0), config(0, 10), vec![Box::new(stuck)]).unwrap();
+        let running = s.submit(request(&[1.0])).unwrap();
+        seen.recv().unwrap();
+        let queued: Vec<_> = (0..3).map(|i| s.submit(request(&[i as f32])).unwrap()).collect();
+        // The deadline has passed: the queue is answered at once and the stuck thread is left.
+        assert_eq!(s.shutdown_by(Some(Instant::now())), 1);
+        for rx in queued {
+            let err = rx.await.unwrap().unwrap_err();
+            assert!(err.to_string().contains("shut down before this request ran"), "{err}");
+        }
+        let err = running.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("still executing"), "{err}");
+        drop(gate_tx);
+    }
+
+    #[tokio::test]
+    async fn a_huge_queue_delay_waits_for_a_full_batch_instead_of_overflowing_the_clock() {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let mut cfg = config(2, 10);
+        cfg.policy.max_queue_delay = Duration::MAX;
+        let s = Scheduler::start(spec(2), cfg, vec![Box::new(Doubler { seen: seen_tx, gate: None, fail_on: None })])
+            .unwrap();
+        let a = s.submit(request(&[1.0])).unwrap();
+        let b = s.submit(request(&[2.0])).unwrap();
+        assert_eq!(values(a.await.unwrap()), vec![2.0]);
+        assert_eq!(values(b.await.unwrap()), vec![4.0]);
+        assert_eq!(seen.recv().unwrap(), 2);
     }
 
     #[tokio::test]

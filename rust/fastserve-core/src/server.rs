@@ -2,13 +2,14 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
 use crate::registry::Registry;
+use crate::scheduler::SHUTDOWN_GRACE;
 use crate::state::{Limits, ServerState};
 use crate::tls::Tls;
 
@@ -34,6 +35,10 @@ pub struct ServerConfig {
     pub auth: Auth,
     /// TLS for the HTTP, gRPC and metrics listeners (`None`: plain TCP).
     pub tls: Option<Tls>,
+    /// Compression of gRPC responses (None: never; requests may always come compressed).
+    pub grpc_response_compression: Option<crate::compression::Coding>,
+    /// Serve the repository API on a non-loopback `host` without an admin token.
+    pub allow_remote_repository_api: bool,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +55,8 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             auth: Auth::default(),
             tls: None,
+            grpc_response_compression: None,
+            allow_remote_repository_api: false,
         }
     }
 }
@@ -85,7 +92,9 @@ impl Server {
         // Latency histograms only feed the metrics endpoint; skip them when it is off.
         registry.set_histograms(config.metrics_port.is_some());
         let state = Arc::new(
-            ServerState::new(registry, config.limits.clone(), config.access_log).with_auth(config.auth.clone()),
+            ServerState::new(registry, config.limits.clone(), config.access_log)
+                .with_auth(config.auth.clone())
+                .guard_repository(&config.host, config.allow_remote_repository_api),
         );
         Self { config, state, running: Mutex::new(None) }
     }
@@ -140,9 +149,19 @@ impl Server {
             addr
         });
         let grpc_addr = grpc.map(|(listener, addr)| {
-            let max = self.config.grpc_max_message_bytes;
+            let options = crate::grpc::Options {
+                max_message_bytes: self.config.grpc_max_message_bytes,
+                response_compression: self.config.grpc_response_compression,
+            };
             let tls = self.config.tls.as_ref().map(|t| t.grpc.clone());
-            tasks.push(runtime.spawn(crate::grpc::serve(listener, self.state.clone(), max, rx.clone(), drain, tls)));
+            tasks.push(runtime.spawn(crate::grpc::serve(
+                listener,
+                self.state.clone(),
+                options,
+                rx.clone(),
+                drain,
+                tls,
+            )));
             addr
         });
         let tls = self.config.tls.as_ref().map(|t| t.http.clone());
@@ -172,24 +191,45 @@ impl Server {
         self.lock().as_ref().and_then(|r| r.grpc_addr)
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to the drain timeout), then drains and
-    /// stops every model. Blocks; safe to call more than once.
-    pub fn stop(&self) {
+    /// Stops accepting and lets in-flight requests finish until the drain timeout, then stops
+    /// every model: requests still queued are answered 503 and threads stuck in a model past
+    /// [`SHUTDOWN_GRACE`] are abandoned. Returns how many model threads were left running. Blocks
+    /// for at most the drain timeout plus a few seconds; safe to call more than once.
+    pub fn stop(&self) -> usize {
         self.state.set_draining();
+        let deadline = Instant::now() + self.config.drain_timeout;
         let running = self.lock().take();
-        if let Some(r) = running {
-            let _ = r.shutdown.send(true);
-            // Both front ends drain their open requests before the models are drained.
-            for task in r.tasks {
-                let _ = r.runtime.block_on(task);
+        let abandoned = match running {
+            Some(r) => {
+                let _ = r.shutdown.send(true);
+                // Both front ends drain their open requests before the models are stopped.
+                let until = tokio::time::Instant::from_std(deadline + SHUTDOWN_GRACE);
+                for task in r.tasks {
+                    let _ = r.runtime.block_on(async move { tokio::time::timeout_at(until, task).await });
+                }
+                let abandoned = self.state.registry.shutdown(Some(deadline));
+                // Connections still open may be writing the 503s just answered.
+                let transport = self.state.transport.clone();
+                r.runtime.block_on(async move {
+                    let flushed = async {
+                        while transport.open_connections() > 0 {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(SHUTDOWN_GRACE, flushed).await;
+                });
+                r.runtime.shutdown_timeout(Duration::from_millis(500));
+                abandoned
             }
-            self.state.registry.shutdown();
-            r.runtime.shutdown_timeout(Duration::from_secs(1));
-        } else {
-            self.state.registry.shutdown();
-        }
+            None => self.state.registry.shutdown(Some(deadline)),
+        };
         self.state.set_serving(false);
-        tracing::info!("server stopped");
+        if abandoned > 0 {
+            tracing::warn!(threads = abandoned, "server stopped; model threads still running were abandoned");
+        } else {
+            tracing::info!("server stopped");
+        }
+        abandoned
     }
 }
 
@@ -198,5 +238,81 @@ impl Drop for Server {
         if self.lock().is_some() {
             self.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batcher::BatchPolicy;
+    use crate::compression::Coding;
+    use crate::datatype::DataType;
+    use crate::grpc::proto::{model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse};
+    use crate::registry::ModelVersion;
+    use crate::scheduler::{Instance, PhaseClock, Scheduler, SchedulerConfig};
+    use crate::spec::{ModelSpec, TensorSpec};
+    use crate::tensor::Tensor;
+    use tonic::codec::CompressionEncoding;
+
+    struct Echo;
+    impl Instance for Echo {
+        fn execute(&mut self, inputs: Vec<Tensor>, _: &mut PhaseClock) -> crate::Result<Vec<Tensor>> {
+            Ok(inputs)
+        }
+    }
+
+    /// A server on ephemeral ports with model `echo` (X → X, FP32 [4]).
+    fn echo_server(config: ServerConfig) -> Server {
+        let server = Server::new(ServerConfig { http_port: 0, grpc_port: Some(0), ..config });
+        let spec = ModelSpec {
+            name: "echo".into(),
+            version: 1,
+            platform: "test".into(),
+            max_batch_size: 0,
+            inputs: vec![TensorSpec::new("X", DataType::Fp32, vec![4])],
+            outputs: vec![TensorSpec::new("X", DataType::Fp32, vec![4])],
+        };
+        let policy = BatchPolicy { max_batch_size: 0, max_queue_delay: Duration::ZERO, preferred_batch_sizes: vec![] };
+        let scheduler =
+            Scheduler::start(Arc::new(spec), SchedulerConfig::new(policy, 8), vec![Box::new(Echo)]).unwrap();
+        server.registry().insert(ModelVersion::ready(scheduler));
+        server.start().unwrap();
+        server
+    }
+
+    /// The `grpc-encoding` of a ModelInfer answer to a client that accepts gzip.
+    async fn response_encoding(addr: SocketAddr) -> Option<String> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut client = tonic::client::Grpc::new(channel).accept_compressed(CompressionEncoding::Gzip);
+        client.ready().await.unwrap();
+        let request = ModelInferRequest {
+            model_name: "echo".into(),
+            inputs: vec![InferInputTensor {
+                name: "X".into(),
+                datatype: "FP32".into(),
+                shape: vec![4],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![vec![0u8; 16].into()],
+            ..Default::default()
+        };
+        let path = http::uri::PathAndQuery::from_static("/inference.GRPCInferenceService/ModelInfer");
+        let codec = tonic_prost::ProstCodec::<ModelInferRequest, ModelInferResponse>::default();
+        let response = client.unary(tonic::Request::new(request), path, codec).await.unwrap();
+        response.metadata().get("grpc-encoding").map(|v| v.to_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn grpc_responses_are_compressed_only_when_configured() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let plain = echo_server(ServerConfig::default());
+        let addr = plain.grpc_addr().unwrap();
+        assert_eq!(runtime.block_on(response_encoding(addr)), None, "a client accepting gzip gets it uncompressed");
+        plain.stop();
+        let gzip = echo_server(ServerConfig { grpc_response_compression: Some(Coding::Gzip), ..Default::default() });
+        let addr = gzip.grpc_addr().unwrap();
+        assert_eq!(runtime.block_on(response_encoding(addr)).as_deref(), Some("gzip"));
+        gzip.stop();
     }
 }

@@ -148,8 +148,17 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Checks what a model returned for a batch of `rows` rows; a mismatch is the model's fault.
+    /// Checks what a model returned for a batch of `rows` rows against the declared outputs
+    /// (names, datatypes, dims); a mismatch is the model's fault and fails the batch, so clients
+    /// never receive tensors the model's metadata does not describe.
     pub fn check_outputs(&self, outputs: &[Tensor], rows: usize) -> Result<()> {
+        if let Some(extra) = outputs.iter().find(|t| self.output(&t.name).is_none()) {
+            let declared: Vec<&str> = self.outputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(ServeError::ModelError(format!(
+                "model '{}' returned output '{}', which its configuration does not declare (outputs are {:?})",
+                self.name, extra.name, declared
+            )));
+        }
         for spec in &self.outputs {
             let t = outputs.iter().find(|t| t.name == spec.name).ok_or_else(|| {
                 ServeError::ModelError(format!("model '{}' did not return output '{}'", self.name, spec.name))
@@ -160,13 +169,30 @@ impl ModelSpec {
                     self.name, spec.name, t.datatype, spec.datatype
                 )));
             }
+            let got = || shape_str(t.shape.iter().map(|&d| d as i64));
             if self.batching() && t.shape.first() != Some(&rows) {
                 return Err(ServeError::ModelError(format!(
                     "model '{}' returned output '{}' with shape {}, but the batch has {} rows",
                     self.name,
                     spec.name,
-                    shape_str(t.shape.iter().map(|&d| d as i64)),
+                    got(),
                     rows
+                )));
+            }
+            let declared = self.full_dims(spec);
+            let fits = declared.len() == t.shape.len()
+                && declared
+                    .iter()
+                    .zip(&t.shape)
+                    .skip(usize::from(self.batching()))
+                    .all(|(&d, &g)| d < 0 || d as usize == g);
+            if !fits {
+                return Err(ServeError::ModelError(format!(
+                    "model '{}' returned output '{}' with shape {}, but it is declared {}",
+                    self.name,
+                    spec.name,
+                    got(),
+                    shape_str(declared)
                 )));
             }
             if let (TensorData::Raw(_), None) | (TensorData::Strings(_), Some(_)) = (&t.data, t.datatype.size()) {
@@ -264,5 +290,22 @@ mod tests {
         let err = s.check_outputs(&[tensor("Y", DataType::Fp32, vec![2, 3])], 3).unwrap_err();
         assert!(err.to_string().contains("batch has 3 rows"));
         s.check_outputs(&[tensor("Y", DataType::Fp32, vec![3, 3])], 3).unwrap();
+        let cases = [
+            (vec![tensor("Y", DataType::Fp32, vec![3, 3, 1])], "with shape [3,3,1], but it is declared [-1,-1]"),
+            (vec![tensor("Y", DataType::Fp32, vec![])], "with shape [], but the batch has 3 rows"),
+            (
+                vec![tensor("Y", DataType::Fp32, vec![3, 3]), tensor("Z", DataType::Fp32, vec![3])],
+                "returned output 'Z', which its configuration does not declare",
+            ),
+        ];
+        for (outputs, msg) in cases {
+            let err = s.check_outputs(&outputs, 3).unwrap_err();
+            assert!(matches!(err, ServeError::ModelError(_)) && err.to_string().contains(msg), "{err}");
+        }
+        let fixed = ModelSpec { outputs: vec![TensorSpec::new("Y", DataType::Fp32, vec![4])], ..spec(0) };
+        let err = fixed.check_outputs(&[tensor("Y", DataType::Fp32, vec![7])], 1).unwrap_err();
+        assert!(err.to_string().contains("with shape [7], but it is declared [4]"), "{err}");
+        let err = fixed.check_outputs(&[tensor("Y", DataType::Fp32, vec![])], 1).unwrap_err();
+        assert!(err.to_string().contains("with shape [], but it is declared [4]"), "{err}");
     }
 }

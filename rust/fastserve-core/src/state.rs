@@ -105,6 +105,12 @@ impl Limits {
     }
 }
 
+/// Whether `host` names only the local machine (an IP loopback address or `localhost`).
+pub fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Protocol extensions this server implements, as advertised in server metadata.
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics"];
 
@@ -146,7 +152,11 @@ pub struct ServerState {
     pub connections: ConnectionLimit,
     serving: AtomicBool,
     draining: AtomicBool,
+    /// Set while the models given at startup load: live, not yet ready.
+    starting: AtomicBool,
     repository: RwLock<Option<Arc<dyn RepositoryControl>>>,
+    /// The repository API may be served on a non-loopback address without an admin token.
+    remote_repository_ok: bool,
 }
 
 impl ServerState {
@@ -160,8 +170,17 @@ impl ServerState {
             auth: Auth::default(),
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            starting: AtomicBool::new(false),
             repository: RwLock::new(None),
+            remote_repository_ok: true,
         }
+    }
+
+    /// Refuses to serve the repository API on `host` without an admin token when `host` is not a
+    /// loopback address, unless `allow_remote` (`--allow-remote-repository-api`).
+    pub fn guard_repository(mut self, host: &str, allow_remote: bool) -> Self {
+        self.remote_repository_ok = allow_remote || is_loopback(host);
+        self
     }
 
     /// Requires bearer tokens as `auth` says.
@@ -170,9 +189,25 @@ impl ServerState {
         self
     }
 
-    /// Enables the repository API (control modes `explicit` and `poll`).
-    pub fn set_repository(&self, control: Option<Arc<dyn RepositoryControl>>) {
+    /// Enables the repository API (control modes `explicit` and `poll`). Model management must
+    /// not be reachable from the network by accident: on a non-loopback address it needs an
+    /// admin token or an explicit opt-in.
+    pub fn set_repository(&self, control: Option<Arc<dyn RepositoryControl>>) -> Result<()> {
+        if control.is_some() && !self.remote_repository_ok && !self.auth.has_admin_token() {
+            return Err(ServeError::Forbidden(
+                "the repository API would be reachable from the network without an admin token: set \
+                 --admin-token-file (or FASTSERVE_ADMIN_TOKEN), listen on 127.0.0.1, or pass \
+                 --allow-remote-repository-api"
+                    .into(),
+            ));
+        }
         *self.repository.write().unwrap_or_else(|p| p.into_inner()) = control;
+        Ok(())
+    }
+
+    /// Marks the initial model loads as running (not ready) or finished.
+    pub fn set_starting(&self, on: bool) {
+        self.starting.store(on, Ordering::Release);
     }
 
     /// The repository API, or 403 when the control mode does not allow it.
@@ -200,9 +235,10 @@ impl ServerState {
         self.serving.load(Ordering::Acquire)
     }
 
-    /// Ready: serving, not draining, and every known model version loaded.
+    /// Ready: serving, not draining, done with the startup loads, and every known model version
+    /// loaded.
     pub fn is_ready(&self) -> bool {
-        self.is_live() && !self.is_draining() && self.registry.all_ready()
+        self.is_live() && !self.is_draining() && !self.starting.load(Ordering::Acquire) && self.registry.all_ready()
     }
 
     pub fn server_metadata(&self) -> ServerMetadata {

@@ -1,7 +1,9 @@
 //! Per model version statistics, recorded on the request path with relaxed atomics only (no locks,
 //! no Python). The Prometheus endpoint and the statistics API both read these at request time.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
@@ -127,8 +129,9 @@ pub struct ModelStats {
     cancelled: AtomicU64,
     instances_replaced: AtomicU64,
     last_inference_ms: AtomicU64,
-    /// Index = batch size (0 unused; with batching off every batch has size 1).
-    batches: Vec<BatchSlot>,
+    /// Batch size → its slot, for the sizes seen so far: never sized by `max_batch_size`, so a
+    /// large configured limit costs nothing until batches that large run.
+    batches: RwLock<BTreeMap<usize, Arc<BatchSlot>>>,
     histograms_on: AtomicBool,
     pub request_hist: Histogram,
     pub queue_hist: Histogram,
@@ -137,8 +140,14 @@ pub struct ModelStats {
     pub compute_output_hist: Histogram,
 }
 
+impl Default for ModelStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ModelStats {
-    pub fn new(max_batch_size: usize) -> Self {
+    pub fn new() -> Self {
         Self {
             success: Timed::default(),
             fail: Timed::default(),
@@ -152,7 +161,7 @@ impl ModelStats {
             cancelled: AtomicU64::new(0),
             instances_replaced: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
-            batches: (0..=max_batch_size.max(1)).map(|_| BatchSlot::default()).collect(),
+            batches: RwLock::default(),
             histograms_on: AtomicBool::new(true),
             request_hist: Histogram::default(),
             queue_hist: Histogram::default(),
@@ -196,11 +205,15 @@ impl ModelStats {
                 self.compute_output_hist.observe(phases.output);
             }
         }
-        if let Some(slot) = self.batches.get(rows) {
-            slot.compute_input.add(1, phases.input);
-            slot.compute_infer.add(1, phases.infer);
-            slot.compute_output.add(1, phases.output);
-        }
+        let slot = self.batch_slot(rows);
+        slot.compute_input.add(1, phases.input);
+        slot.compute_infer.add(1, phases.infer);
+        slot.compute_output.add(1, phases.output);
+    }
+
+    fn batch_slot(&self, rows: usize) -> Arc<BatchSlot> {
+        let seen = self.batches.read().unwrap_or_else(|p| p.into_inner()).get(&rows).cloned();
+        seen.unwrap_or_else(|| self.batches.write().unwrap_or_else(|p| p.into_inner()).entry(rows).or_default().clone())
     }
 
     /// The end of one request, as its front end saw it.
@@ -252,15 +265,17 @@ impl ModelStats {
         self.execution_count.load(Relaxed)
     }
 
-    /// `(batch size, batches executed)` for every size seen.
-    pub fn batch_sizes(&self) -> impl Iterator<Item = (usize, &BatchSlot)> + '_ {
-        self.batches.iter().enumerate().filter(|(_, s)| s.compute_infer.count() > 0)
+    /// `(batch size, its statistics)` for every size executed so far, smallest first.
+    pub fn batch_sizes(&self) -> Vec<(usize, Arc<BatchSlot>)> {
+        let batches = self.batches.read().unwrap_or_else(|p| p.into_inner());
+        batches.iter().map(|(&n, slot)| (n, slot.clone())).collect()
     }
 
     /// One entry of the statistics API's `model_stats`, in Triton's shape.
     pub fn to_json(&self, name: &str, version: u64) -> Value {
         let batch_stats: Vec<Value> = self
             .batch_sizes()
+            .into_iter()
             .map(|(size, s)| {
                 json!({
                     "batch_size": size,
@@ -312,7 +327,7 @@ mod tests {
 
     #[test]
     fn batches_and_requests_are_counted_like_triton() {
-        let s = ModelStats::new(8);
+        let s = ModelStats::new();
         let phases =
             Phases { input: Duration::from_micros(1), infer: Duration::from_micros(10), output: Duration::ZERO };
         s.record_batch(3, &[Duration::from_micros(5), Duration::from_micros(7)], phases);

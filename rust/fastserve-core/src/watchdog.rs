@@ -36,9 +36,19 @@ pub enum Watch {
     Stop,
 }
 
-/// Watches running batches until stopped. `on_hung(id, seat, replace)` abandons a hung instance
-/// thread and, unless the version is stopping, starts a replacement in its seat.
-pub fn run(rx: Receiver<Watch>, timeout: Duration, model: &str, mut on_hung: impl FnMut(u64, usize, bool)) {
+/// What the watchdog asks of the scheduler about a hung instance.
+pub trait OnHung {
+    /// Forgets hung instance thread `id`; true when a replacement may be started.
+    fn abandon(&self, id: u64) -> bool;
+    /// Starts a fresh instance in `seat` (may be slow: a model load).
+    fn replace(&self, seat: usize);
+    /// Marks the version unavailable: too many hung instances are still running.
+    fn give_up(&self, reason: String);
+}
+
+/// Watches running batches until stopped, failing a batch that runs past `timeout` and having its
+/// instance abandoned and replaced (unless the version is stopping or has too many hung ones).
+pub fn run(rx: Receiver<Watch>, timeout: Duration, model: &str, hung: &impl OnHung) {
     let mut running: HashMap<u64, (usize, Instant, Replies)> = HashMap::new();
     let mut stopping = false;
     loop {
@@ -58,25 +68,33 @@ pub fn run(rx: Receiver<Watch>, timeout: Duration, model: &str, mut on_hung: imp
             Err(RecvTimeoutError::Timeout) => {}
         }
         let now = Instant::now();
-        let hung: Vec<u64> = running.iter().filter(|(_, (_, s, _))| now >= *s + timeout).map(|(id, _)| *id).collect();
-        for id in hung {
+        let expired: Vec<u64> =
+            running.iter().filter(|(_, (_, s, _))| now >= *s + timeout).map(|(id, _)| *id).collect();
+        for id in expired {
             let Some((seat, _, replies)) = running.remove(&id) else { continue };
             // The instance may have answered just now; then nothing hung.
             let Some(replies) = take(&replies) else { continue };
             let ms = timeout.as_millis();
-            tracing::warn!(
-                model,
-                instance = seat,
-                timeout_ms = ms as u64,
-                "model execution timed out; replacing the instance"
-            );
-            let error = ServeError::ExecutionTimeout(format!(
-                "model '{model}' execution timed out after {ms} ms; instance replaced"
-            ));
+            let may_replace = hung.abandon(id);
+            let outcome = match (stopping, may_replace) {
+                (true, _) => "instance abandoned",
+                (false, true) => "instance replaced",
+                (false, false) => "too many hung instances; the model version is now unavailable",
+            };
+            tracing::warn!(model, instance = seat, timeout_ms = ms as u64, outcome, "model execution timed out");
+            let error =
+                ServeError::ExecutionTimeout(format!("model '{model}' execution timed out after {ms} ms; {outcome}"));
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }
-            on_hung(id, seat, !stopping);
+            match (stopping, may_replace) {
+                (true, _) => {}
+                (false, true) => hung.replace(seat),
+                (false, false) => hung.give_up(format!(
+                    "its instances hung past execution_timeout_ms ({ms} ms) more often than \
+                     max_abandoned_instances allows; reload it to recover"
+                )),
+            }
         }
         if stopping && running.is_empty() {
             break;

@@ -5,13 +5,15 @@ use bytes::Bytes;
 use fastserve_core::{DataType, ServeError, Tensor, TensorData};
 use numpy::{PyArray1, PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{IntoPyDict, PyBytes, PyDict, PyList, PyString, PyTuple};
 
 /// NumPy objects looked up once per instance instead of once per tensor.
 pub struct NumpyCache {
     dtypes: Vec<(DataType, Py<PyAny>)>,
     array: Py<PyAny>,
-    ascontiguousarray: Py<PyAny>,
+    asarray: Py<PyAny>,
+    /// `{"order": "C"}`, built once.
+    c_order: Py<PyDict>,
     object_dtype: Py<PyAny>,
 }
 
@@ -44,7 +46,8 @@ impl NumpyCache {
         Ok(Self {
             dtypes,
             array: np.getattr("array")?.unbind(),
-            ascontiguousarray: np.getattr("ascontiguousarray")?.unbind(),
+            asarray: np.getattr("asarray")?.unbind(),
+            c_order: [("order", "C")].into_py_dict(py)?.unbind(),
             object_dtype: dtype.call1(("object",))?.unbind(),
         })
     }
@@ -105,7 +108,9 @@ impl NumpyCache {
     }
 
     fn output_tensor(&self, py: Python<'_>, name: String, value: &Bound<'_, PyAny>) -> Result<Tensor, Conversion> {
-        let array = self.ascontiguousarray.bind(py).call1((value,))?;
+        // C order without ascontiguousarray's promotion of scalars to shape [1]: a 0-d output
+        // must stay 0-d, so the declared dims can be checked against what the model returned.
+        let array = self.asarray.bind(py).call((value,), Some(self.c_order.bind(py)))?;
         let untyped = array
             .cast::<PyUntypedArray>()
             .map_err(|_| ServeError::ModelError(format!("output '{name}' is not convertible to a NumPy array")))?;
@@ -163,7 +168,7 @@ impl NumpyCache {
         let data = if len == 0 {
             Bytes::new()
         } else {
-            // SAFETY: the array is C-contiguous (ascontiguousarray) and holds `len` bytes; the owner
+            // SAFETY: the array is C-contiguous (asarray order C) and holds `len` bytes; the owner
             // keeps it alive for as long as any slice of the Bytes exists.
             let ptr = unsafe { (*untyped.as_array_ptr()).fields.data as *const u8 };
             Bytes::from_owner(ArrayOwner { _array: array.clone().unbind(), ptr, len })

@@ -1,5 +1,7 @@
 //! A Python object with `execute(inputs) -> outputs` as a model instance of the Rust scheduler.
 
+use std::sync::Arc;
+
 use fastserve_core::scheduler::{Instance, PhaseClock};
 use fastserve_core::{ServeError, Tensor};
 use pyo3::prelude::*;
@@ -10,16 +12,22 @@ pub struct PyInstance {
     model: Py<PyAny>,
     label: String,
     numpy: NumpyCache,
+    /// Directory prefixes never shown to clients (error messages carry no server paths).
+    private_paths: Arc<Vec<String>>,
 }
 
 impl PyInstance {
-    pub fn new(py: Python<'_>, model: Py<PyAny>, label: String) -> PyResult<Self> {
+    pub fn new(py: Python<'_>, model: Py<PyAny>, label: String, private_paths: Arc<Vec<String>>) -> PyResult<Self> {
         if !model.bind(py).hasattr("execute")? {
             return Err(pyo3::exceptions::PyTypeError::new_err(format!(
                 "{label}: the model object has no execute() method"
             )));
         }
-        Ok(Self { model, label, numpy: NumpyCache::new(py)? })
+        Ok(Self { model, label, numpy: NumpyCache::new(py)?, private_paths })
+    }
+
+    fn public(&self, message: String) -> String {
+        self.private_paths.iter().fold(message, |m, path| m.replace(path.as_str(), "<repository>"))
     }
 }
 
@@ -36,7 +44,7 @@ impl Instance for PyInstance {
             clock.infer_finished();
             let result = result.map_err(|e| {
                 tracing::warn!(model = %self.label, error = %e, "execute() raised");
-                ServeError::ModelError(format!("{} raised {}", self.label, e))
+                ServeError::ModelError(self.public(format!("{} raised {}", self.label, e)))
             })?;
             self.numpy.outputs_from_dict(&result)
         })

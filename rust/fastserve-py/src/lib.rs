@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use fastserve_core::auth::Auth;
 use fastserve_core::batcher::BatchPolicy;
+use fastserve_core::compression::Coding;
 use fastserve_core::registry::{ModelVersion, Routing};
-use fastserve_core::scheduler::{Instance, InstanceFactory, Scheduler, SchedulerConfig};
+use fastserve_core::scheduler::{
+    Instance, InstanceFactory, Scheduler, SchedulerConfig, DEFAULT_MAX_ABANDONED_INSTANCES,
+};
 use fastserve_core::server::{Server, ServerConfig};
 use fastserve_core::spec::{ModelSpec, TensorSpec};
 use fastserve_core::state::Limits;
@@ -43,13 +46,13 @@ fn tensor_specs(what: &str, list: Vec<SpecTuple>) -> PyResult<Vec<TensorSpec>> {
 
 /// Replacement instances for hung ones: `factory(seat)` returns a fresh model object. Called on
 /// the watchdog thread, never on the request path.
-fn replacement_factory(factory: Py<PyAny>, label: String) -> InstanceFactory {
+fn replacement_factory(factory: Py<PyAny>, label: String, private: Arc<Vec<String>>) -> InstanceFactory {
     Arc::new(move |seat| {
         Python::attach(|py| {
             let model = factory
                 .call1(py, (seat,))
                 .map_err(|e| ServeError::Internal(format!("{label}: creating a replacement instance raised {e}")))?;
-            PyInstance::new(py, model, label.clone())
+            PyInstance::new(py, model, label.clone(), private.clone())
                 .map(|i| Box::new(i) as Box<dyn Instance>)
                 .map_err(|e| ServeError::Internal(format!("{label}: {e}")))
         })
@@ -60,12 +63,14 @@ fn replacement_factory(factory: Py<PyAny>, label: String) -> InstanceFactory {
 #[pyclass(module = "fastserve._core", name = "CoreServer", frozen)]
 struct CoreServer {
     server: Server,
+    /// Directory prefixes scrubbed from model error messages (the model repository).
+    private_paths: std::sync::RwLock<Vec<String>>,
 }
 
 #[pymethods]
 impl CoreServer {
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024, metrics_port = None, access_log = false, auth_token = None, admin_token = None, tls_cert = None, tls_key = None, tls_client_ca = None, max_header_bytes = 64 * 1024, max_headers = 100, max_json_depth = 64, max_request_elements = None, max_connections = 16_384, grpc_max_concurrent_streams = 256, header_read_timeout_s = 30.0, body_read_timeout_s = 60.0, idle_timeout_s = 120.0))]
+    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024, metrics_port = None, access_log = false, auth_token = None, admin_token = None, tls_cert = None, tls_key = None, tls_client_ca = None, max_header_bytes = 64 * 1024, max_headers = 100, max_json_depth = 64, max_request_elements = None, max_connections = 16_384, grpc_max_concurrent_streams = 256, header_read_timeout_s = 30.0, body_read_timeout_s = 60.0, idle_timeout_s = 120.0, grpc_response_compression = "none", allow_remote_repository_api = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
@@ -91,6 +96,8 @@ impl CoreServer {
         header_read_timeout_s: f64,
         body_read_timeout_s: f64,
         idle_timeout_s: f64,
+        grpc_response_compression: &str,
+        allow_remote_repository_api: bool,
     ) -> PyResult<Self> {
         for (what, token) in [("auth_token", &auth_token), ("admin_token", &admin_token)] {
             if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
@@ -123,7 +130,11 @@ impl CoreServer {
             idle_timeout: seconds("idle_timeout_s", idle_timeout_s)?,
         };
         limits.validate().map_err(PyValueError::new_err)?;
+        let grpc_response_compression = Coding::parse_setting(grpc_response_compression)
+            .map_err(|e| PyValueError::new_err(format!("grpc_response_compression {e}")))?;
         let mut config = ServerConfig {
+            grpc_response_compression,
+            allow_remote_repository_api,
             host,
             http_port,
             grpc_port,
@@ -140,11 +151,11 @@ impl CoreServer {
         }
         config.drain_timeout = Duration::try_from_secs_f64(drain_timeout_s)
             .map_err(|_| PyValueError::new_err("drain_timeout_s must be a non-negative number"))?;
-        Ok(Self { server: Server::new(config) })
+        Ok(Self { server: Server::new(config), private_paths: Default::default() })
     }
 
     /// Registers a loaded model version and starts its scheduler (replacing one of the same version).
-    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, max_batch_size = 0, max_queue_delay_us = 0, preferred_batch_sizes = Vec::new(), max_queue_size = 1024, default_queue_timeout_us = 0, priority_levels = 0, default_priority_level = 0, execution_timeout_ms = 0, instance_factory = None))]
+    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, max_batch_size = 0, max_queue_delay_us = 0, preferred_batch_sizes = Vec::new(), max_queue_size = 1024, default_queue_timeout_us = 0, priority_levels = 0, default_priority_level = 0, execution_timeout_ms = 0, instance_factory = None, max_abandoned_instances = DEFAULT_MAX_ABANDONED_INSTANCES))]
     #[allow(clippy::too_many_arguments)]
     fn add_model(
         &self,
@@ -164,6 +175,7 @@ impl CoreServer {
         default_priority_level: u64,
         execution_timeout_ms: u64,
         instance_factory: Option<Py<PyAny>>,
+        max_abandoned_instances: usize,
     ) -> PyResult<()> {
         if instances.is_empty() {
             return Err(PyValueError::new_err(format!("model '{name}': at least one instance is required")));
@@ -177,9 +189,12 @@ impl CoreServer {
             outputs: tensor_specs("output", outputs)?,
         });
         let label = format!("model '{name}' version {version}");
+        let private = Arc::new(self.private_paths.read().unwrap_or_else(|p| p.into_inner()).clone());
         let instances = instances
             .into_iter()
-            .map(|obj| PyInstance::new(py, obj, label.clone()).map(|i| Box::new(i) as Box<dyn Instance>))
+            .map(|obj| {
+                PyInstance::new(py, obj, label.clone(), private.clone()).map(|i| Box::new(i) as Box<dyn Instance>)
+            })
             .collect::<PyResult<Vec<_>>>()?;
         if default_priority_level > priority_levels.max(1) {
             return Err(PyValueError::new_err(format!(
@@ -197,9 +212,10 @@ impl CoreServer {
             priority_levels,
             default_priority_level,
             execution_timeout: (execution_timeout_ms > 0).then(|| Duration::from_millis(execution_timeout_ms)),
+            max_abandoned_instances,
             ..SchedulerConfig::new(policy, max_queue_size)
         };
-        let factory = instance_factory.map(|f| replacement_factory(f, label.clone()));
+        let factory = instance_factory.map(|f| replacement_factory(f, label.clone(), private));
         // Replacing a version drains the old one, whose threads need the GIL.
         py.detach(|| {
             let scheduler = Scheduler::start_with(spec, config, instances, factory)
@@ -232,9 +248,18 @@ impl CoreServer {
     }
 
     /// Serves the repository API through `manager` (its index/load/unload methods); None disables it.
-    fn set_repository_control(&self, manager: Option<Py<PyAny>>) {
+    /// Raises PermissionError when it would be reachable from the network without an admin token.
+    fn set_repository_control(&self, manager: Option<Py<PyAny>>) -> PyResult<()> {
         let control = manager.map(|m| Arc::new(crate::control::PyRepositoryControl::new(m)) as Arc<_>);
-        self.server.state().set_repository(control);
+        self.server
+            .state()
+            .set_repository(control)
+            .map_err(|e| pyo3::exceptions::PyPermissionError::new_err(e.to_string()))
+    }
+
+    /// While true the server is live but not ready: the startup model loads are running.
+    fn set_starting(&self, on: bool) {
+        self.server.state().set_starting(on);
     }
 
     /// Names and versions currently registered, with readiness.
@@ -254,9 +279,18 @@ impl CoreServer {
         self.server.start().map(|addr| addr.port()).map_err(|e| PyOSError::new_err(e.to_string()))
     }
 
-    /// Stops accepting, drains in-flight requests and every model, then returns.
-    fn stop(&self, py: Python<'_>) {
-        py.detach(|| self.server.stop());
+    /// Stops accepting, drains in-flight requests and every model until the drain timeout, then
+    /// returns how many model threads were left running (stuck in a model's code).
+    fn stop(&self, py: Python<'_>) -> usize {
+        py.detach(|| self.server.stop())
+    }
+
+    /// Directory prefixes replaced by `<repository>` in model error messages sent to clients.
+    fn set_private_paths(&self, paths: Vec<String>) {
+        let mut paths: Vec<String> = paths.into_iter().filter(|p| p.len() > 1).collect();
+        // Longest first, so a prefix never leaves part of a longer one behind.
+        paths.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        *self.private_paths.write().unwrap_or_else(|p| p.into_inner()) = paths;
     }
 
     #[getter]
