@@ -31,4 +31,7 @@ def setup_logging(level: str = "info", fmt: str = "text", otel_endpoint: str | N
         handler = RustLogHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
-    root.setLevel(level.upper() if level.upper() in logging.getLevelNamesMapping() else "INFO")
+    # `logging.getLevelNamesMapping` is 3.11+; with a name, `getLevelName` answers its number when the
+    # name is known (every supported version).
+    name = level.upper()
+    root.setLevel(name if isinstance(logging.getLevelName(name), int) else "INFO")

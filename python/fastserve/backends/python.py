@@ -51,7 +51,8 @@ class CupyInstance:
         with cupy.cuda.Device(device_id):
             self.stream = cupy.cuda.Stream(non_blocking=True)
 
-    def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+    def execute(self, inputs: dict[str, np.ndarray]) -> Any:
+        """The model's outputs on the host: a dict of arrays, or whatever else the model returned."""
         cp = self.cupy
         with cp.cuda.Device(self.device_id), self.stream:
             on_device = {k: v if v.dtype == object else cp.asarray(v) for k, v in inputs.items()}
