@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use fastserve_core::batcher::{concat_inputs, plan_batch, split_outputs, BatchPolicy, Batchable};
-use fastserve_core::infer::InferRequest;
+use fastserve_core::request::InferRequest;
+use fastserve_core::scheduler::plan::{concat_inputs, plan_batch, split_outputs, BatchPolicy, Batchable};
 use fastserve_core::scheduler::{Instance, PhaseClock, Scheduler, SchedulerConfig};
 use fastserve_core::spec::{ModelSpec, TensorSpec};
 use fastserve_core::{DataType, Result, Tensor, TensorData};
@@ -81,7 +81,7 @@ fn bench_scheduler(c: &mut Criterion) {
                             .into_iter()
                             .map(|r| {
                                 let s = scheduler.clone();
-                                tokio::spawn(async move { fastserve_core::infer::run(&s, r).await })
+                                tokio::spawn(async move { fastserve_core::request::run(&s, r).await })
                             })
                             .collect();
                         for r in replies {

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
-use fastserve_core::infer::{InferResponse, ResponseOutput};
-use fastserve_core::json_codec::{encode_infer_response, parse_infer_request};
-use fastserve_core::state::Limits;
+use fastserve_core::http::json::{encode_infer_response, parse_infer_request};
+use fastserve_core::request::{InferResponse, ResponseOutput};
+use fastserve_core::server::state::Limits;
 use fastserve_core::{DataType, Tensor, TensorData};
 
 const FEATURES: usize = 64;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use fastserve_core::stats::{ModelStats, Phases};
+use fastserve_core::observe::stats::{ModelStats, Phases};
 
 fn bench_metrics(c: &mut Criterion) {
     let phases =

@@ -14,15 +14,15 @@ use proptest::test_runner::Config;
 use prost::Message;
 use serde_json::{json, Value};
 
-use crate::datatype::DataType;
 use crate::error::{Result, ServeError};
+use crate::grpc::codec::decode_request;
 use crate::grpc::proto::infer_parameter::ParameterChoice;
 use crate::grpc::proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use crate::grpc::proto::{InferParameter, InferTensorContents, ModelInferRequest};
-use crate::grpc_codec::decode_request;
-use crate::infer::InferRequest;
-use crate::json_codec::{decode_binary, decode_length_prefixed, parse_infer_request};
-use crate::state::Limits;
+use crate::http::json::{decode_binary, decode_length_prefixed, parse_infer_request};
+use crate::request::InferRequest;
+use crate::server::state::Limits;
+use crate::tensor::datatype::DataType;
 use crate::tensor::{element_count, TensorData};
 
 /// `PROPTEST_CASES` when set, else a count that keeps `cargo test` fast.

@@ -294,10 +294,10 @@ mod tests {
     use super::*;
 
     fn ready(name: &str, version: u64) -> ModelVersion {
-        use crate::batcher::BatchPolicy;
-        use crate::datatype::DataType;
+        use crate::scheduler::plan::BatchPolicy;
         use crate::scheduler::{Instance, PhaseClock, Scheduler, SchedulerConfig};
         use crate::spec::{ModelSpec, TensorSpec};
+        use crate::tensor::datatype::DataType;
         use crate::tensor::Tensor;
 
         struct Echo;

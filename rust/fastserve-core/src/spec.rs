@@ -1,9 +1,9 @@
 //! What a model version accepts and returns, and the checks that turn a decoded request
 //! into a job the scheduler can batch.
 
-use crate::datatype::DataType;
 use crate::error::{Result, ServeError};
-use crate::infer::InferRequest;
+use crate::request::InferRequest;
+use crate::tensor::datatype::DataType;
 use crate::tensor::{Tensor, TensorData};
 
 /// One input or output as declared by config or read from the model; `dims` exclude the batch dim.
@@ -206,7 +206,7 @@ impl ModelSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::RequestedOutput;
+    use crate::request::RequestedOutput;
 
     fn spec(max_batch_size: usize) -> ModelSpec {
         ModelSpec {

@@ -1,8 +1,8 @@
 //! The Python repository manager as the core's `RepositoryControl`. Its exceptions map to
 //! protocol errors: LookupError → not found, PermissionError → forbidden, anything else → bad request.
 
-use fastserve_core::control::{IndexEntry, RepositoryControl};
-use fastserve_core::infer::Parameters;
+use fastserve_core::request::Parameters;
+use fastserve_core::server::control::{IndexEntry, RepositoryControl};
 use fastserve_core::ServeError;
 use pyo3::exceptions::{PyLookupError, PyPermissionError};
 use pyo3::prelude::*;

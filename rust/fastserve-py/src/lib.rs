@@ -9,17 +9,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastserve_core::auth::Auth;
-use fastserve_core::batcher::BatchPolicy;
 use fastserve_core::compression::Coding;
 use fastserve_core::registry::{ModelVersion, Routing};
+use fastserve_core::scheduler::plan::BatchPolicy;
 use fastserve_core::scheduler::{
     Instance, InstanceFactory, Scheduler, SchedulerConfig, DEFAULT_MAX_ABANDONED_INSTANCES,
 };
+use fastserve_core::server::auth::Auth;
+use fastserve_core::server::state::Limits;
+use fastserve_core::server::tls::{Tls, TlsFiles};
 use fastserve_core::server::{Server, ServerConfig};
 use fastserve_core::spec::{ModelSpec, TensorSpec};
-use fastserve_core::state::Limits;
-use fastserve_core::tls::{Tls, TlsFiles};
 use fastserve_core::{DataType, ServeError};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -319,13 +319,13 @@ impl CoreServer {
 #[pyfunction]
 #[pyo3(signature = (level = "info", json = false, otel_endpoint = None))]
 fn init_logging(level: &str, json: bool, otel_endpoint: Option<&str>) -> PyResult<bool> {
-    fastserve_core::logging::init(level, json, otel_endpoint).map_err(PyRuntimeError::new_err)
+    fastserve_core::observe::logging::init(level, json, otel_endpoint).map_err(PyRuntimeError::new_err)
 }
 
 /// Sends trace spans still buffered for export.
 #[pyfunction]
 fn flush_telemetry(py: Python<'_>) {
-    py.detach(fastserve_core::logging::flush);
+    py.detach(fastserve_core::observe::logging::flush);
 }
 
 /// Writes a log record through the Rust logger, so Python and Rust share one sink and format.
@@ -345,7 +345,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(log, m)?)?;
     m.add_function(wrap_pyfunction!(flush_telemetry, m)?)?;
-    m.add("OTEL_AVAILABLE", fastserve_core::logging::OTEL_AVAILABLE)?;
+    m.add("OTEL_AVAILABLE", fastserve_core::observe::logging::OTEL_AVAILABLE)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

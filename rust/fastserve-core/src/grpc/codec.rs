@@ -6,14 +6,14 @@ use std::collections::HashMap;
 
 use serde_json::Value;
 
-use crate::datatype::DataType;
 use crate::error::{Result, ServeError};
 use crate::grpc::proto::infer_parameter::ParameterChoice;
 use crate::grpc::proto::model_infer_request::InferInputTensor;
 use crate::grpc::proto::model_infer_response::InferOutputTensor;
 use crate::grpc::proto::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
-use crate::infer::{InferRequest, InferResponse, Parameters, RequestedOutput};
-use crate::json_codec::{binary_size, decode_binary, put_binary};
+use crate::http::json::{binary_size, decode_binary, put_binary};
+use crate::request::{InferRequest, InferResponse, Parameters, RequestedOutput};
+use crate::tensor::datatype::DataType;
 use crate::tensor::{element_count, Tensor, TensorData};
 
 /// Decodes a `ModelInferRequest`, checking every count and size against the shapes.
@@ -164,7 +164,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::infer::ResponseOutput;
+    use crate::request::ResponseOutput;
 
     fn input(name: &str, datatype: &str, shape: Vec<i64>, contents: Option<InferTensorContents>) -> InferInputTensor {
         InferInputTensor { name: name.into(), datatype: datatype.into(), shape, parameters: HashMap::new(), contents }

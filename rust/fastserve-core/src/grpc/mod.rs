@@ -2,6 +2,8 @@
 //! same path as HTTP ones (registry, validation, the model's scheduler), so both protocols share
 //! queues and one batch may hold requests from each.
 
+pub(crate) mod codec;
+
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,16 +23,16 @@ use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::auth::{Auth, Scope};
 use crate::compression::Coding;
-use crate::control::RepositoryControl;
 use crate::error::ServeError;
-use crate::grpc_codec::{decode_request, encode_response};
-use crate::infer::{Parameters, ServedBy, MAX_REQUEST_ID_BYTES};
-use crate::metrics::{ConnectionGuard, Protocol};
+use crate::grpc::codec::{decode_request, encode_response};
+use crate::observe::stats::{ModelStats, Timed};
+use crate::request::{Parameters, ServedBy, MAX_REQUEST_ID_BYTES};
 use crate::scheduler::Scheduler;
-use crate::state::ServerState;
-use crate::stats::{ModelStats, Timed};
+use crate::server::auth::{Auth, Scope};
+use crate::server::control::RepositoryControl;
+use crate::server::metrics::{ConnectionGuard, Protocol};
+use crate::server::state::ServerState;
 
 /// Code generated from `protos/grpc_predict_v2.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -108,7 +110,7 @@ impl InferenceService {
         if let Some(total) = elements {
             self.state.limits.admit_elements(total)?;
         }
-        let (response, how) = crate::infer::run_until(scheduler, decode_request(request)?, deadline).await?;
+        let (response, how) = crate::request::run_until(scheduler, decode_request(request)?, deadline).await?;
         let encoded = encode_response(response);
         // Checked here so the client gets RESOURCE_EXHAUSTED with a reason, not a broken stream.
         let size = encoded.encoded_len();
@@ -254,7 +256,7 @@ impl GrpcInferenceService for InferenceService {
         let r = request.into_inner();
         let mv = self.state.registry.resolve(&r.name, Some(&r.version))?;
         let m = self.state.model_metadata(&mv, r.version.is_empty())?;
-        let io = |list: Vec<crate::state::TensorMetadata>| {
+        let io = |list: Vec<crate::server::state::TensorMetadata>| {
             list.into_iter()
                 .map(|t| model_metadata_response::TensorMetadata {
                     name: t.name,
@@ -345,7 +347,7 @@ impl GrpcInferenceService for InferenceService {
     async fn model_config(&self, request: Request<ModelConfigRequest>) -> GrpcResult<ModelConfigResponse> {
         let r = request.into_inner();
         Ok(Response::new(ModelConfigResponse {
-            config: Some(crate::model_config::build(&self.state, &r.name, Some(&r.version))?),
+            config: Some(crate::server::model_config::build(&self.state, &r.name, Some(&r.version))?),
         }))
     }
 
@@ -528,7 +530,7 @@ pub async fn serve(
             serve_incoming(incoming, state, auth, options, shutdown, drain).await
         }
         Some(acceptor) => {
-            let accepted = crate::tls::incoming(listener, acceptor, shutdown.clone());
+            let accepted = crate::server::tls::incoming(listener, acceptor, shutdown.clone());
             let incoming = ReceiverStream::new(accepted).filter_map(move |conn| match conn {
                 Ok(stream) => {
                     let info = stream.get_ref().0.connect_info();

@@ -13,10 +13,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::datatype::DataType;
 use crate::error::{Result, ServeError};
-use crate::infer::{InferRequest, InferResponse, Parameters, RequestedOutput};
-use crate::state::Limits;
+use crate::request::{InferRequest, InferResponse, Parameters, RequestedOutput};
+use crate::server::state::Limits;
+use crate::tensor::datatype::DataType;
 use crate::tensor::{element_count, Tensor, TensorData};
 
 #[derive(Deserialize)]
@@ -583,7 +583,7 @@ pub fn error_body(message: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::ResponseOutput;
+    use crate::request::ResponseOutput;
 
     fn parse(json: &str) -> Result<InferRequest> {
         parse_infer_request(&Bytes::copy_from_slice(json.as_bytes()), None, &Limits::default())

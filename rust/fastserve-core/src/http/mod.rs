@@ -1,5 +1,7 @@
 //! The KServe V2 REST front end on hyper (HTTP/1.1 and h2c).
 
+pub mod json;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,17 +24,17 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
-use crate::auth::Scope;
 use crate::compression::Coding;
-use crate::connections::Activity;
 use crate::error::{Result, ServeError};
-use crate::infer::{check_request_id, Parameters, MAX_REQUEST_ID_BYTES};
-use crate::json_codec::{check_json_depth, encode_infer_response, error_body, parse_infer_request};
-use crate::metrics::{self, Protocol, ServerCollector};
-use crate::model_config;
+use crate::http::json::{check_json_depth, encode_infer_response, error_body, parse_infer_request};
+use crate::observe::stats::ModelStats;
+use crate::request::{check_request_id, Parameters, MAX_REQUEST_ID_BYTES};
 use crate::scheduler::Scheduler;
-use crate::state::{Limits, ServerState, MIN_HEADER_BYTES};
-use crate::stats::ModelStats;
+use crate::server::auth::Scope;
+use crate::server::listener::Activity;
+use crate::server::metrics::{self, Protocol, ServerCollector};
+use crate::server::model_config;
+use crate::server::state::{Limits, ServerState, MIN_HEADER_BYTES};
 
 pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 pub const REQUEST_ID: &str = "x-request-id";
@@ -117,7 +119,7 @@ async fn serve_with<F, Fut>(
                     let conn = Conn { builder: &builder, shutdown, idle_timeout };
                     let served = match tls {
                         None => conn.serve(stream, handler).await,
-                        Some(acceptor) => match crate::tls::handshake(&acceptor, stream).await {
+                        Some(acceptor) => match crate::server::tls::handshake(&acceptor, stream).await {
                             Ok(stream) => conn.serve(stream, handler).await,
                             Err(e) => Err(Box::new(e) as _),
                         },
@@ -491,7 +493,7 @@ async fn infer_endpoint(state: &ServerState, model: &str, version: Option<&str>,
 
 /// The trace span of one request, created only when spans are exported.
 pub fn request_span(model: &str) -> tracing::Span {
-    if crate::logging::spans_enabled() {
+    if crate::observe::logging::spans_enabled() {
         tracing::info_span!("infer", model)
     } else {
         tracing::Span::none()
@@ -541,7 +543,7 @@ async fn infer(
         scheduler = mv.scheduler()?.clone();
         served.rerouted = Some(scheduler.stats().clone());
     }
-    let (response, how) = crate::infer::run(&scheduler, request).await?;
+    let (response, how) = crate::request::run(&scheduler, request).await?;
     served.queue = how.queue;
     served.compute = how.compute;
     served.batch_size = how.batch_size;

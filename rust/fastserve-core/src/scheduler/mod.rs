@@ -5,64 +5,29 @@
 //! oneshot, so no tokio worker ever waits on a model. Batches are formed only when an instance is
 //! idle, so under load requests pile up and batches grow without an artificial delay.
 
-use std::collections::{HashMap, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+mod batcher;
+mod instance;
+pub mod plan;
+mod queue;
+pub mod watchdog;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
 
-use crate::batcher::{concat_inputs, plan_batch, split_outputs, BatchPolicy, Batchable};
+use self::batcher::{Batcher, Msg};
+use self::instance::{lock, spawn, InstanceThreads, Replacer, Seats, Worker};
+pub use self::instance::{Instance, InstanceFactory, PhaseClock};
+use self::plan::BatchPolicy;
+pub use self::queue::QueueOptions;
+use self::queue::{Expiry, Job};
 use crate::error::{Result, ServeError};
+use crate::observe::stats::{ModelStats, Phases};
 use crate::spec::{ModelSpec, ValidatedRequest};
-use crate::stats::{ModelStats, Phases};
 use crate::tensor::Tensor;
-use crate::watchdog::{self, Replies, Watch};
-
-/// A loaded copy of a model. Each instance is driven by one thread, so it needs no locking.
-pub trait Instance: Send + 'static {
-    /// Runs one batch (batch dimension first when the model batches) and returns every output.
-    /// Marking `clock` splits the time into input conversion, the model itself, and output reading.
-    fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>>;
-}
-
-/// Creates a fresh instance for a seat (the index among the version's instances), to replace
-/// one abandoned after `execution_timeout`.
-pub type InstanceFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Instance>> + Send + Sync>;
-
-/// Timestamps an instance sets around the model call; unmarked time counts as inference.
-pub struct PhaseClock {
-    start: Instant,
-    infer_start: Option<Instant>,
-    infer_end: Option<Instant>,
-}
-
-impl PhaseClock {
-    fn new() -> Self {
-        Self { start: Instant::now(), infer_start: None, infer_end: None }
-    }
-
-    pub fn infer_started(&mut self) {
-        self.infer_start = Some(Instant::now());
-    }
-
-    pub fn infer_finished(&mut self) {
-        self.infer_end = Some(Instant::now());
-    }
-
-    fn phases(&self, end: Instant) -> Phases {
-        let infer_start = self.infer_start.unwrap_or(self.start);
-        let infer_end = self.infer_end.unwrap_or(end).max(infer_start);
-        Phases {
-            input: infer_start - self.start,
-            infer: infer_end - infer_start,
-            output: end.saturating_duration_since(infer_end),
-        }
-    }
-}
 
 /// A request's answer: the model's outputs for its own rows, and how it was served.
 #[derive(Debug)]
@@ -124,54 +89,6 @@ impl SchedulerConfig {
     }
 }
 
-/// What a request asks of the queue, from its V2 parameters and its transport.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QueueOptions {
-    /// `parameters.timeout`: replaces the model's default queue timeout.
-    pub timeout: Option<Duration>,
-    /// The client's own deadline (gRPC `grpc-timeout`).
-    pub deadline: Option<Instant>,
-    /// `parameters.priority`: 1 is the highest; None uses the model's default level.
-    pub priority: Option<u64>,
-}
-
-/// Why a queued request may expire.
-#[derive(Debug, Clone, Copy)]
-enum Expiry {
-    /// Its queue timeout (the model's default or the request's own).
-    Queue(Duration),
-    /// Its client's deadline.
-    Deadline,
-}
-
-struct Job {
-    inputs: Vec<Tensor>,
-    rows: usize,
-    reply: oneshot::Sender<Reply>,
-    enqueued: Instant,
-    /// 1 is served first.
-    level: u64,
-    expires: Option<(Instant, Expiry)>,
-}
-
-impl Batchable for Job {
-    fn rows(&self) -> usize {
-        self.rows
-    }
-    fn inputs(&self) -> &[Tensor] {
-        &self.inputs
-    }
-}
-
-enum Msg {
-    Job(Job),
-    /// A queued request's client went away, or the version broke: look at the backlog now
-    /// rather than at the next batch.
-    Wake,
-    /// Stop admitting; run what is queued until the deadline (None: all of it), then exit.
-    Close(Option<Instant>),
-}
-
 pub struct Scheduler {
     spec: Arc<ModelSpec>,
     stats: Arc<ModelStats>,
@@ -182,102 +99,6 @@ pub struct Scheduler {
     /// The batcher and the watchdog: joined first, so no instance starts or is abandoned after.
     control: Mutex<Vec<Worker>>,
     seats: Arc<Seats>,
-}
-
-/// Live instance threads by id; an abandoned one leaves the list and is never joined.
-type InstanceThreads = Arc<Mutex<Vec<(u64, Worker)>>>;
-
-/// A model thread that can be joined with a deadline: it holds a channel's only sender, which
-/// disconnects when the thread's work (and the instance's `finalize`) is done.
-struct Worker {
-    handle: JoinHandle<()>,
-    done: Receiver<()>,
-}
-
-impl Worker {
-    /// Joins the thread if it finishes by `deadline` (None: however long it takes); else leaves it
-    /// running and returns false.
-    fn join_by(self, deadline: Option<Instant>) -> bool {
-        let finished = match deadline {
-            None => true,
-            Some(at) => matches!(self.done.recv_deadline(at), Err(RecvTimeoutError::Disconnected)),
-        };
-        if finished {
-            let _ = self.handle.join();
-        }
-        finished
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// What an instance thread needs, shared by the instances of a version and the watchdog.
-struct Seats {
-    spec: Arc<ModelSpec>,
-    stats: Arc<ModelStats>,
-    idle_tx: Sender<()>,
-    batch_rx: Receiver<Vec<Job>>,
-    watch: Option<Sender<Watch>>,
-    threads: InstanceThreads,
-    next_id: AtomicU64,
-    label: String,
-    /// The reply slots of the batches running now, by instance thread id, so a shutdown that
-    /// gives up on a stuck batch can still answer its requests.
-    running: Mutex<HashMap<u64, Replies>>,
-    /// Abandoned instance threads that have not returned yet.
-    abandoned: AtomicUsize,
-    max_abandoned: usize,
-    /// Set once the version can no longer serve (too many hung instances); the reason.
-    broken: OnceLock<String>,
-    /// Wakes the batcher, which then answers the queue with `broken`.
-    wake: Sender<Msg>,
-}
-
-impl Seats {
-    /// Starts a thread driving `instance` in `seat`.
-    fn spawn(self: &Arc<Self>, seat: usize, instance: Box<dyn Instance>) -> Result<()> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let seats = self.clone();
-        let worker =
-            spawn(format!("fs-inst-{}-{seat}", self.label), move || instance_loop(instance, &seats, id, seat))?;
-        lock(&self.threads).push((id, worker));
-        Ok(())
-    }
-
-    /// Forgets a hung instance thread: never joined, never handed work again. True while fewer
-    /// than `max_abandoned` are still running, i.e. a replacement may be started.
-    fn abandon(&self, id: u64) -> bool {
-        lock(&self.threads).retain(|(i, _)| *i != id);
-        self.abandoned.fetch_add(1, Ordering::AcqRel) < self.max_abandoned
-    }
-
-    /// Marks the version unavailable for good; queued and future requests get `reason`.
-    fn break_with(&self, reason: String) {
-        tracing::error!(model = %self.spec.name, version = self.spec.version, reason = %reason, "model version unavailable");
-        let _ = self.broken.set(reason);
-        let _ = self.wake.send(Msg::Wake);
-    }
-
-    fn broken_error(&self) -> Option<ServeError> {
-        self.broken.get().map(|reason| {
-            ServeError::unavailable(format!(
-                "model '{}' version {} is unavailable: {reason}",
-                self.spec.name, self.spec.version
-            ))
-        })
-    }
-
-    /// Answers the batches still running with `error` (the caller gives up on them).
-    fn fail_running(&self, error: &ServeError) {
-        let running: Vec<Replies> = lock(&self.running).drain().map(|(_, r)| r).collect();
-        for replies in running {
-            for reply in watchdog::take(&replies).into_iter().flatten() {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
-    }
 }
 
 impl Scheduler {
@@ -497,291 +318,11 @@ impl Drop for Scheduler {
     }
 }
 
-fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<Worker> {
-    let (alive, done) = crossbeam_channel::bounded::<()>(0);
-    let handle = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            let _alive = alive;
-            f()
-        })
-        .map_err(|e| ServeError::Internal(format!("cannot start a model thread: {e}")))?;
-    Ok(Worker { handle, done })
-}
-
-/// Queued jobs, highest priority level first and in arrival order within a level.
-#[derive(Default)]
-struct Backlog(VecDeque<Job>);
-
-impl Backlog {
-    fn push(&mut self, job: Job) {
-        // Usually the job goes last: one level only, or it is of the lowest level queued.
-        if self.0.back().is_none_or(|last| last.level <= job.level) {
-            self.0.push_back(job);
-        } else {
-            let at = self.0.partition_point(|j| j.level <= job.level);
-            self.0.insert(at, job);
-        }
-    }
-
-    /// Removes jobs whose client went away (counted) and answers those past their expiry, so
-    /// neither ever reaches the model. Returns the next expiry among the jobs left.
-    fn prune(&mut self, now: Instant, model: &str, stats: &ModelStats, queued: &AtomicUsize) -> Option<Instant> {
-        let needed = self.0.iter().any(|j| j.reply.is_closed() || j.expires.is_some_and(|(at, _)| at <= now));
-        if needed {
-            let mut cancelled = 0;
-            let mut expired = Vec::new();
-            let mut kept = VecDeque::with_capacity(self.0.len());
-            for job in self.0.drain(..) {
-                match job.expires {
-                    _ if job.reply.is_closed() => cancelled += 1,
-                    Some((at, why)) if at <= now => expired.push((job, why)),
-                    _ => kept.push_back(job),
-                }
-            }
-            self.0 = kept;
-            queued.fetch_sub(cancelled + expired.len(), Ordering::AcqRel);
-            if cancelled > 0 {
-                stats.record_cancelled(cancelled);
-                tracing::debug!(model, cancelled, "dropped queued requests whose client went away");
-            }
-            for (job, why) in expired {
-                let _ = job.reply.send(Err(expiry_error(why, model)));
-            }
-        }
-        self.0.iter().filter_map(|j| j.expires.map(|(at, _)| at)).min()
-    }
-}
-
-fn expiry_error(why: Expiry, model: &str) -> ServeError {
-    match why {
-        Expiry::Queue(t) => ServeError::QueueTimeout(format!(
-            "the request timed out in the queue of model '{model}' after {} us without running",
-            t.as_micros()
-        )),
-        Expiry::Deadline => ServeError::DeadlineExceeded(format!(
-            "the request's deadline passed while it waited in the queue of model '{model}'"
-        )),
-    }
-}
-
-/// Forms batches from the backlog whenever an instance is idle, and expires queued requests
-/// on time even while every instance is busy.
-struct Batcher {
-    rx: Receiver<Msg>,
-    idle_rx: Receiver<()>,
-    batch_tx: Sender<Vec<Job>>,
-    policy: BatchPolicy,
-    queued: Arc<AtomicUsize>,
-    stats: Arc<ModelStats>,
-    model: String,
-    /// Told when no more batches will start.
-    watch: Option<Sender<Watch>>,
-    seats: Arc<Seats>,
-}
-
-/// The batcher's view of a shutdown: none yet, or closing with an optional deadline.
-#[derive(Clone, Copy)]
-enum Closing {
-    No,
-    By(Option<Instant>),
-}
-
-impl Batcher {
-    /// Moves everything already waiting in the channel into the backlog without blocking.
-    fn pull_ready(&self, backlog: &mut Backlog, closing: &mut Closing) {
-        while let Ok(msg) = self.rx.try_recv() {
-            match msg {
-                Msg::Job(j) => backlog.push(j),
-                Msg::Wake => {}
-                Msg::Close(deadline) => *closing = Closing::By(deadline),
-            }
-        }
-    }
-
-    /// Answers every queued request with `error` (none of them will run).
-    fn fail_all(&self, backlog: &mut Backlog, error: &ServeError) {
-        self.queued.fetch_sub(backlog.0.len(), Ordering::AcqRel);
-        for job in backlog.0.drain(..) {
-            let _ = job.reply.send(Err(error.clone()));
-        }
-    }
-
-    fn run(self) {
-        let (no_msgs, no_idle) = (crossbeam_channel::never::<Msg>(), crossbeam_channel::never::<()>());
-        let mut backlog = Backlog::default();
-        let mut closing = Closing::No;
-        let mut have_instance = false;
-        loop {
-            self.pull_ready(&mut backlog, &mut closing);
-            let now = Instant::now();
-            if let Some(e) = self.seats.broken_error() {
-                self.fail_all(&mut backlog, &e);
-            }
-            let next_expiry = backlog.prune(now, &self.model, &self.stats, &self.queued);
-            let close_by = match closing {
-                Closing::No => None,
-                Closing::By(None) if backlog.0.is_empty() => break,
-                Closing::By(None) => None,
-                Closing::By(Some(at)) if backlog.0.is_empty() || now >= at => break,
-                Closing::By(Some(at)) => Some(at),
-            };
-            let mut wake = match (next_expiry, close_by) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            if have_instance && !backlog.0.is_empty() {
-                // A delay too large for the clock means "until the batch is full".
-                let delay_end = backlog.0[0].enqueued.checked_add(self.policy.max_queue_delay);
-                let expired = delay_end.is_some_and(|end| now >= end);
-                let closing = matches!(closing, Closing::By(_));
-                let plan = plan_batch(backlog.0.make_contiguous(), &self.policy, closing || expired);
-                if plan.ready {
-                    let mut jobs: Vec<Job> = plan.indices.iter().rev().filter_map(|&i| backlog.0.remove(i)).collect();
-                    jobs.reverse();
-                    self.queued.fetch_sub(jobs.len(), Ordering::AcqRel);
-                    if self.batch_tx.send(jobs).is_err() {
-                        break;
-                    }
-                    have_instance = false;
-                    continue;
-                }
-                if let Some(end) = delay_end {
-                    wake = Some(wake.map_or(end, |w| w.min(end)));
-                }
-            }
-            // Once closing, only a deadline or an idle instance moves things on; a Wake for a
-            // withdrawn request is seen at the next pass.
-            let msgs = if matches!(closing, Closing::By(_)) { &no_msgs } else { &self.rx };
-            let idle = if have_instance { &no_idle } else { &self.idle_rx };
-            let timer = wake.map_or_else(crossbeam_channel::never, crossbeam_channel::at);
-            crossbeam_channel::select! {
-                recv(msgs) -> msg => match msg {
-                    Ok(Msg::Job(j)) => backlog.push(j),
-                    Ok(Msg::Wake) => {}
-                    Ok(Msg::Close(deadline)) => closing = Closing::By(deadline),
-                    Err(_) => closing = Closing::By(None),
-                },
-                recv(idle) -> ready => match ready {
-                    Ok(()) => have_instance = true,
-                    Err(_) => break,
-                },
-                recv(timer) -> _ => {}
-            }
-        }
-        let stopped = ServeError::unavailable(format!("model '{}' shut down before this request ran", self.model));
-        self.fail_all(&mut backlog, &stopped);
-        if let Some(watch) = &self.watch {
-            let _ = watch.send(Watch::Stop);
-        }
-    }
-}
-
-/// Abandons hung instance threads and starts fresh instances in their seats.
-struct Replacer<'a> {
-    seats: &'a Arc<Seats>,
-    factory: &'a Option<InstanceFactory>,
-}
-
-impl watchdog::OnHung for Replacer<'_> {
-    fn abandon(&self, id: u64) -> bool {
-        self.seats.abandon(id)
-    }
-
-    fn replace(&self, seat: usize) {
-        let model = &self.seats.spec.name;
-        let Some(factory) = self.factory else {
-            tracing::error!(model = %model, instance = seat, "no way to create a replacement instance; serving with fewer");
-            return;
-        };
-        match factory(seat).and_then(|instance| self.seats.spawn(seat, instance)) {
-            Ok(()) => {
-                self.seats.stats.record_instance_replaced();
-                tracing::info!(model = %model, instance = seat, "replacement instance started");
-            }
-            Err(e) => {
-                tracing::error!(model = %model, instance = seat, error = %e, "replacing the hung instance failed")
-            }
-        }
-    }
-
-    fn give_up(&self, reason: String) {
-        self.seats.break_with(reason);
-    }
-}
-
-fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: u64, seat: usize) {
-    loop {
-        if seats.idle_tx.send(()).is_err() {
-            break;
-        }
-        let Ok(jobs) = seats.batch_rx.recv() else { break };
-        if !run_batch(instance.as_mut(), seats, id, seat, jobs) {
-            tracing::info!(model = %seats.spec.name, instance = seat, "an abandoned instance returned; it is dropped");
-            seats.abandoned.fetch_sub(1, Ordering::AcqRel);
-            break;
-        }
-    }
-}
-
-/// Runs one batch and answers its requests; false when the watchdog answered them first (the
-/// instance was abandoned as hung).
-fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, jobs: Vec<Job>) -> bool {
-    let (spec, stats) = (&*seats.spec, &*seats.stats);
-    let mut clock = PhaseClock::new();
-    let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
-    let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
-    let total: usize = rows.iter().sum();
-    let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
-    let replies: Replies = Arc::new(Mutex::new(Some(replies)));
-    lock(&seats.running).insert(id, replies.clone());
-    if let Some(watch) = &seats.watch {
-        let _ = watch.send(Watch::Started { id, seat, started: clock.start, replies: replies.clone() });
-    }
-    let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
-        let inputs = if per_job.len() == 1 {
-            per_job.pop().unwrap_or_default()
-        } else {
-            let refs: Vec<&[Tensor]> = per_job.iter().map(Vec::as_slice).collect();
-            concat_inputs(&refs)?
-        };
-        let outputs = instance.execute(inputs, &mut clock)?;
-        spec.check_outputs(&outputs, total)?;
-        if rows.len() == 1 {
-            Ok(vec![outputs])
-        } else {
-            split_outputs(&outputs, &rows)
-        }
-    }))
-    .unwrap_or_else(|_| Err(ServeError::Internal(format!("model '{}' panicked while executing", spec.name))));
-    if let Some(watch) = &seats.watch {
-        let _ = watch.send(Watch::Finished { id });
-    }
-    lock(&seats.running).remove(&id);
-    let Some(replies) = watchdog::take(&replies) else { return false };
-    let phases = clock.phases(Instant::now());
-    match result {
-        Ok(outputs) => {
-            stats.record_batch(total, &waits, phases);
-            for ((reply, outputs), queue) in replies.into_iter().zip(outputs).zip(waits) {
-                let _ = reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
-            }
-        }
-        Err(e) => {
-            tracing::warn!(model = %spec.name, version = spec.version, batch_size = total, error = %e, "batch failed");
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
-            }
-        }
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datatype::DataType;
     use crate::spec::TensorSpec;
+    use crate::tensor::datatype::DataType;
     use crate::tensor::TensorData;
     use std::time::Duration;
 

@@ -143,7 +143,7 @@ pub fn split_outputs(outputs: &[Tensor], rows: &[usize]) -> Result<Vec<Vec<Tenso
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datatype::DataType;
+    use crate::tensor::datatype::DataType;
 
     struct Job(Vec<Tensor>);
 

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::infer::Parameters;
+use crate::request::Parameters;
 
 /// One row of the repository index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -12,9 +12,9 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::observe::stats::{Histogram, ModelStats};
 use crate::registry::VersionState;
-use crate::state::ServerState;
-use crate::stats::{Histogram, ModelStats};
+use crate::server::state::ServerState;
 
 /// The front end a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,13 @@
 //! A running server: the tokio runtime, the bound listeners, and orderly start/stop.
 
+pub mod auth;
+pub mod control;
+pub mod listener;
+pub mod metrics;
+pub mod model_config;
+pub mod state;
+pub mod tls;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -7,11 +15,11 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::auth::Auth;
 use crate::registry::Registry;
 use crate::scheduler::SHUTDOWN_GRACE;
-use crate::state::{Limits, ServerState};
-use crate::tls::Tls;
+use crate::server::auth::Auth;
+use crate::server::state::{Limits, ServerState};
+use crate::server::tls::Tls;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -244,13 +252,13 @@ impl Drop for Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batcher::BatchPolicy;
     use crate::compression::Coding;
-    use crate::datatype::DataType;
     use crate::grpc::proto::{model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse};
     use crate::registry::ModelVersion;
+    use crate::scheduler::plan::BatchPolicy;
     use crate::scheduler::{Instance, PhaseClock, Scheduler, SchedulerConfig};
     use crate::spec::{ModelSpec, TensorSpec};
+    use crate::tensor::datatype::DataType;
     use crate::tensor::Tensor;
     use tonic::codec::CompressionEncoding;
 

@@ -4,13 +4,13 @@
 
 use serde_json::{json, Value};
 
-use crate::datatype::DataType;
 use crate::error::Result;
 use crate::grpc::proto::{
     self, model_config, model_queue_policy, ModelConfig, ModelDynamicBatching, ModelInput, ModelOutput,
     ModelQueuePolicy,
 };
-use crate::state::ServerState;
+use crate::server::state::ServerState;
+use crate::tensor::datatype::DataType;
 
 /// The configuration of the version `version` names (or the one unversioned requests reach).
 pub fn build(state: &ServerState, name: &str, version: Option<&str>) -> Result<ModelConfig> {

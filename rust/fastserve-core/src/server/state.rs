@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::auth::Auth;
-use crate::connections::ConnectionLimit;
-use crate::control::RepositoryControl;
 use crate::error::{Result, ServeError};
-use crate::metrics::TransportMetrics;
+use crate::observe::stats::ModelStats;
 use crate::registry::{ModelVersion, Registry, VersionState};
-use crate::stats::ModelStats;
+use crate::server::auth::Auth;
+use crate::server::control::RepositoryControl;
+use crate::server::listener::ConnectionLimit;
+use crate::server::metrics::TransportMetrics;
 
 /// What one client may ask of the server: sizes, counts and timeouts. Every limit answers with
 /// the protocol's error before the oversized amount is read or allocated.

@@ -1,9 +1,11 @@
 //! Tensors as the serving path carries them: a name, a datatype, a concrete shape and the data.
 
+pub mod datatype;
+
 use bytes::Bytes;
 
-use crate::datatype::DataType;
 use crate::error::{Result, ServeError};
+use crate::tensor::datatype::DataType;
 
 /// Tensor contents. Fixed-size types share one little-endian buffer, so batching is a
 /// concatenation and splitting is a zero-copy slice.

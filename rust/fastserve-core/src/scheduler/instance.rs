@@ -1,0 +1,271 @@
+//! Model instances and the threads that drive them: one thread per instance runs the batches the
+//! batcher hands out, answers their requests, and can be abandoned (and replaced) when it hangs.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::batcher::Msg;
+use super::plan::{concat_inputs, split_outputs};
+use super::queue::Job;
+use super::watchdog::{self, Replies, Watch};
+use super::Executed;
+use crate::error::{Result, ServeError};
+use crate::observe::stats::{ModelStats, Phases};
+use crate::spec::ModelSpec;
+use crate::tensor::Tensor;
+
+/// A loaded copy of a model. Each instance is driven by one thread, so it needs no locking.
+pub trait Instance: Send + 'static {
+    /// Runs one batch (batch dimension first when the model batches) and returns every output.
+    /// Marking `clock` splits the time into input conversion, the model itself, and output reading.
+    fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>>;
+}
+
+/// Creates a fresh instance for a seat (the index among the version's instances), to replace
+/// one abandoned after `execution_timeout`.
+pub type InstanceFactory = Arc<dyn Fn(usize) -> Result<Box<dyn Instance>> + Send + Sync>;
+
+/// Timestamps an instance sets around the model call; unmarked time counts as inference.
+pub struct PhaseClock {
+    pub(super) start: Instant,
+    pub(super) infer_start: Option<Instant>,
+    pub(super) infer_end: Option<Instant>,
+}
+
+impl PhaseClock {
+    pub(super) fn new() -> Self {
+        Self { start: Instant::now(), infer_start: None, infer_end: None }
+    }
+
+    pub fn infer_started(&mut self) {
+        self.infer_start = Some(Instant::now());
+    }
+
+    pub fn infer_finished(&mut self) {
+        self.infer_end = Some(Instant::now());
+    }
+
+    pub(super) fn phases(&self, end: Instant) -> Phases {
+        let infer_start = self.infer_start.unwrap_or(self.start);
+        let infer_end = self.infer_end.unwrap_or(end).max(infer_start);
+        Phases {
+            input: infer_start - self.start,
+            infer: infer_end - infer_start,
+            output: end.saturating_duration_since(infer_end),
+        }
+    }
+}
+
+/// Live instance threads by id; an abandoned one leaves the list and is never joined.
+pub(super) type InstanceThreads = Arc<Mutex<Vec<(u64, Worker)>>>;
+
+/// A model thread that can be joined with a deadline: it holds a channel's only sender, which
+/// disconnects when the thread's work (and the instance's `finalize`) is done.
+pub(super) struct Worker {
+    pub(super) handle: JoinHandle<()>,
+    pub(super) done: Receiver<()>,
+}
+
+impl Worker {
+    /// Joins the thread if it finishes by `deadline` (None: however long it takes); else leaves it
+    /// running and returns false.
+    pub(super) fn join_by(self, deadline: Option<Instant>) -> bool {
+        let finished = match deadline {
+            None => true,
+            Some(at) => matches!(self.done.recv_deadline(at), Err(RecvTimeoutError::Disconnected)),
+        };
+        if finished {
+            let _ = self.handle.join();
+        }
+        finished
+    }
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What an instance thread needs, shared by the instances of a version and the watchdog.
+pub(super) struct Seats {
+    pub(super) spec: Arc<ModelSpec>,
+    pub(super) stats: Arc<ModelStats>,
+    pub(super) idle_tx: Sender<()>,
+    pub(super) batch_rx: Receiver<Vec<Job>>,
+    pub(super) watch: Option<Sender<Watch>>,
+    pub(super) threads: InstanceThreads,
+    pub(super) next_id: AtomicU64,
+    pub(super) label: String,
+    /// The reply slots of the batches running now, by instance thread id, so a shutdown that
+    /// gives up on a stuck batch can still answer its requests.
+    pub(super) running: Mutex<HashMap<u64, Replies>>,
+    /// Abandoned instance threads that have not returned yet.
+    pub(super) abandoned: AtomicUsize,
+    pub(super) max_abandoned: usize,
+    /// Set once the version can no longer serve (too many hung instances); the reason.
+    pub(super) broken: OnceLock<String>,
+    /// Wakes the batcher, which then answers the queue with `broken`.
+    pub(super) wake: Sender<Msg>,
+}
+
+impl Seats {
+    /// Starts a thread driving `instance` in `seat`.
+    pub(super) fn spawn(self: &Arc<Self>, seat: usize, instance: Box<dyn Instance>) -> Result<()> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let seats = self.clone();
+        let worker =
+            spawn(format!("fs-inst-{}-{seat}", self.label), move || instance_loop(instance, &seats, id, seat))?;
+        lock(&self.threads).push((id, worker));
+        Ok(())
+    }
+
+    /// Forgets a hung instance thread: never joined, never handed work again. True while fewer
+    /// than `max_abandoned` are still running, i.e. a replacement may be started.
+    pub(super) fn abandon(&self, id: u64) -> bool {
+        lock(&self.threads).retain(|(i, _)| *i != id);
+        self.abandoned.fetch_add(1, Ordering::AcqRel) < self.max_abandoned
+    }
+
+    /// Marks the version unavailable for good; queued and future requests get `reason`.
+    pub(super) fn break_with(&self, reason: String) {
+        tracing::error!(model = %self.spec.name, version = self.spec.version, reason = %reason, "model version unavailable");
+        let _ = self.broken.set(reason);
+        let _ = self.wake.send(Msg::Wake);
+    }
+
+    pub(super) fn broken_error(&self) -> Option<ServeError> {
+        self.broken.get().map(|reason| {
+            ServeError::unavailable(format!(
+                "model '{}' version {} is unavailable: {reason}",
+                self.spec.name, self.spec.version
+            ))
+        })
+    }
+
+    /// Answers the batches still running with `error` (the caller gives up on them).
+    pub(super) fn fail_running(&self, error: &ServeError) {
+        let running: Vec<Replies> = lock(&self.running).drain().map(|(_, r)| r).collect();
+        for replies in running {
+            for reply in watchdog::take(&replies).into_iter().flatten() {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+pub(super) fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> Result<Worker> {
+    let (alive, done) = crossbeam_channel::bounded::<()>(0);
+    let handle = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let _alive = alive;
+            f()
+        })
+        .map_err(|e| ServeError::Internal(format!("cannot start a model thread: {e}")))?;
+    Ok(Worker { handle, done })
+}
+
+/// Abandons hung instance threads and starts fresh instances in their seats.
+pub(super) struct Replacer<'a> {
+    pub(super) seats: &'a Arc<Seats>,
+    pub(super) factory: &'a Option<InstanceFactory>,
+}
+
+impl watchdog::OnHung for Replacer<'_> {
+    fn abandon(&self, id: u64) -> bool {
+        self.seats.abandon(id)
+    }
+
+    fn replace(&self, seat: usize) {
+        let model = &self.seats.spec.name;
+        let Some(factory) = self.factory else {
+            tracing::error!(model = %model, instance = seat, "no way to create a replacement instance; serving with fewer");
+            return;
+        };
+        match factory(seat).and_then(|instance| self.seats.spawn(seat, instance)) {
+            Ok(()) => {
+                self.seats.stats.record_instance_replaced();
+                tracing::info!(model = %model, instance = seat, "replacement instance started");
+            }
+            Err(e) => {
+                tracing::error!(model = %model, instance = seat, error = %e, "replacing the hung instance failed")
+            }
+        }
+    }
+
+    fn give_up(&self, reason: String) {
+        self.seats.break_with(reason);
+    }
+}
+
+pub(super) fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: u64, seat: usize) {
+    loop {
+        if seats.idle_tx.send(()).is_err() {
+            break;
+        }
+        let Ok(jobs) = seats.batch_rx.recv() else { break };
+        if !run_batch(instance.as_mut(), seats, id, seat, jobs) {
+            tracing::info!(model = %seats.spec.name, instance = seat, "an abandoned instance returned; it is dropped");
+            seats.abandoned.fetch_sub(1, Ordering::AcqRel);
+            break;
+        }
+    }
+}
+
+/// Runs one batch and answers its requests; false when the watchdog answered them first (the
+/// instance was abandoned as hung).
+pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, jobs: Vec<Job>) -> bool {
+    let (spec, stats) = (&*seats.spec, &*seats.stats);
+    let mut clock = PhaseClock::new();
+    let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
+    let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
+    let total: usize = rows.iter().sum();
+    let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
+    let replies: Replies = Arc::new(Mutex::new(Some(replies)));
+    lock(&seats.running).insert(id, replies.clone());
+    if let Some(watch) = &seats.watch {
+        let _ = watch.send(Watch::Started { id, seat, started: clock.start, replies: replies.clone() });
+    }
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
+        let inputs = if per_job.len() == 1 {
+            per_job.pop().unwrap_or_default()
+        } else {
+            let refs: Vec<&[Tensor]> = per_job.iter().map(Vec::as_slice).collect();
+            concat_inputs(&refs)?
+        };
+        let outputs = instance.execute(inputs, &mut clock)?;
+        spec.check_outputs(&outputs, total)?;
+        if rows.len() == 1 {
+            Ok(vec![outputs])
+        } else {
+            split_outputs(&outputs, &rows)
+        }
+    }))
+    .unwrap_or_else(|_| Err(ServeError::Internal(format!("model '{}' panicked while executing", spec.name))));
+    if let Some(watch) = &seats.watch {
+        let _ = watch.send(Watch::Finished { id });
+    }
+    lock(&seats.running).remove(&id);
+    let Some(replies) = watchdog::take(&replies) else { return false };
+    let phases = clock.phases(Instant::now());
+    match result {
+        Ok(outputs) => {
+            stats.record_batch(total, &waits, phases);
+            for ((reply, outputs), queue) in replies.into_iter().zip(outputs).zip(waits) {
+                let _ = reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(model = %spec.name, version = spec.version, batch_size = total, error = %e, "batch failed");
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,115 @@
+//! The queue of one model version: requests ordered by priority level and arrival, expired on
+//! time, withdrawn when their client goes away.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::plan::Batchable;
+use super::Reply;
+use crate::error::ServeError;
+use crate::observe::stats::ModelStats;
+use crate::tensor::Tensor;
+
+/// What a request asks of the queue, from its V2 parameters and its transport.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueOptions {
+    /// `parameters.timeout`: replaces the model's default queue timeout.
+    pub timeout: Option<Duration>,
+    /// The client's own deadline (gRPC `grpc-timeout`).
+    pub deadline: Option<Instant>,
+    /// `parameters.priority`: 1 is the highest; None uses the model's default level.
+    pub priority: Option<u64>,
+}
+
+/// Why a queued request may expire.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Expiry {
+    /// Its queue timeout (the model's default or the request's own).
+    Queue(Duration),
+    /// Its client's deadline.
+    Deadline,
+}
+
+pub(super) struct Job {
+    pub(super) inputs: Vec<Tensor>,
+    pub(super) rows: usize,
+    pub(super) reply: oneshot::Sender<Reply>,
+    pub(super) enqueued: Instant,
+    /// 1 is served first.
+    pub(super) level: u64,
+    pub(super) expires: Option<(Instant, Expiry)>,
+}
+
+impl Batchable for Job {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn inputs(&self) -> &[Tensor] {
+        &self.inputs
+    }
+}
+
+/// Queued jobs, highest priority level first and in arrival order within a level.
+#[derive(Default)]
+pub(super) struct Backlog(pub(super) VecDeque<Job>);
+
+impl Backlog {
+    pub(super) fn push(&mut self, job: Job) {
+        // Usually the job goes last: one level only, or it is of the lowest level queued.
+        if self.0.back().is_none_or(|last| last.level <= job.level) {
+            self.0.push_back(job);
+        } else {
+            let at = self.0.partition_point(|j| j.level <= job.level);
+            self.0.insert(at, job);
+        }
+    }
+
+    /// Removes jobs whose client went away (counted) and answers those past their expiry, so
+    /// neither ever reaches the model. Returns the next expiry among the jobs left.
+    pub(super) fn prune(
+        &mut self,
+        now: Instant,
+        model: &str,
+        stats: &ModelStats,
+        queued: &AtomicUsize,
+    ) -> Option<Instant> {
+        let needed = self.0.iter().any(|j| j.reply.is_closed() || j.expires.is_some_and(|(at, _)| at <= now));
+        if needed {
+            let mut cancelled = 0;
+            let mut expired = Vec::new();
+            let mut kept = VecDeque::with_capacity(self.0.len());
+            for job in self.0.drain(..) {
+                match job.expires {
+                    _ if job.reply.is_closed() => cancelled += 1,
+                    Some((at, why)) if at <= now => expired.push((job, why)),
+                    _ => kept.push_back(job),
+                }
+            }
+            self.0 = kept;
+            queued.fetch_sub(cancelled + expired.len(), Ordering::AcqRel);
+            if cancelled > 0 {
+                stats.record_cancelled(cancelled);
+                tracing::debug!(model, cancelled, "dropped queued requests whose client went away");
+            }
+            for (job, why) in expired {
+                let _ = job.reply.send(Err(expiry_error(why, model)));
+            }
+        }
+        self.0.iter().filter_map(|j| j.expires.map(|(at, _)| at)).min()
+    }
+}
+
+pub(super) fn expiry_error(why: Expiry, model: &str) -> ServeError {
+    match why {
+        Expiry::Queue(t) => ServeError::QueueTimeout(format!(
+            "the request timed out in the queue of model '{model}' after {} us without running",
+            t.as_micros()
+        )),
+        Expiry::Deadline => ServeError::DeadlineExceeded(format!(
+            "the request's deadline passed while it waited in the queue of model '{model}'"
+        )),
+    }
+}
