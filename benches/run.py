@@ -41,6 +41,11 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# The waits are the test suite's (tests/helpers.py), so the harness and the tests share one of each.
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+from helpers import wait_until  # noqa: E402
+
 EXAMPLES = ROOT / "examples" / "models"
 MODEL = "mlp"
 ONNX_PATH = EXAMPLES / MODEL / "1" / "model.onnx"
@@ -131,14 +136,22 @@ class Server:
         deadline = time.monotonic() + timeout_s
         if from_log:
             self._listening.wait(timeout_s)
-        while time.monotonic() < deadline:
+
+        def ready_or_exited() -> str | None:
             if self.proc.poll() is not None:
-                break
+                return "exited"
             if self.http_port is not None and http_status(self.url + "/v2/health/ready") == 200:
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not become ready:\n" + "".join(self.lines[-30:]))
+                return "ready"
+            return None
+
+        try:
+            left = max(0.0, deadline - time.monotonic())
+            outcome = wait_until(ready_or_exited, timeout=left, what=f"{self.name} to become ready", interval=0.1)
+        except AssertionError:
+            outcome = "timed out"
+        if outcome != "ready":
+            self.stop()
+            raise RuntimeError(f"{self.name} did not become ready ({outcome}):\n" + "".join(self.lines[-30:]))
 
     @property
     def url(self) -> str:

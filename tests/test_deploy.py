@@ -14,8 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from fastserve.cli import build_parser, env_name
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import EXAMPLES, ROOT, ServerProcess
+from helpers import wait_until
 
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -324,15 +324,6 @@ class Gated:
         return {"Y": inputs["X"]}
 
 
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    """Polls ``condition`` until it holds; the deadline only guards against a hang."""
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never observed: {what}")
-        time.sleep(0.05)
-
-
 def test_pending_requests_rise_under_load_and_return_to_zero() -> None:
     from fastserve import Server, Tensor
 
@@ -359,11 +350,11 @@ def test_pending_requests_rise_under_load_and_return_to_zero() -> None:
             first = pool.submit(infer, 0)
             assert model.entered.wait(HANG_GUARD_S)
             rest = [pool.submit(infer, i) for i in range(1, n + 1)]
-            wait_until(lambda: pending() == n, f"fastserve_pending_requests == {n}")
+            wait_until(lambda: pending() == n, what=f"fastserve_pending_requests == {n}")
         finally:
             model.gate.set()
         assert [f.result() for f in [first, *rest]] == [200] * (n + 1)
-        wait_until(lambda: pending() == 0, "fastserve_pending_requests back to 0")
+        wait_until(lambda: pending() == 0, what="fastserve_pending_requests back to 0")
 
 
 # -- KServe conventions -------------------------------------------------------------------------

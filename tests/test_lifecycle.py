@@ -7,7 +7,6 @@ import json
 import shutil
 import textwrap
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from conftest import write_model
+from helpers import wait_until
 
 # Each version answers with its own number, so a response proves which version ran it.
 MODEL = """
@@ -227,10 +227,7 @@ def test_swap_and_unload_under_load_lose_nothing(start_server, tmp_path: Path) -
     def more_answered_than(n: int) -> int:
         """Waits (hang guard only) until requests completed after this point, so each change below
         happens with traffic flowing."""
-        deadline = time.monotonic() + 60
-        while seen() <= n and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return seen()
+        return wait_until(lambda: seen() > n and seen(), what=f"more than {n} answered requests")
 
     with ThreadPoolExecutor(8) as pool:
         workers = [pool.submit(hammer) for _ in range(8)]

@@ -23,6 +23,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from conftest import DOUBLE_MODEL, ServerProcess, infer_json, write_model, xy_config
+from helpers import wait_until
 
 HANG_GUARD_S = 30
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -394,15 +395,14 @@ def test_max_connections(start_server, repo: Path) -> None:
     with pytest.raises(InferenceServerException):
         grpcclient.InferenceServerClient(server.grpc_address).infer("double", [x], client_timeout=HANG_GUARD_S)
     first.close()
+
     # The slot comes back once the server has seen the close; wait for that, bounded.
-    deadline = time.monotonic() + HANG_GUARD_S
-    while True:
+    def admitted() -> bytes:
         with connect(server.port) as again:
             again.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            if read_until_closed(again):
-                break
-        assert time.monotonic() < deadline, "the closed connection's slot never came back"
-        time.sleep(0.05)
+            return read_until_closed(again)
+
+    wait_until(admitted, timeout=HANG_GUARD_S, what="the closed connection's slot to come back")
     second.close()
 
 
@@ -449,8 +449,13 @@ def test_busy_connections_are_not_idle(start_server, tmp_path: Path) -> None:
     caller.start()
     with open(started) as f:  # the model is running
         f.read()
-    # Several idle timeouts pass while the request runs; the connection must stay open.
-    time.sleep(3)
+    # Idle timeouts pass while the request runs, and the busy connection must stay open. Rather
+    # than sleeping for them, watch them pass: connections opened after the request went quiet
+    # and never used are closed by the idle timeout, so once two of them in turn have been closed,
+    # the busy connection has been quiet for at least two idle timeouts.
+    for _ in range(2):
+        with connect(server.port) as idle:
+            assert read_until_closed(idle) == b""
     with open(release, "w") as f:
         f.write("go")
     caller.join(timeout=HANG_GUARD_S)

@@ -17,6 +17,7 @@ import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ROOT, infer_json, write_model
+from helpers import wait_until
 
 CONFIG = """
     backend = "python"
@@ -200,12 +201,10 @@ def test_pending_rises_under_load_and_returns_to_zero(start_server, tmp_path: Pa
             f.read()
         rest = [pool.submit(infer_json, server.url, "gate", rows(1)) for _ in range(5)]
         # All five wait for the busy instance; observe it from the scrape rather than by timing.
-        seen = 0.0
-        for _ in range(5000):
-            seen = value(scrape(server.metrics_url), "fastserve_pending_requests", model="gate", version="1")
-            if seen == 5:
-                break
-        assert seen == 5
+        wait_until(
+            lambda: value(scrape(server.metrics_url), "fastserve_pending_requests", model="gate", version="1") == 5,
+            what="fastserve_pending_requests == 5",
+        )
         with open(release, "w") as f:
             f.write("go")
         assert first.result().status_code == 200

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -26,6 +25,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from conftest import write_model
+from helpers import wait_until
 
 HANG_GUARD_S = 60
 HOUR_US = 3_600_000_000
@@ -88,15 +88,8 @@ class Served:
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    def wait_for(self, what: Callable[[], bool], description: str) -> None:
-        deadline = time.monotonic() + HANG_GUARD_S
-        while not what():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"never saw {description}")
-            time.sleep(0.005)
-
     def wait_pending(self, n: int) -> None:
-        self.wait_for(lambda: self.metric("fastserve_pending_requests") == n, f"{n} queued requests")
+        wait_until(lambda: self.metric("fastserve_pending_requests") == n, what=f"{n} queued requests")
 
     def close(self) -> None:
         self.model.release.set()
@@ -260,7 +253,7 @@ def test_a_disconnected_http_client_request_never_runs(serve) -> None:
     s.wait_pending(1)
     sock.close()
     # The dropped handler withdraws the request at once: counted, and gone from the queue.
-    s.wait_for(lambda: s.metric("fastserve_request_cancelled_total") == 1, "the request cancelled")
+    wait_until(lambda: s.metric("fastserve_request_cancelled_total") == 1, what="the request cancelled")
     s.wait_pending(0)
     s.model.release.set()
     assert first.result().status_code == 200
@@ -278,7 +271,7 @@ def test_a_cancelled_grpc_stream_releases_its_queued_requests(serve) -> None:
         client.async_stream_infer("m", grpc_input(value), request_id=str(value))
     s.wait_pending(3)
     client.stop_stream(cancel_requests=True)
-    s.wait_for(lambda: s.metric("fastserve_request_cancelled_total") == 3, "3 requests cancelled")
+    wait_until(lambda: s.metric("fastserve_request_cancelled_total") == 3, what="3 requests cancelled")
     s.wait_pending(0)
     s.model.release.set()
     assert first.result().status_code == 200
@@ -296,7 +289,7 @@ def test_a_cancelled_grpc_call_is_released(serve) -> None:
     call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(request)
     s.wait_pending(1)
     call.cancel()
-    s.wait_for(lambda: s.metric("fastserve_request_cancelled_total") == 1, "the call cancelled")
+    wait_until(lambda: s.metric("fastserve_request_cancelled_total") == 1, what="the call cancelled")
     s.model.release.set()
     assert first.result().status_code == 200
     assert s.model.ran == [0.0]

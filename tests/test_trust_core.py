@@ -22,6 +22,7 @@ from fastserve import Server, Tensor
 from tritonclient.utils import InferenceServerException
 
 from conftest import DOUBLE_MODEL, EXAMPLES, write_model, xy_config
+from helpers import wait_until
 
 # Bounds a wait that must end; it never measures anything.
 GUARD_S = 60
@@ -48,14 +49,6 @@ HANGING = """
 """
 
 
-def wait_for_file(path: Path) -> None:
-    for _ in range(GUARD_S * 100):
-        if path.exists():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"{path} never appeared")
-
-
 def test_shutdown_is_bounded_by_the_drain_timeout_with_a_hung_model(tmp_path: Path, start_server) -> None:
     model = write_model(tmp_path, "hang", xy_config(), HANGING)
     server = start_server(tmp_path, "--drain-timeout-s", "1")
@@ -71,11 +64,12 @@ def test_shutdown_is_bounded_by_the_drain_timeout_with_a_hung_model(tmp_path: Pa
 
     stuck = threading.Thread(target=ask, args=(-1.0,))
     stuck.start()
-    wait_for_file(model / "hung")
+    wait_until((model / "hung").exists, what="the model to hang (its marker file)")
     queued = [threading.Thread(target=ask, args=(1.0,)) for _ in range(5)]
     for t in queued:
         t.start()
-    _wait_for_metric(server, 'fastserve_pending_requests{model="hang",version="1"} 5')
+    pending = 'fastserve_pending_requests{model="hang",version="1"} 5'
+    wait_until(lambda: pending in requests.get(server.metrics_url, timeout=GUARD_S).text, what=f"metric {pending}")
     # Without a bound this process would never exit: the model never returns.
     assert server.terminate(timeout=GUARD_S) == 0
     for t in [stuck, *queued]:
@@ -104,14 +98,6 @@ def test_shutdown_does_not_wait_for_a_hung_finalize(tmp_path: Path, start_server
     assert requests.post(f"{server.url}/v2/models/m/infer", json={"inputs": xy(1.0)}, timeout=GUARD_S).ok
     assert server.terminate(timeout=GUARD_S) == 0
     assert "abandoned" in server.log()
-
-
-def _wait_for_metric(server, line: str) -> None:
-    for _ in range(GUARD_S * 20):
-        if line in requests.get(server.metrics_url, timeout=GUARD_S).text:
-            return
-        threading.Event().wait(0.05)
-    raise AssertionError(f"metrics never showed {line!r}")
 
 
 def test_too_many_hung_instances_make_the_version_unavailable_with_the_reason(tmp_path: Path, start_server) -> None:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import textwrap
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, write_model
+from helpers import wait_until
 
 # Each version answers with its own number, so a response proves which version ran it.
 MODEL = """
@@ -86,17 +86,6 @@ def row(server: ServerProcess, name: str, version: str) -> dict | None:
     return next((e for e in index(server) if e["name"] == name and e.get("version") == version), None)
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float = 60) -> object:
-    """Polls ``check`` until it returns something truthy; fails loudly after ``timeout`` (a hang guard)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def load_failures(server: ServerProcess, name: str, version: str) -> float:
     text = requests.get(server.metrics_url, timeout=10).text
     for family in text_string_to_metric_families(text):
@@ -128,7 +117,7 @@ def traffic(url: str) -> Iterator[list[tuple[int, int | None]]]:
     for t in threads:
         t.start()
     try:
-        wait_for("the first answers", lambda: len(results) > 0)
+        wait_until(lambda: len(results) > 0, what="the first answers")
         yield results
     finally:
         stop.set()
@@ -204,7 +193,7 @@ def test_a_failed_override_keeps_serving_and_is_not_remembered(start_server, tmp
     # The next poll reloads with the override that serves ({"all": true}), not the failed one:
     # v2 is added beside v1 instead of failing on max_batch_size = -5.
     add_version(model, 2)
-    wait_for("version 2 ready", lambda: (row(server, "m", "2") or {}).get("state") == "READY")
+    wait_until(lambda: (row(server, "m", "2") or {}).get("state") == "READY", what="version 2 ready")
     assert served_by(ask(server.url, path="/versions/1")) == 1
     assert served_by(ask(server.url)) == 2
     assert all(e["reason"] == "" for e in index(server) if e["name"] == "m")
@@ -215,9 +204,9 @@ def test_poll_mode_serves_on_while_a_broken_version_appears(start_server, tmp_pa
     server = start_server(tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", "0.2")
     with traffic(server.url) as results:
         add_version(model, 2, BROKEN)
-        failed = wait_for("the index to show version 2's failure", lambda: row(server, "m", "2"))
+        failed = wait_until(lambda: row(server, "m", "2"), what="the index to show version 2's failure")
         seen = len(results)
-        wait_for("answers after the failure", lambda: len(results) > seen)
+        wait_until(lambda: len(results) > seen, what="answers after the failure")
     assert failed == {"name": "m", "version": "2", "state": "UNAVAILABLE", "reason": "model.py raised ImportError: x"}
     errors = [r for r in results if r[0] != 200]
     assert not errors, f"{len(errors)} of {len(results)} requests failed: {errors[:5]}"
