@@ -1,30 +1,51 @@
-"""Style gates that run with the suite: ruff for Python, rustfmt for Rust."""
+"""Static checks that run with the suite, the same as `make lint`: ruff for Python, rustfmt and
+clippy for Rust, mypy on python/fastserve, and stubtest of python/fastserve/_core.pyi against the
+built module. Each failure prints the tool's own report."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from conftest import ROOT
 
+PYTHON_SOURCES = ["python", "tests", "examples", "benches"]
+needs_cargo = pytest.mark.skipif(shutil.which("cargo") is None, reason="no Rust toolchain")
+
+
+def check(*cmd: str, timeout: float = 600) -> None:
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"`{' '.join(cmd)}` failed:\n{r.stdout}{r.stderr}"
+
 
 def test_ruff_is_clean() -> None:
-    r = subprocess.run(
-        ["ruff", "check", "python", "tests", "examples", "benches"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = subprocess.run(
-        ["ruff", "format", "--check", "python", "tests", "examples", "benches"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
+    check("ruff", "check", *PYTHON_SOURCES)
+    check("ruff", "format", "--check", *PYTHON_SOURCES)
 
 
-@pytest.mark.skipif(shutil.which("cargo") is None, reason="no Rust toolchain")
+@needs_cargo
 def test_rustfmt_is_clean() -> None:
-    r = subprocess.run(["cargo", "fmt", "--all", "--check"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+    check("cargo", "fmt", "--all", "--check")
+
+
+@needs_cargo
+@pytest.mark.slow
+def test_clippy_is_clean() -> None:
+    # Shares target/ with `cargo test`, so after it this only checks what changed; from a cold
+    # target directory it builds every dependency in check mode first.
+    check("cargo", "clippy", "--workspace", "--all-targets", "--", "-D", "warnings", timeout=1800)
+
+
+def test_mypy_is_clean() -> None:
+    # The files and settings are [tool.mypy] in pyproject.toml.
+    check(sys.executable, "-m", "mypy")
+
+
+def test_core_stub_matches_the_native_module() -> None:
+    """python/fastserve/_core.pyi against the fastserve._core this interpreter imports (rebuild it
+    with `make build-dev` after changing rust/fastserve-py). Without --concise, stubtest shows both
+    signatures of each mismatch."""
+    check(sys.executable, "-m", "mypy.stubtest", "--concise", "fastserve._core")
