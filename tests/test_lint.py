@@ -13,7 +13,13 @@ import pytest
 from conftest import ROOT
 
 PYTHON_SOURCES = ["python", "tests", "examples", "benches"]
-needs_cargo = pytest.mark.skipif(shutil.which("cargo") is None, reason="no Rust toolchain")
+
+
+def cargo_has(subcommand: str) -> bool:
+    """Whether the toolchain has a cargo subcommand (rustfmt and clippy are rustup components)."""
+    if shutil.which("cargo") is None:
+        return False
+    return subprocess.run(["cargo", subcommand, "--version"], cwd=ROOT, capture_output=True).returncode == 0
 
 
 def check(*cmd: str, timeout: float = 600) -> None:
@@ -26,12 +32,12 @@ def test_ruff_is_clean() -> None:
     check("ruff", "format", "--check", *PYTHON_SOURCES)
 
 
-@needs_cargo
+@pytest.mark.skipif(not cargo_has("fmt"), reason="no cargo fmt (rustup component add rustfmt)")
 def test_rustfmt_is_clean() -> None:
     check("cargo", "fmt", "--all", "--check")
 
 
-@needs_cargo
+@pytest.mark.skipif(not cargo_has("clippy"), reason="no cargo clippy (rustup component add clippy)")
 @pytest.mark.slow
 def test_clippy_is_clean() -> None:
     # Shares target/ with `cargo test`, so after it this only checks what changed; from a cold
