@@ -59,7 +59,8 @@ def test_grpc_port_in_use_is_a_clear_failure(example_server) -> None:
 
 def test_invalid_grpc_flags_are_exit_2() -> None:
     r = run("serve", "--model-repository", str(EXAMPLES), "--grpc-port", "70000")
-    assert (r.returncode, r.stderr.strip()) == (2, "fastserve: error: --grpc-port 70000 is not a valid port")
+    expected = "fastserve: error: --grpc-port must be between 0 and 65535, got 70000"
+    assert (r.returncode, r.stderr.strip()) == (2, expected)
     r = run("serve", "--model-repository", str(EXAMPLES), "--grpc-max-message-bytes", "0")
     assert (r.returncode, r.stderr.strip()) == (2, "fastserve: error: --grpc-max-message-bytes must be positive")
 

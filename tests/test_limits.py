@@ -507,12 +507,12 @@ def test_sigterm_under_load_fails_no_accepted_request(start_server, repo: Path) 
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--max-json-depth", "0", "max_json_depth must be between 1 and 127"),
-        ("--max-json-depth", "500", "max_json_depth must be between 1 and 127"),
-        ("--max-header-bytes", "100", "max_header_bytes must be between 8192"),
-        ("--max-connections", "0", "max_connections must be positive"),
-        ("--idle-timeout-s", "0", "idle_timeout_s must be positive"),
-        ("--body-read-timeout-s", "-1", "body_read_timeout_s must be a positive number"),
+        ("--max-json-depth", "0", "--max-json-depth must be between 1 and 127"),
+        ("--max-json-depth", "500", "--max-json-depth must be between 1 and 127"),
+        ("--max-header-bytes", "100", "--max-header-bytes must be between 8192"),
+        ("--max-connections", "0", "--max-connections must be positive"),
+        ("--idle-timeout-s", "0", "--idle-timeout-s must be a positive number"),
+        ("--body-read-timeout-s", "-1", "--body-read-timeout-s must be a positive number"),
     ],
 )
 def test_bad_limits_are_usage_errors(repo: Path, flag: str, value: str, message: str) -> None:

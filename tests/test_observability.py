@@ -15,6 +15,7 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
 
 from conftest import ROOT, infer_json, write_model
 from helpers import wait_until
@@ -220,6 +221,15 @@ def test_access_log_lines_carry_the_request_id(start_server, repo: Path) -> None
     generated = anonymous.headers["X-Request-Id"]
     assert len(generated) == 16
     bad = infer_json(server.url, "nope", rows(1))
+    # gRPC goes through the same pipeline: its failures are logged too, with their gRPC code.
+    grpc = grpcclient.InferenceServerClient(server.grpc_address)
+    x = grpcclient.InferInput("X", [1, 1], "FP32")
+    x.set_data_from_numpy(np.ones((1, 1), dtype=np.float32))
+    grpc.infer("m", [x], request_id="grpc-ok")
+    wrong = grpcclient.InferInput("X", [1, 3], "FP32")
+    wrong.set_data_from_numpy(np.ones((1, 3), dtype=np.float32))
+    with pytest.raises(InferenceServerException):
+        grpc.infer("m", [wrong])
     assert server.terminate() == 0
     records = [json.loads(line) for line in server.lines if line.startswith("{")]
     access = [r for r in records if r.get("message") == "request"]
@@ -232,6 +242,10 @@ def test_access_log_lines_carry_the_request_id(start_server, repo: Path) -> None
     assert {"queue_us", "compute_us", "duration_us"} <= by_id["my-id-7"].keys()
     assert by_id[generated]["status"] == 200
     assert by_id[bad.headers["X-Request-Id"]]["status"] == 404
+    ok = by_id["grpc-ok"]
+    assert (ok["protocol"], ok["status"], ok["grpc_code"]) == ("grpc", 200, "Ok")
+    failed = [r for r in access if r["protocol"] == "grpc" and r["grpc_code"] == "InvalidArgument"]
+    assert len(failed) == 1 and failed[0]["status"] == 400
 
 
 def test_python_logging_goes_through_the_same_sink(start_server, tmp_path: Path) -> None:

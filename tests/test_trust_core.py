@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -130,14 +131,14 @@ def identity() -> Server:
         server.add_model(
             f"id_{dt.lower()}", Identity(), inputs=[Tensor("IN", dt, [-1])], outputs=[Tensor("OUT", dt, [-1])]
         )
-    # Huge settings cost nothing and break nothing (statistics were once sized by max_batch_size).
+    # The largest settings allowed cost nothing (statistics were once sized by max_batch_size).
     server.add_model(
         "huge",
         Identity(),
         inputs=[Tensor("IN", "FP32", [-1])],
         outputs=[Tensor("OUT", "FP32", [-1])],
-        max_batch_size=2**40,
-        max_queue_size=2**40,
+        max_batch_size=2**20,
+        max_queue_size=10_000_000,
     )
     with server:
         yield server
@@ -162,10 +163,15 @@ def test_floats_round_trip_through_json_bit_identically(identity: Server) -> Non
         assert back.tobytes() == values.tobytes(), dt
 
 
-def test_huge_batch_and_queue_settings_serve(identity: Server) -> None:
+def test_huge_batch_and_queue_settings_serve_or_are_refused(identity: Server) -> None:
     url = f"http://127.0.0.1:{identity.http_port}/v2/models/huge/infer"
     body = {"inputs": [{"name": "IN", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
     assert requests.post(url, json=body, timeout=GUARD_S).json()["outputs"][0]["data"] == [1, 2, 3]
+    spec = {"inputs": [Tensor("IN", "FP32", [-1])], "outputs": [Tensor("OUT", "FP32", [-1])]}
+    for key, value in (("max_batch_size", 2**40), ("max_queue_delay_us", 2**62), ("max_queue_size", 0)):
+        with pytest.raises(ValueError, match=f"{key} must be between"):
+            identity.add_model("too_big", object, **spec, **{key: value})
+    assert requests.post(url, json=body, timeout=GUARD_S).status_code == 200
 
 
 def test_sequence_parameters_are_refused_by_a_model_without_sequence_batching(identity: Server) -> None:
@@ -254,11 +260,15 @@ def test_early_errors_keep_http1_connections_usable(example_server) -> None:
 
 
 def test_an_early_error_after_a_large_body_closes_the_connection(example_server) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", example_server.port, timeout=GUARD_S)
-    conn.request("POST", "/v2/models/nope/infer", body=b"x" * (2 * 1024 * 1024))
-    resp = conn.getresponse()
-    assert resp.status == 404 and resp.getheader("Connection") == "close"
-    conn.close()
+    # Only the head and a little of a 2 MiB body are sent: the answer must not wait for the rest,
+    # and must tell the client that this connection ends.
+    with socket.create_connection(("127.0.0.1", example_server.port), timeout=GUARD_S) as s:
+        head = f"POST /v2/models/nope/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {2 * 1024 * 1024}\r\n\r\n"
+        s.sendall(head.encode() + b"x" * 1000)
+        answer = s.makefile("rb").read()
+    status, _, rest = answer.partition(b"\r\n")
+    assert status.startswith(b"HTTP/1.1 404"), answer[:200]
+    assert b"connection: close" in rest.lower(), answer[:400]
 
 
 PATH_LEAK = """

@@ -1,40 +1,25 @@
 """Type stubs for the native module built from rust/fastserve-py."""
 
-import os
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, final
+
+__all__ = [
+    "OTEL_AVAILABLE",
+    "CoreServer",
+    "__version__",
+    "datatypes",
+    "flush_telemetry",
+    "init_logging",
+    "log",
+    "model_options",
+    "server_options",
+]
 
 __version__: str
 
+@final
 class CoreServer:
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        http_port: int = 8000,
-        max_body_bytes: int = ...,
-        worker_threads: int = 0,
-        drain_timeout_s: float = 30.0,
-        metrics_port: int | None = None,
-        access_log: bool = False,
-        grpc_port: int | None = None,
-        grpc_max_message_bytes: int = ...,
-        auth_token: str | None = None,
-        admin_token: str | None = None,
-        tls_cert: str | os.PathLike[str] | None = None,
-        tls_key: str | os.PathLike[str] | None = None,
-        tls_client_ca: str | os.PathLike[str] | None = None,
-        max_header_bytes: int = 65536,
-        max_headers: int = 100,
-        max_json_depth: int = 64,
-        max_request_elements: int | None = None,
-        max_connections: int = 16384,
-        grpc_max_concurrent_streams: int = 256,
-        header_read_timeout_s: float = 30.0,
-        body_read_timeout_s: float = 60.0,
-        idle_timeout_s: float = 120.0,
-        grpc_response_compression: str = "none",
-        allow_remote_repository_api: bool = False,
-    ) -> None: ...
+    def __new__(cls, options: Mapping[str, Any] | None = None) -> CoreServer: ...
     def add_model(
         self,
         name: str,
@@ -43,16 +28,8 @@ class CoreServer:
         inputs: Sequence[tuple[str, str, list[int]]],
         outputs: Sequence[tuple[str, str, list[int]]],
         instances: Sequence[Any],
-        max_batch_size: int = 0,
-        max_queue_delay_us: int = 0,
-        preferred_batch_sizes: Sequence[int] = ...,
-        max_queue_size: int = 1024,
-        default_queue_timeout_us: int = 0,
-        priority_levels: int = 0,
-        default_priority_level: int = 0,
-        execution_timeout_ms: int = 0,
+        options: Mapping[str, Any] | None = None,
         instance_factory: Callable[[int], Any] | None = None,
-        max_abandoned_instances: int = 4,
     ) -> None: ...
     def add_failed_model(self, name: str, version: int, reason: str) -> None: ...
     def record_load_failure(self, name: str, version: int) -> None: ...
@@ -77,3 +54,6 @@ OTEL_AVAILABLE: bool
 def init_logging(level: str = "info", json: bool = False, otel_endpoint: str | None = None) -> bool: ...
 def flush_telemetry() -> None: ...
 def log(level: str, target: str, message: str) -> None: ...
+def server_options() -> list[dict[str, Any]]: ...
+def datatypes() -> list[tuple[str, str]]: ...
+def model_options() -> list[dict[str, Any]]: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 from . import __version__
 from ._core import flush_telemetry
 from .logs import setup_logging
+from .options import SERVER_OPTIONS, OptionInfo
 from .server import Server
 
 log = logging.getLogger("fastserve")
@@ -83,6 +85,28 @@ def _env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
             action.required = False
 
 
+def _flag(option: OptionInfo) -> str:
+    return "--" + option.name.replace("_", "-")
+
+
+def _add_option(group: Any, option: OptionInfo) -> None:
+    """One ``serve`` flag from the core's description of a server option."""
+    default = option.command_default
+    shown = "" if default is None else f" (default {default})"
+    if option.kind == "bool":
+        group.add_argument(_flag(option), action="store_true", help=option.help)
+        return
+    kinds: dict[str, Any] = {"int": int, "float": float, "str": str, "path": Path}
+    group.add_argument(
+        _flag(option),
+        type=kinds[option.kind],
+        default=default,
+        choices=option.choices or None,
+        metavar="PATH" if option.kind == "path" else None,
+        help=option.help + shown,
+    )
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="fastserve", description="Serve models over the KServe V2 protocol.")
     parser.add_argument("--version", action="version", version=f"fastserve {__version__}")
@@ -94,8 +118,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="NAME",
         help="single-model mode: --model-repository is the directory of this one model (KServe's /mnt/models)",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, default=8000, help="HTTP port; 0 picks a free one (default 8000)")
     serve.add_argument(
         "--model-control-mode",
         default="none",
@@ -110,78 +132,33 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         metavar="NAME",
         help="explicit mode: load NAME at start ('*': all; env: comma-separated)",
     )
-    serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port; 0 picks a free one")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    serve.add_argument("--access-log", action="store_true", help="log one line per inference request")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port; 0 picks a free one (default 8001)")
-    serve.add_argument(
-        "--grpc-max-message-bytes",
-        type=int,
-        default=64 * 1024 * 1024,
-        help="largest gRPC message received or sent (default 64 MiB)",
-    )
-    serve.add_argument(
-        "--grpc-response-compression",
-        default="none",
-        choices=["none", "gzip", "deflate"],
-        help="compress gRPC responses for clients that accept it (default none, as Triton); "
-        "compressed requests are always accepted",
-    )
     serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
     serve.add_argument("--log-format", default="text", choices=["text", "json"])
     serve.add_argument(
         "--otel-endpoint", help="export request spans to this OTLP/HTTP traces URL (needs the otel build feature)"
     )
-    serve.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="request body limit")
-    serve.add_argument("--drain-timeout-s", type=float, default=30.0, help="how long shutdown waits for requests")
-    serve.add_argument("--worker-threads", type=int, default=0, help="network threads (default: one per core)")
-    limits = serve.add_argument_group("limits")
-    limits.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="largest request head (default 64 KiB)")
-    limits.add_argument("--max-headers", type=int, default=100, help="most header fields in an HTTP/1 request")
-    limits.add_argument("--max-json-depth", type=int, default=64, help="deepest JSON nesting accepted (1-127)")
-    limits.add_argument(
-        "--max-request-elements",
-        type=int,
-        help="most tensor elements over a request's inputs (default: what the largest body or message holds)",
-    )
-    limits.add_argument(
-        "--max-connections", type=int, default=16384, help="open connections over all listeners (default 16384)"
-    )
-    limits.add_argument(
-        "--grpc-max-concurrent-streams", type=int, default=256, help="concurrent calls per gRPC connection"
-    )
-    limits.add_argument(
-        "--header-read-timeout-s", type=float, default=30.0, help="time to send an HTTP/1 request head (408)"
-    )
-    limits.add_argument("--body-read-timeout-s", type=float, default=60.0, help="time to send a request body (408)")
-    limits.add_argument(
-        "--idle-timeout-s", type=float, default=120.0, help="close connections that go this long without a request"
-    )
-    security = serve.add_argument_group("security")
-    security.add_argument(
+    groups = {
+        "server": serve,
+        "limits": serve.add_argument_group("limits"),
+        "security": serve.add_argument_group("security"),
+    }
+    for option in SERVER_OPTIONS:
+        if option.group != "hidden":
+            _add_option(groups[option.group], option)
+    groups["security"].add_argument(
         "--auth-token-file",
         type=Path,
         metavar="PATH",
         help=f"require 'Authorization: Bearer <token>' for inference, metadata and statistics "
         f"(token read from PATH, or from ${AUTH_TOKEN_ENV})",
     )
-    security.add_argument(
+    groups["security"].add_argument(
         "--admin-token-file",
         type=Path,
         metavar="PATH",
         help=f"token for the repository API (or ${ADMIN_TOKEN_ENV}); without it the repository API takes the "
         "inference token",
-    )
-    security.add_argument("--tls-cert", type=Path, metavar="PEM", help="serve HTTP and gRPC over TLS with this chain")
-    security.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert")
-    security.add_argument(
-        "--tls-client-ca", type=Path, metavar="PEM", help="require client certificates issued by this CA (mTLS)"
-    )
-    security.add_argument(
-        "--allow-remote-repository-api",
-        action="store_true",
-        help="serve the repository API (control modes poll/explicit) on a non-loopback --host without "
-        "--admin-token-file (refused by default)",
     )
     _env_defaults(serve, os.environ if environ is None else environ)
     return parser
@@ -201,54 +178,24 @@ def _read_token(path: Path | None, env: str, flag: str) -> str | None:
     return token or None
 
 
+def _as_flags(message: str) -> str:
+    """The core names options as keywords (``max_body_bytes``); a command user typed flags."""
+    for option in SERVER_OPTIONS:
+        message = re.sub(rf"\b{option.name}\b", _flag(option), message)
+    return message
+
+
 def _build_server(args: argparse.Namespace, auth_token: str | None, admin_token: str | None) -> Server:
-    return Server(
-        host=args.host,
-        http_port=args.http_port,
-        max_body_bytes=args.max_body_bytes,
-        drain_timeout_s=args.drain_timeout_s,
-        worker_threads=args.worker_threads,
-        grpc_port=args.grpc_port,
-        grpc_max_message_bytes=args.grpc_max_message_bytes,
-        metrics_port=None if args.no_metrics else args.metrics_port,
-        access_log=args.access_log,
-        auth_token=auth_token,
-        admin_token=admin_token,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-        max_header_bytes=args.max_header_bytes,
-        max_headers=args.max_headers,
-        max_json_depth=args.max_json_depth,
-        max_request_elements=args.max_request_elements,
-        max_connections=args.max_connections,
-        grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
-        header_read_timeout_s=args.header_read_timeout_s,
-        body_read_timeout_s=args.body_read_timeout_s,
-        idle_timeout_s=args.idle_timeout_s,
-        grpc_response_compression=args.grpc_response_compression,
-        allow_remote_repository_api=args.allow_remote_repository_api,
-    )
+    options = {o.name: getattr(args, o.name) for o in SERVER_OPTIONS if o.group != "hidden"}
+    if args.no_metrics:
+        options["metrics_port"] = None
+    return Server(**options, auth_token=auth_token, admin_token=admin_token)
 
 
 def serve(args: argparse.Namespace) -> int:
     repo: Path = args.model_repository
     if not repo.is_dir():
         sys.stderr.write(f"fastserve: error: model repository '{repo}' is not a directory\n")
-        return 2
-    for flag, port in (
-        ("--http-port", args.http_port),
-        ("--grpc-port", args.grpc_port),
-        ("--metrics-port", args.metrics_port),
-    ):
-        if not 0 <= port <= 65535:
-            sys.stderr.write(f"fastserve: error: {flag} {port} is not a valid port\n")
-            return 2
-    if args.grpc_max_message_bytes <= 0:
-        sys.stderr.write("fastserve: error: --grpc-max-message-bytes must be positive\n")
-        return 2
-    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and args.tls_cert is None):
-        sys.stderr.write("fastserve: error: TLS needs both --tls-cert and --tls-key\n")
         return 2
     try:
         auth_token = _read_token(args.auth_token_file, AUTH_TOKEN_ENV, "--auth-token-file")
@@ -264,8 +211,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server = _build_server(args, auth_token, admin_token)
     except (ValueError, OverflowError) as e:
-        # A limit out of range (a negative count cannot even be converted).
-        sys.stderr.write(f"fastserve: error: {e}\n")
+        # A value out of range (a negative count cannot even be converted), named by its flag.
+        sys.stderr.write(f"fastserve: error: {_as_flags(str(e))}\n")
         return 2
     except OSError as e:
         # Unreadable or mismatched TLS files: one line, no traceback.

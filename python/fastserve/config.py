@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .options import MODEL_OPTIONS, model_default
 from .tensor import Tensor
 
 if sys.version_info >= (3, 11):
@@ -38,20 +39,27 @@ class Range:
     why: str
 
 
+def _model_range(name: str) -> Range:
+    """The bounds of a batching/queue key, as the core defines them."""
+    option = MODEL_OPTIONS[name]
+    assert option.min is not None and option.max is not None, name
+    return Range(option.min, option.max, option.help)
+
+
 # Every numeric key of config.toml, by dotted path ("[]": each list item, "*": each table value).
 # The parser enforces exactly these and the README's table is generated from them
 # (``ranges_markdown``): a bound keeps one model's typo from exhausting the server's memory or
 # overflowing the native scheduler's integers, which would stop every other model too.
 RANGES: dict[str, Range] = {
-    "max_batch_size": Range(0, 2**20, "rows per batch; batch buffers are sized from it"),
-    "execution_timeout_ms": Range(0, 86_400_000, "24 h"),
-    "max_abandoned_instances": Range(0, 1024, "hung instances left running before the version is unavailable"),
-    "dynamic_batching.max_queue_delay_us": Range(0, 3_600_000_000, "1 h"),
-    "dynamic_batching.preferred_batch_sizes[]": Range(1, 2**20, "each also <= max_batch_size"),
-    "dynamic_batching.max_queue_size": Range(1, 10_000_000, "queued requests per version"),
-    "dynamic_batching.default_queue_timeout_us": Range(0, 3_600_000_000, "1 h"),
-    "dynamic_batching.priority_levels": Range(0, 1024, "one queue per level"),
-    "dynamic_batching.default_priority_level": Range(0, 1024, "also <= priority_levels"),
+    "max_batch_size": _model_range("max_batch_size"),
+    "execution_timeout_ms": _model_range("execution_timeout_ms"),
+    "max_abandoned_instances": _model_range("max_abandoned_instances"),
+    "dynamic_batching.max_queue_delay_us": _model_range("max_queue_delay_us"),
+    "dynamic_batching.preferred_batch_sizes[]": _model_range("preferred_batch_sizes"),
+    "dynamic_batching.max_queue_size": _model_range("max_queue_size"),
+    "dynamic_batching.default_queue_timeout_us": _model_range("default_queue_timeout_us"),
+    "dynamic_batching.priority_levels": _model_range("priority_levels"),
+    "dynamic_batching.default_priority_level": _model_range("default_priority_level"),
     "instance_group.count": Range(1, MAX_INSTANCES, f'per GPU with kind = "gpu"; count x GPUs <= {MAX_INSTANCES}'),
     "instance_group.gpus[]": Range(0, 65535, "CUDA device ids; each must also be visible at load"),
     "version_policy.latest": Range(1, 1024, "versions served side by side"),
@@ -79,12 +87,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class DynamicBatching:
-    max_queue_delay_us: int = 0
+    """The ``[dynamic_batching]`` keys; defaults and meaning are the core's (``fastserve.options``)."""
+
+    max_queue_delay_us: int = model_default("max_queue_delay_us")
     preferred_batch_sizes: list[int] = field(default_factory=list)
-    max_queue_size: int = 1024
-    default_queue_timeout_us: int = 0  # 0: requests wait as long as it takes
-    priority_levels: int = 0  # 0 or 1: no priorities; else parameters.priority 1 (highest)..N
-    default_priority_level: int = 0  # the level of requests without one; 0: the lowest
+    max_queue_size: int = model_default("max_queue_size")
+    default_queue_timeout_us: int = model_default("default_queue_timeout_us")
+    priority_levels: int = model_default("priority_levels")
+    default_priority_level: int = model_default("default_priority_level")
 
 
 @dataclass
@@ -142,8 +152,8 @@ class ModelConfig:
     backend: str | None = None
     max_batch_size: int | None = None
     device: str = "cpu"  # python models: "gpu" hands execute() CuPy arrays
-    execution_timeout_ms: int = 0  # 0: none; a longer execute() fails its batch and the instance is replaced
-    max_abandoned_instances: int = 4  # hung instances left running before the version is marked unavailable
+    execution_timeout_ms: int = model_default("execution_timeout_ms")
+    max_abandoned_instances: int = model_default("max_abandoned_instances")
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
@@ -289,13 +299,10 @@ def _dynamic_batching(db: dict[str, Any]) -> DynamicBatching:
     where = "[dynamic_batching] "
     path = "dynamic_batching."
     preferred = _take(db, "preferred_batch_sizes", list, where, [])
+    numbers = ("max_queue_delay_us", "max_queue_size", "default_queue_timeout_us", "priority_levels")
     batching = DynamicBatching(
-        max_queue_delay_us=_int(db, "max_queue_delay_us", where, 0, path + "max_queue_delay_us"),
         preferred_batch_sizes=_int_list(preferred, f"{where}preferred_batch_sizes", path + "preferred_batch_sizes[]"),
-        max_queue_size=_int(db, "max_queue_size", where, 1024, path + "max_queue_size"),
-        default_queue_timeout_us=_int(db, "default_queue_timeout_us", where, 0, path + "default_queue_timeout_us"),
-        priority_levels=_int(db, "priority_levels", where, 0, path + "priority_levels"),
-        default_priority_level=_int(db, "default_priority_level", where, 0, path + "default_priority_level"),
+        **{key: _int(db, key, where, model_default(key), path + key) for key in (*numbers, "default_priority_level")},
     )
     _no_leftovers(db, "[dynamic_batching]")
     if batching.default_priority_level > max(batching.priority_levels, 1):
@@ -370,8 +377,8 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     cfg.device = _take(table, "device", str, "", "cpu")
     if cfg.device not in DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
-    cfg.execution_timeout_ms = _int(table, "execution_timeout_ms", "", 0, "execution_timeout_ms")
-    cfg.max_abandoned_instances = _int(table, "max_abandoned_instances", "", 4, "max_abandoned_instances")
+    for key in ("execution_timeout_ms", "max_abandoned_instances"):
+        setattr(cfg, key, _int(table, key, "", model_default(key), key))
     cfg.max_batch_size = _int(table, "max_batch_size", "", None, "max_batch_size")
     cfg.dynamic_batching = _dynamic_batching(dict(_take(table, "dynamic_batching", dict, "", {})))
     cfg.instance_group = _instance_group(dict(_take(table, "instance_group", dict, "", {})), cfg.device)

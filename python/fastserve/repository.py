@@ -418,7 +418,12 @@ class ModelRepository:
             )
 
     def _add_model(self, name: str, b: _Built, config: ModelConfig) -> None:
-        batching = config.dynamic_batching
+        options = {
+            **dataclasses.asdict(config.dynamic_batching),
+            "max_batch_size": b.loaded.max_batch_size,
+            "execution_timeout_ms": config.execution_timeout_ms,
+            "max_abandoned_instances": config.max_abandoned_instances,
+        }
         self.core.add_model(
             name,
             b.version,
@@ -426,16 +431,8 @@ class ModelRepository:
             [t.as_tuple() for t in b.loaded.inputs],
             [t.as_tuple() for t in b.loaded.outputs],
             b.loaded.instances,
-            max_batch_size=b.loaded.max_batch_size,
-            max_queue_delay_us=batching.max_queue_delay_us,
-            preferred_batch_sizes=list(batching.preferred_batch_sizes),
-            max_queue_size=batching.max_queue_size,
-            default_queue_timeout_us=batching.default_queue_timeout_us,
-            priority_levels=batching.priority_levels,
-            default_priority_level=batching.default_priority_level,
-            execution_timeout_ms=config.execution_timeout_ms,
-            max_abandoned_instances=config.max_abandoned_instances,
-            instance_factory=_replacement(b.ctx) if config.execution_timeout_ms > 0 else None,
+            options,
+            _replacement(b.ctx) if config.execution_timeout_ms > 0 else None,
         )
 
     def _abort(

@@ -4,16 +4,22 @@ loaded from a repository, or both."""
 from __future__ import annotations
 
 import atexit
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import _core
+from .options import SERVER_OPTIONS
 from .repository import CONTROL_MODES, ModelRepository, RepositoryApi, VersionStatus
 from .tensor import Tensor
 
 _running: weakref.WeakSet[Server] = weakref.WeakSet()
+
+
+def _default(name: str) -> Any:
+    return next(o.default for o in SERVER_OPTIONS if o.name == name)
 
 
 @atexit.register
@@ -36,86 +42,21 @@ class Server:
     serves HTTP only). Both protocols feed the same queues, so a batch may mix their requests.
     """
 
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        http_port: int = 8000,
-        *,
-        max_body_bytes: int = 64 * 1024 * 1024,
-        drain_timeout_s: float = 30.0,
-        worker_threads: int = 0,
-        metrics_port: int | None = None,
-        access_log: bool = False,
-        grpc_port: int | None = None,
-        grpc_max_message_bytes: int = 64 * 1024 * 1024,
-        auth_token: str | None = None,
-        admin_token: str | None = None,
-        tls_cert: str | Path | None = None,
-        tls_key: str | Path | None = None,
-        tls_client_ca: str | Path | None = None,
-        max_header_bytes: int = 64 * 1024,
-        max_headers: int = 100,
-        max_json_depth: int = 64,
-        max_request_elements: int | None = None,
-        max_connections: int = 16384,
-        grpc_max_concurrent_streams: int = 256,
-        header_read_timeout_s: float = 30.0,
-        body_read_timeout_s: float = 60.0,
-        idle_timeout_s: float = 120.0,
-        grpc_response_compression: str = "none",
-        allow_remote_repository_api: bool = False,
-    ) -> None:
-        """``metrics_port``: serve Prometheus ``/metrics`` there (0 = any free port, None = off).
-        ``access_log``: one log line per inference request.
-
-        ``auth_token``: require ``Authorization: Bearer <token>`` (gRPC metadata ``authorization``)
-        on inference, metadata and statistics; ``admin_token``: the token of the repository API,
-        which takes ``auth_token`` when no admin token is set. Health probes and ``/metrics`` stay open.
-        ``tls_cert``/``tls_key``: PEM files; HTTP and gRPC then speak TLS only. ``tls_client_ca``:
-        also require client certificates issued by this CA (mTLS). Bad files raise ``OSError``.
-
-        Limits (README, Security, "Limits"): ``max_header_bytes`` and ``max_headers`` bound a request
-        head (431); ``max_json_depth`` the nesting of JSON bodies (400, at most 127);
-        ``max_request_elements`` the tensor elements of a request's inputs (413; default: as many as
-        the largest body or gRPC message holds); ``max_connections`` the open connections over all
-        listeners (more are closed on accept); ``grpc_max_concurrent_streams`` the calls per gRPC
-        connection. Slow clients: ``header_read_timeout_s`` (HTTP/1 head, 408),
-        ``body_read_timeout_s`` (body, 408), ``idle_timeout_s`` (connections without a request are
-        closed). Bad values raise ``ValueError``.
-
-        ``grpc_response_compression``: "none" (default, as Triton), "gzip" or "deflate" — compress gRPC
-        responses for clients that accept it; compressed requests are always accepted.
-        ``allow_remote_repository_api``: serve the repository API on a non-loopback ``host`` without an
-        ``admin_token`` (refused otherwise: model management must not be open to the network)."""
+    def __init__(self, host: str | None = None, http_port: int | None = None, **options: Any) -> None:
+        """``host`` (default 127.0.0.1) and ``http_port`` (default 8000; 0 picks a free port), and
+        any other server option as a keyword: ``grpc_port`` (None, the default, serves HTTP only),
+        ``metrics_port`` (Prometheus ``/metrics``; None = off), ``access_log``, ``drain_timeout_s``,
+        ``auth_token``/``admin_token``, ``tls_cert``/``tls_key``/``tls_client_ca``, the limits
+        (``max_body_bytes``, ``max_header_bytes``, ``idle_timeout_s``, ...) and more:
+        ``fastserve.options.SERVER_OPTIONS`` lists every one with its default and meaning (the same
+        table as ``fastserve serve --help``). An unknown keyword or a bad value raises
+        ``ValueError``; an unreadable TLS file ``OSError``."""
+        given = {"host": host, "http_port": http_port, **options}
         self._core = _core.CoreServer(
-            host=host,
-            http_port=http_port,
-            max_body_bytes=max_body_bytes,
-            worker_threads=worker_threads,
-            drain_timeout_s=drain_timeout_s,
-            metrics_port=metrics_port,
-            access_log=access_log,
-            grpc_port=grpc_port,
-            grpc_max_message_bytes=grpc_max_message_bytes,
-            auth_token=auth_token,
-            admin_token=admin_token,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-            max_header_bytes=max_header_bytes,
-            max_headers=max_headers,
-            max_json_depth=max_json_depth,
-            max_request_elements=max_request_elements,
-            max_connections=max_connections,
-            grpc_max_concurrent_streams=grpc_max_concurrent_streams,
-            header_read_timeout_s=header_read_timeout_s,
-            body_read_timeout_s=body_read_timeout_s,
-            idle_timeout_s=idle_timeout_s,
-            grpc_response_compression=grpc_response_compression,
-            allow_remote_repository_api=allow_remote_repository_api,
+            {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in given.items() if v is not None}
         )
         self._repository: ModelRepository | None = None
-        self._drain_timeout_s = drain_timeout_s
+        self._drain_timeout_s = float(options.get("drain_timeout_s") or _default("drain_timeout_s"))
 
     def add_model(
         self,
@@ -125,25 +66,23 @@ class Server:
         inputs: Sequence[Tensor],
         outputs: Sequence[Tensor],
         version: int = 1,
-        max_batch_size: int = 0,
-        max_queue_delay_us: int = 0,
-        preferred_batch_sizes: Sequence[int] = (),
-        max_queue_size: int = 1024,
-        default_queue_timeout_us: int = 0,
-        priority_levels: int = 0,
-        default_priority_level: int = 0,
-        execution_timeout_ms: int = 0,
-        max_abandoned_instances: int = 4,
         instance_count: int = 1,
         platform: str = "python",
+        **options: Any,
     ) -> None:
         """Serves ``model`` (an object with ``execute``) under ``name``/``version``.
 
         Pass a class or factory instead of an object to get ``instance_count`` separate instances;
-        an object is shared by all instances. With ``execution_timeout_ms`` a batch running longer
-        fails and its instance is replaced; once ``max_abandoned_instances`` hung ones are still
-        running, the version is marked unavailable instead (a thread cannot be killed).
+        an object is shared by all instances. ``options`` are the model options
+        (``fastserve.options.MODEL_OPTIONS``, the ``config.toml`` batching and queue keys):
+        ``max_batch_size``, ``max_queue_delay_us``, ``preferred_batch_sizes``, ``max_queue_size``,
+        ``default_queue_timeout_us``, ``priority_levels``, ``default_priority_level``,
+        ``execution_timeout_ms`` (a batch running longer fails and its instance is replaced) and
+        ``max_abandoned_instances`` (hung instances left running before the version is marked
+        unavailable: a thread cannot be killed).
         """
+        if not hasattr(model, "execute") and not callable(model):
+            raise TypeError(f"model '{name}': {type(model).__name__} has no execute(inputs) method")
         factory: Callable[[], Any] | None = model if isinstance(model, type) or not hasattr(model, "execute") else None
         if factory is None:
             instances = [model] * instance_count
@@ -156,16 +95,8 @@ class Server:
             [t.as_tuple() for t in inputs],
             [t.as_tuple() for t in outputs],
             instances,
-            max_batch_size=max_batch_size,
-            max_queue_delay_us=max_queue_delay_us,
-            preferred_batch_sizes=list(preferred_batch_sizes),
-            max_queue_size=max_queue_size,
-            default_queue_timeout_us=default_queue_timeout_us,
-            priority_levels=priority_levels,
-            default_priority_level=default_priority_level,
-            execution_timeout_ms=execution_timeout_ms,
-            instance_factory=(lambda _seat: factory()) if factory is not None else (lambda _seat: model),
-            max_abandoned_instances=max_abandoned_instances,
+            options,
+            (lambda _seat: factory()) if factory is not None else (lambda _seat: model),
         )
 
     def load_repository(
@@ -208,7 +139,7 @@ class Server:
             repository.start_polling(poll_secs)
         return statuses
 
-    def load_model(self, name: str, config: dict | None = None) -> list[VersionStatus]:
+    def load_model(self, name: str, config: dict[str, Any] | None = None) -> list[VersionStatus]:
         """(Re)loads one model of the repository, optionally with config.toml keys overridden."""
         if self._repository is None:
             raise RuntimeError("load_repository() first")

@@ -4,38 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DATATYPES = (
-    "BOOL",
-    "UINT8",
-    "UINT16",
-    "UINT32",
-    "UINT64",
-    "INT8",
-    "INT16",
-    "INT32",
-    "INT64",
-    "FP16",
-    "FP32",
-    "FP64",
-    "BYTES",
-)
+from . import _core
 
-# V2 datatype -> NumPy dtype name; BYTES travel as object arrays of ``bytes``.
-NUMPY_DTYPES = {
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "UINT16": "uint16",
-    "UINT32": "uint32",
-    "UINT64": "uint64",
-    "INT8": "int8",
-    "INT16": "int16",
-    "INT32": "int32",
-    "INT64": "int64",
-    "FP16": "float16",
-    "FP32": "float32",
-    "FP64": "float64",
-    "BYTES": "object",
-}
+# V2 datatype -> NumPy dtype name (BYTES travel as object arrays of ``bytes``), from the core's one
+# datatype table.
+NUMPY_DTYPES: dict[str, str] = dict(_core.datatypes())
+DATATYPES = tuple(NUMPY_DTYPES)
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,13 @@ fn bench_scheduler(c: &mut Criterion) {
                             .into_iter()
                             .map(|r| {
                                 let s = scheduler.clone();
-                                tokio::spawn(async move { fastserve_core::request::run(&s, r).await })
+                                tokio::spawn(async move {
+                                    let mut r = r;
+                                    let validated = s.spec().validate(&mut r)?;
+                                    s.submit(validated)?
+                                        .await
+                                        .map_err(|_| fastserve_core::ServeError::Internal("dropped".into()))?
+                                })
                             })
                             .collect();
                         for r in replies {

@@ -16,10 +16,10 @@ use serde_json::{json, Value};
 
 use crate::error::{Result, ServeError};
 use crate::grpc::codec::decode_request;
-use crate::grpc::proto::infer_parameter::ParameterChoice;
-use crate::grpc::proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
-use crate::grpc::proto::{InferParameter, InferTensorContents, ModelInferRequest};
 use crate::http::json::{decode_binary, decode_length_prefixed, parse_infer_request};
+use crate::proto::infer_parameter::ParameterChoice;
+use crate::proto::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use crate::proto::{InferParameter, InferTensorContents, ModelInferRequest};
 use crate::request::InferRequest;
 use crate::server::state::Limits;
 use crate::tensor::datatype::DataType;
@@ -30,10 +30,6 @@ fn config(default_cases: u32) -> Config {
     let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default_cases);
     Config { cases, failure_persistence: None, ..Config::default() }
 }
-
-const DATATYPES: &[&str] = &[
-    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES",
-];
 
 /// The contract every decoder result must meet.
 fn check(result: Result<InferRequest>) -> std::result::Result<(), TestCaseError> {
@@ -58,7 +54,7 @@ fn check(result: Result<InferRequest>) -> std::result::Result<(), TestCaseError>
 
 fn datatype() -> impl Strategy<Value = String> {
     prop_oneof![
-        8 => proptest::sample::select(DATATYPES).prop_map(str::to_string),
+        8 => proptest::sample::select(DataType::ALL.to_vec()).prop_map(|d| d.as_str().to_string()),
         1 => "[A-Za-z0-9]{0,6}",
     ]
 }
@@ -209,14 +205,14 @@ proptest! {
     #[test]
     fn fuzz_grpc_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         if let Ok(message) = ModelInferRequest::decode(bytes.as_slice()) {
-            check(decode_request(message))?;
+            check(decode_request(message, &Limits::default()))?;
         }
     }
 
     /// Structured gRPC requests: typed contents of every field, raw contents, hostile shapes.
     #[test]
     fn fuzz_grpc_structured(request in grpc_request()) {
-        check(decode_request(request))?;
+        check(decode_request(request, &Limits::default()))?;
     }
 }
 

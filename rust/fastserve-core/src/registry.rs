@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use crate::error::{Result, ServeError};
+use crate::observe::stats::ModelStats;
 use crate::scheduler::Scheduler;
 use crate::spec::ModelSpec;
 
@@ -51,6 +52,14 @@ impl ModelVersion {
             VersionState::Failed(reason) => reason,
         };
         Err(ServeError::unavailable(format!("model '{}' version {} is not ready: {reason}", self.name, self.version)))
+    }
+
+    /// The statistics of a loaded version (broken or not), None for a failed load.
+    pub fn stats(&self) -> Option<&Arc<ModelStats>> {
+        match &self.state {
+            VersionState::Ready(s) => Some(s.stats()),
+            VersionState::Failed(_) => None,
+        }
     }
 
     pub fn spec(&self) -> Result<&Arc<ModelSpec>> {

@@ -1,14 +1,36 @@
-//! Decoded inference requests and responses, independent of the wire format, and the one request
-//! path every front end shares: validate, queue, await the batch, pick the requested outputs.
+//! Decoded inference requests and responses, independent of the wire format: what the front ends
+//! decode into, what the scheduler answers, and what the front ends encode.
 
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
-use tokio::sync::oneshot;
 
 use crate::error::{Result, ServeError};
-use crate::scheduler::{QueueOptions, Reply, Scheduler};
+use crate::observe::stats::Phases;
 use crate::tensor::Tensor;
+
+/// A request's answer: the model's outputs for its own rows, and how it was served.
+#[derive(Debug)]
+pub struct Executed {
+    pub outputs: Vec<Tensor>,
+    pub queue: Duration,
+    pub phases: Phases,
+    /// Rows in the batch the request ran in.
+    pub batch_size: usize,
+}
+
+pub type Reply = Result<Executed>;
+
+/// What a request asks of the queue, from its V2 parameters and its transport.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueOptions {
+    /// `parameters.timeout`: replaces the model's default queue timeout.
+    pub timeout: Option<Duration>,
+    /// The client's own deadline (gRPC `grpc-timeout`).
+    pub deadline: Option<Instant>,
+    /// `parameters.priority`: 1 is the highest; None uses the model's default level.
+    pub priority: Option<u64>,
+}
 
 /// Free-form V2 `parameters`.
 pub type Parameters = Map<String, Value>;
@@ -117,71 +139,4 @@ pub struct ServedBy {
     pub compute: Duration,
     /// Rows in the batch the request ran in.
     pub batch_size: usize,
-}
-
-/// Held while a request waits for its answer: dropped unanswered (the client went away), it tells
-/// the scheduler at once, so the request leaves the queue and its slot frees without waiting for
-/// the next batch.
-struct Waiting<'a> {
-    scheduler: &'a Scheduler,
-    reply: oneshot::Receiver<Reply>,
-    answered: bool,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if !self.answered {
-            self.reply.close();
-            self.scheduler.withdrawn();
-        }
-    }
-}
-
-/// Runs a decoded request on a model version. HTTP and gRPC requests meet in the same queue, so
-/// one batch may hold both.
-pub async fn run(scheduler: &Scheduler, request: InferRequest) -> Result<(InferResponse, ServedBy)> {
-    run_until(scheduler, request, None).await
-}
-
-/// As [`run`], for a client whose own deadline (if any) is `deadline`: the request is dropped
-/// unrun once that passes in the queue. Dropping the returned future (a client that went away)
-/// withdraws the request from the queue too.
-pub async fn run_until(
-    scheduler: &Scheduler,
-    mut request: InferRequest,
-    deadline: Option<Instant>,
-) -> Result<(InferResponse, ServedBy)> {
-    let spec = scheduler.spec();
-    request.check_supported(&spec.name)?;
-    let options = request.queue_options(deadline)?;
-    let validated = spec.validate(&mut request)?;
-    let reply = scheduler.submit_with(validated, options)?;
-    let mut waiting = Waiting { scheduler, reply, answered: false };
-    let answer = (&mut waiting.reply).await;
-    waiting.answered = true;
-    let executed =
-        answer.map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
-    let how = ServedBy { queue: executed.queue, compute: executed.phases.total(), batch_size: executed.batch_size };
-    let outputs = executed.outputs;
-    let default_binary = request.binary_outputs_by_default();
-    let outputs = if request.outputs.is_empty() {
-        outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect()
-    } else {
-        let mut all: Vec<Option<_>> = outputs.into_iter().map(Some).collect();
-        request
-            .outputs
-            .iter()
-            .filter_map(|o| {
-                let slot = all.iter_mut().find(|t| t.as_ref().is_some_and(|t| t.name == o.name))?;
-                slot.take().map(|tensor| ResponseOutput { tensor, binary: o.binary })
-            })
-            .collect()
-    };
-    let response = InferResponse {
-        model_name: spec.name.clone(),
-        model_version: spec.version.to_string(),
-        id: request.id,
-        outputs,
-    };
-    Ok((response, how))
 }

@@ -17,31 +17,13 @@ pub struct NumpyCache {
     object_dtype: Py<PyAny>,
 }
 
-fn numpy_name(dt: DataType) -> &'static str {
-    match dt {
-        DataType::Bool => "bool",
-        DataType::Uint8 => "uint8",
-        DataType::Uint16 => "uint16",
-        DataType::Uint32 => "uint32",
-        DataType::Uint64 => "uint64",
-        DataType::Int8 => "int8",
-        DataType::Int16 => "int16",
-        DataType::Int32 => "int32",
-        DataType::Int64 => "int64",
-        DataType::Fp16 => "float16",
-        DataType::Fp32 => "float32",
-        DataType::Fp64 => "float64",
-        DataType::Bytes => "object",
-    }
-}
-
 impl NumpyCache {
     pub fn new(py: Python<'_>) -> PyResult<Self> {
         let np = py.import("numpy")?;
         let dtype = np.getattr("dtype")?;
         let mut dtypes = Vec::new();
         for dt in DataType::ALL {
-            dtypes.push((dt, dtype.call1((numpy_name(dt),))?.unbind()));
+            dtypes.push((dt, dtype.call1((dt.numpy_name(),))?.unbind()));
         }
         Ok(Self {
             dtypes,

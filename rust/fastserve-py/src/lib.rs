@@ -1,24 +1,16 @@
 //! `fastserve._core`: the thin PyO3 boundary over `fastserve-core`.
 
-mod control;
 mod convert;
 mod instance;
+mod repository;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use fastserve_core::compression::Coding;
 use fastserve_core::registry::{ModelVersion, Routing};
-use fastserve_core::scheduler::plan::BatchPolicy;
-use fastserve_core::scheduler::{
-    Instance, InstanceFactory, Scheduler, SchedulerConfig, DEFAULT_MAX_ABANDONED_INSTANCES,
-};
-use fastserve_core::server::auth::Auth;
-use fastserve_core::server::state::Limits;
-use fastserve_core::server::tls::{Tls, TlsFiles};
-use fastserve_core::server::{Server, ServerConfig};
+use fastserve_core::scheduler::{Instance, InstanceFactory, ModelOptions, Scheduler};
+use fastserve_core::server::options::{BuildError, ServerOptions};
+use fastserve_core::server::Server;
 use fastserve_core::spec::{ModelSpec, TensorSpec};
 use fastserve_core::{DataType, ServeError};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
@@ -69,93 +61,25 @@ struct CoreServer {
 
 #[pymethods]
 impl CoreServer {
+    /// `options`: the [`ServerOptions`] keys (`server_options()` lists them); unknown keys and bad
+    /// values raise ValueError, unreadable TLS files OSError.
     #[new]
-    #[pyo3(signature = (host = "127.0.0.1".to_string(), http_port = 8000, max_body_bytes = 64 * 1024 * 1024, worker_threads = 0, drain_timeout_s = 30.0, grpc_port = None, grpc_max_message_bytes = 64 * 1024 * 1024, metrics_port = None, access_log = false, auth_token = None, admin_token = None, tls_cert = None, tls_key = None, tls_client_ca = None, max_header_bytes = 64 * 1024, max_headers = 100, max_json_depth = 64, max_request_elements = None, max_connections = 16_384, grpc_max_concurrent_streams = 256, header_read_timeout_s = 30.0, body_read_timeout_s = 60.0, idle_timeout_s = 120.0, grpc_response_compression = "none", allow_remote_repository_api = false))]
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        host: String,
-        http_port: u16,
-        max_body_bytes: usize,
-        worker_threads: usize,
-        drain_timeout_s: f64,
-        grpc_port: Option<u16>,
-        grpc_max_message_bytes: usize,
-        metrics_port: Option<u16>,
-        access_log: bool,
-        auth_token: Option<String>,
-        admin_token: Option<String>,
-        tls_cert: Option<PathBuf>,
-        tls_key: Option<PathBuf>,
-        tls_client_ca: Option<PathBuf>,
-        max_header_bytes: usize,
-        max_headers: usize,
-        max_json_depth: usize,
-        max_request_elements: Option<usize>,
-        max_connections: usize,
-        grpc_max_concurrent_streams: u32,
-        header_read_timeout_s: f64,
-        body_read_timeout_s: f64,
-        idle_timeout_s: f64,
-        grpc_response_compression: &str,
-        allow_remote_repository_api: bool,
-    ) -> PyResult<Self> {
-        for (what, token) in [("auth_token", &auth_token), ("admin_token", &admin_token)] {
-            if token.as_deref().is_some_and(|t| t.trim().is_empty()) {
-                return Err(PyValueError::new_err(format!("{what} must not be empty")));
-            }
-        }
-        let tls = match (tls_cert, tls_key) {
-            (Some(cert), Some(key)) => Some(
-                Tls::load(&TlsFiles { cert, key, client_ca: tls_client_ca })
-                    .map_err(|e| PyOSError::new_err(e.to_string()))?,
-            ),
-            (None, None) if tls_client_ca.is_none() => None,
-            _ => return Err(PyValueError::new_err("TLS needs both tls_cert and tls_key (tls_client_ca is optional)")),
+    #[pyo3(signature = (options = None))]
+    fn new(options: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let options: ServerOptions = match options {
+            Some(o) => pythonize::depythonize(o).map_err(|e| PyValueError::new_err(e.to_string()))?,
+            None => ServerOptions::default(),
         };
-        let seconds = |name: &str, s: f64| {
-            Duration::try_from_secs_f64(s)
-                .map_err(|_| PyValueError::new_err(format!("{name} must be a positive number")))
-        };
-        let limits = Limits {
-            max_body_bytes,
-            max_header_bytes,
-            max_headers,
-            max_json_depth,
-            // By default as many as the largest body or gRPC message could hold (one byte each).
-            max_request_elements: max_request_elements.unwrap_or(max_body_bytes.max(grpc_max_message_bytes)),
-            max_connections,
-            grpc_max_concurrent_streams,
-            header_read_timeout: seconds("header_read_timeout_s", header_read_timeout_s)?,
-            body_read_timeout: seconds("body_read_timeout_s", body_read_timeout_s)?,
-            idle_timeout: seconds("idle_timeout_s", idle_timeout_s)?,
-        };
-        limits.validate().map_err(PyValueError::new_err)?;
-        let grpc_response_compression = Coding::parse_setting(grpc_response_compression)
-            .map_err(|e| PyValueError::new_err(format!("grpc_response_compression {e}")))?;
-        let mut config = ServerConfig {
-            grpc_response_compression,
-            allow_remote_repository_api,
-            host,
-            http_port,
-            grpc_port,
-            grpc_max_message_bytes,
-            limits,
-            metrics_port,
-            access_log,
-            auth: Auth::new(auth_token, admin_token),
-            tls,
-            ..ServerConfig::default()
-        };
-        if worker_threads > 0 {
-            config.worker_threads = worker_threads;
-        }
-        config.drain_timeout = Duration::try_from_secs_f64(drain_timeout_s)
-            .map_err(|_| PyValueError::new_err("drain_timeout_s must be a non-negative number"))?;
+        let config = options.build().map_err(|e| match e {
+            BuildError::Invalid(m) => PyValueError::new_err(m),
+            BuildError::Files(m) => PyOSError::new_err(m),
+        })?;
         Ok(Self { server: Server::new(config), private_paths: Default::default() })
     }
 
-    /// Registers a loaded model version and starts its scheduler (replacing one of the same version).
-    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, max_batch_size = 0, max_queue_delay_us = 0, preferred_batch_sizes = Vec::new(), max_queue_size = 1024, default_queue_timeout_us = 0, priority_levels = 0, default_priority_level = 0, execution_timeout_ms = 0, instance_factory = None, max_abandoned_instances = DEFAULT_MAX_ABANDONED_INSTANCES))]
+    /// Registers a loaded model version and starts its scheduler (replacing one of the same
+    /// version). `options`: the [`ModelOptions`] keys (`model_options()` lists them).
+    #[pyo3(signature = (name, version, platform, inputs, outputs, instances, options = None, instance_factory = None))]
     #[allow(clippy::too_many_arguments)]
     fn add_model(
         &self,
@@ -166,25 +90,22 @@ impl CoreServer {
         inputs: Vec<SpecTuple>,
         outputs: Vec<SpecTuple>,
         instances: Vec<Py<PyAny>>,
-        max_batch_size: usize,
-        max_queue_delay_us: u64,
-        preferred_batch_sizes: Vec<usize>,
-        max_queue_size: usize,
-        default_queue_timeout_us: u64,
-        priority_levels: u64,
-        default_priority_level: u64,
-        execution_timeout_ms: u64,
+        options: Option<&Bound<'_, PyAny>>,
         instance_factory: Option<Py<PyAny>>,
-        max_abandoned_instances: usize,
     ) -> PyResult<()> {
         if instances.is_empty() {
             return Err(PyValueError::new_err(format!("model '{name}': at least one instance is required")));
         }
+        let options: ModelOptions = match options {
+            Some(o) => pythonize::depythonize(o).map_err(|e| PyValueError::new_err(format!("model '{name}': {e}")))?,
+            None => ModelOptions::default(),
+        };
+        let config = options.build().map_err(|e| PyValueError::new_err(format!("model '{name}': {e}")))?;
         let spec = Arc::new(ModelSpec {
             name: name.clone(),
             version,
             platform,
-            max_batch_size,
+            max_batch_size: options.max_batch_size,
             inputs: tensor_specs("input", inputs)?,
             outputs: tensor_specs("output", outputs)?,
         });
@@ -196,25 +117,6 @@ impl CoreServer {
                 PyInstance::new(py, obj, label.clone(), private.clone()).map(|i| Box::new(i) as Box<dyn Instance>)
             })
             .collect::<PyResult<Vec<_>>>()?;
-        if default_priority_level > priority_levels.max(1) {
-            return Err(PyValueError::new_err(format!(
-                "model '{name}': default_priority_level {default_priority_level} exceeds priority_levels {priority_levels}"
-            )));
-        }
-        let policy = BatchPolicy {
-            max_batch_size,
-            max_queue_delay: Duration::from_micros(max_queue_delay_us),
-            preferred_batch_sizes,
-        };
-        let config = SchedulerConfig {
-            default_queue_timeout: (default_queue_timeout_us > 0)
-                .then(|| Duration::from_micros(default_queue_timeout_us)),
-            priority_levels,
-            default_priority_level,
-            execution_timeout: (execution_timeout_ms > 0).then(|| Duration::from_millis(execution_timeout_ms)),
-            max_abandoned_instances,
-            ..SchedulerConfig::new(policy, max_queue_size)
-        };
         let factory = instance_factory.map(|f| replacement_factory(f, label.clone(), private));
         // Replacing a version drains the old one, whose threads need the GIL.
         py.detach(|| {
@@ -250,7 +152,7 @@ impl CoreServer {
     /// Serves the repository API through `manager` (its index/load/unload methods); None disables it.
     /// Raises PermissionError when it would be reachable from the network without an admin token.
     fn set_repository_control(&self, manager: Option<Py<PyAny>>) -> PyResult<()> {
-        let control = manager.map(|m| Arc::new(crate::control::PyRepositoryControl::new(m)) as Arc<_>);
+        let control = manager.map(|m| Arc::new(crate::repository::PyRepositoryControl::new(m)) as Arc<_>);
         self.server
             .state()
             .set_repository(control)
@@ -339,9 +241,31 @@ fn log(level: &str, target: &str, message: &str) {
     }
 }
 
+/// Every server option: name, help, kind, defaults (`default`, and `cli_default` where the command
+/// differs), group, choices and bounds. The command's flags and `Server`'s keywords come from it.
+#[pyfunction]
+fn server_options(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    pythonize::pythonize(py, &ServerOptions::describe()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// Every model option (`config.toml` batching/queue keys, `add_model` keywords), as `server_options`.
+#[pyfunction]
+fn model_options(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    pythonize::pythonize(py, &ModelOptions::describe()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+}
+
+/// Every V2 datatype with its NumPy dtype name, from the core's one datatype table.
+#[pyfunction]
+fn datatypes() -> Vec<(&'static str, &'static str)> {
+    DataType::ALL.iter().map(|d| (d.as_str(), d.numpy_name())).collect()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(datatypes, m)?)?;
     m.add_class::<CoreServer>()?;
+    m.add_function(wrap_pyfunction!(server_options, m)?)?;
+    m.add_function(wrap_pyfunction!(model_options, m)?)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(log, m)?)?;
     m.add_function(wrap_pyfunction!(flush_telemetry, m)?)?;

@@ -7,18 +7,20 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use crate::error::{Result, ServeError};
-use crate::grpc::proto::infer_parameter::ParameterChoice;
-use crate::grpc::proto::model_infer_request::InferInputTensor;
-use crate::grpc::proto::model_infer_response::InferOutputTensor;
-use crate::grpc::proto::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
 use crate::http::json::{binary_size, decode_binary, put_binary};
+use crate::proto::infer_parameter::ParameterChoice;
+use crate::proto::model_infer_request::InferInputTensor;
+use crate::proto::model_infer_response::InferOutputTensor;
+use crate::proto::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
 use crate::request::{InferRequest, InferResponse, Parameters, RequestedOutput};
+use crate::server::state::Limits;
 use crate::tensor::datatype::DataType;
 use crate::tensor::{element_count, Tensor, TensorData};
 
 /// Decodes a `ModelInferRequest`, checking every count and size against the shapes.
-pub fn decode_request(request: ModelInferRequest) -> Result<InferRequest> {
+pub fn decode_request(request: ModelInferRequest, limits: &Limits) -> Result<InferRequest> {
     let ModelInferRequest { id, parameters, inputs, outputs, raw_input_contents, .. } = request;
+    limits.admit_shapes(inputs.iter().map(|i| i.shape.as_slice()))?;
     if !raw_input_contents.is_empty() && raw_input_contents.len() != inputs.len() {
         return Err(ServeError::bad_request(format!(
             "raw_input_contents has {} entries for {} inputs; send one per input, in input order",
@@ -230,7 +232,8 @@ mod tests {
             ),
         ];
         for (dt, contents, expected) in cases {
-            let r = decode_request(request(vec![input("x", dt, vec![2], contents)], vec![])).unwrap();
+            let r =
+                decode_request(request(vec![input("x", dt, vec![2], contents)], vec![]), &Limits::default()).unwrap();
             assert_eq!(raw_of(&r.inputs[0]), &expected[..], "{dt}");
             assert_eq!(r.inputs[0].datatype.as_str(), dt);
         }
@@ -238,7 +241,8 @@ mod tests {
             bytes_contents: vec![Bytes::from_static(b"a"), Bytes::from_static(b"")],
             ..Default::default()
         };
-        let r = decode_request(request(vec![input("s", "BYTES", vec![1, 2], Some(c))], vec![])).unwrap();
+        let r = decode_request(request(vec![input("s", "BYTES", vec![1, 2], Some(c))], vec![]), &Limits::default())
+            .unwrap();
         assert_eq!(r.inputs[0].data, TensorData::Strings(vec![Bytes::from_static(b"a"), Bytes::new()]));
     }
 
@@ -250,10 +254,13 @@ mod tests {
             strings.extend_from_slice(&(s.len() as u32).to_le_bytes());
             strings.extend_from_slice(s);
         }
-        let r = decode_request(request(
-            vec![input("x", "FP32", vec![1, 2], None), input("s", "BYTES", vec![2], None)],
-            vec![buf.clone(), Bytes::from(strings)],
-        ))
+        let r = decode_request(
+            request(
+                vec![input("x", "FP32", vec![1, 2], None), input("s", "BYTES", vec![2], None)],
+                vec![buf.clone(), Bytes::from(strings)],
+            ),
+            &Limits::default(),
+        )
         .unwrap();
         assert_eq!(raw_of(&r.inputs[0]).as_ptr(), buf.as_ptr());
         assert_eq!(r.inputs[1].data, TensorData::Strings(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"c")]));
@@ -295,7 +302,7 @@ mod tests {
             ),
         ];
         for (req, msg) in cases {
-            let err = decode_request(req).unwrap_err();
+            let err = decode_request(req, &Limits::default()).unwrap_err();
             assert!(matches!(err, ServeError::BadRequest(_)), "{err}");
             assert!(err.to_string().contains(msg), "{err} should contain {msg}");
         }
@@ -334,7 +341,7 @@ mod tests {
             .insert("flag".into(), InferParameter { parameter_choice: Some(ParameterChoice::BoolParam(true)) });
         req.parameters.insert("n".into(), InferParameter { parameter_choice: Some(ParameterChoice::Int64Param(-3)) });
         req.id = "abc".into();
-        let r = decode_request(req).unwrap();
+        let r = decode_request(req, &Limits::default()).unwrap();
         assert_eq!(r.id.as_deref(), Some("abc"));
         assert_eq!(r.parameters["flag"], Value::from(true));
         assert_eq!(r.parameters["n"], Value::from(-3));

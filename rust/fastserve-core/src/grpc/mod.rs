@@ -10,38 +10,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::codec::CompressionEncoding;
 use tonic::codegen::{BoxFuture, Context, Poll, Service};
 use tonic::server::NamedService;
-use tonic::transport::server::{Connected, TcpIncoming};
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::compression::Coding;
 use crate::error::ServeError;
 use crate::grpc::codec::{decode_request, encode_response};
+use crate::http::ROUTING_KEY;
+use crate::observe::logging::request_span;
 use crate::observe::stats::{ModelStats, Timed};
-use crate::request::{Parameters, ServedBy, MAX_REQUEST_ID_BYTES};
-use crate::scheduler::Scheduler;
+use crate::observe::transport::Protocol;
+use crate::pipeline::{Call, Target};
+use crate::request::{Parameters, MAX_REQUEST_ID_BYTES};
 use crate::server::auth::{Auth, Scope};
-use crate::server::control::RepositoryControl;
-use crate::server::metrics::{ConnectionGuard, Protocol};
+use crate::server::listener::{admit, Admitted};
+use crate::server::repository::RepositoryControl;
 use crate::server::state::ServerState;
 
-/// Code generated from `protos/grpc_predict_v2.proto`.
-#[allow(clippy::all, missing_docs)]
-pub mod proto {
-    tonic::include_proto!("inference");
-}
-
-use proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
-use proto::*;
+use crate::proto::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use crate::proto::*;
 
 /// Responses of one stream that may wait for the client to read them before requests stall.
 const STREAM_BUFFER: usize = 64;
@@ -55,63 +50,29 @@ struct InferenceService {
 type GrpcResult<T> = Result<Response<T>, Status>;
 
 impl InferenceService {
-    /// One inference, from the wire message to the wire message.
-    async fn infer(
-        &self,
-        request: ModelInferRequest,
-        deadline: Option<Instant>,
-    ) -> Result<ModelInferResponse, ServeError> {
-        let start = Instant::now();
-        self.state.transport.request(Protocol::Grpc);
-        let model = request.model_name.clone();
-        let version = request.model_version.clone();
-        let routing_key = match request.parameters.get("routing_key").and_then(|p| p.parameter_choice.as_ref()) {
-            Some(infer_parameter::ParameterChoice::StringParam(key)) if version.is_empty() => Some(key.clone()),
-            _ => None,
+    /// One inference through the pipeline, from the wire message to the wire message.
+    async fn infer(&self, request: ModelInferRequest, transport: Transport) -> Result<ModelInferResponse, ServeError> {
+        let target = Target {
+            model: request.model_name.clone(),
+            version: Some(request.model_version.clone()),
+            routing_key: transport.routing_key,
+            request_id: None,
+            deadline: transport.deadline,
         };
-        let mv =
-            self.state.registry.resolve_with_key(&model, Some(&version), routing_key.as_deref()).inspect_err(|_| {
-                self.state.transport.unknown_model();
-            })?;
-        let scheduler = mv.scheduler()?.clone();
-        let result = self.infer_on(&scheduler, request, deadline).await;
-        scheduler.stats().record_request(result.as_ref().map(|_| ()), start.elapsed());
-        let (encoded, how) = result?;
-        if self.state.access_log {
-            tracing::info!(
-                target: "fastserve::access",
-                request_id = %encoded.id,
-                model = %model,
-                version = mv.version,
-                protocol = Protocol::Grpc.as_str(),
-                status = "OK",
-                duration_us = start.elapsed().as_micros() as u64,
-                queue_us = how.queue.as_micros() as u64,
-                compute_us = how.compute.as_micros() as u64,
-                batch_size = how.batch_size,
-                "request"
-            );
-        }
-        Ok(encoded)
+        let mut call = Call::new(&self.state, Protocol::Grpc, target);
+        let result = self.infer_on(&mut call, request).await;
+        call.finish(result.as_ref().map(|_| ()));
+        result
     }
 
     async fn infer_on(
         &self,
-        scheduler: &Scheduler,
+        call: &mut Call<'_>,
         request: ModelInferRequest,
-        deadline: Option<Instant>,
-    ) -> Result<(ModelInferResponse, ServedBy), ServeError> {
-        // Checked from the shapes before the tensors are decoded; negative or overflowing shapes
-        // are left to the decoder, which names them (INVALID_ARGUMENT).
-        let elements = request.inputs.iter().try_fold(0usize, |total, input| {
-            let n = input.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))?;
-            total.checked_add(n)
-        });
-        if let Some(total) = elements {
-            self.state.limits.admit_elements(total)?;
-        }
-        let (response, how) = crate::request::run_until(scheduler, decode_request(request)?, deadline).await?;
-        let encoded = encode_response(response);
+    ) -> Result<ModelInferResponse, ServeError> {
+        call.resolve()?;
+        let request = decode_request(request, &self.state.limits)?;
+        let encoded = encode_response(call.run(request).await?.single()?);
         // Checked here so the client gets RESOURCE_EXHAUSTED with a reason, not a broken stream.
         let size = encoded.encoded_len();
         if size > self.max_message_bytes {
@@ -120,7 +81,7 @@ impl InferenceService {
                 self.max_message_bytes
             )));
         }
-        Ok((encoded, how))
+        Ok(encoded)
     }
 
     /// Runs a repository call on a blocking thread: loading a model can take a long time.
@@ -136,10 +97,24 @@ impl InferenceService {
     }
 }
 
-/// When the client's `grpc-timeout` (if any) runs out, counted from now.
-fn client_deadline<T>(request: &Request<T>) -> Option<Instant> {
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
-    Instant::now().checked_add(parse_grpc_timeout(value)?)
+/// What a call's metadata says: the client's deadline and routing key.
+#[derive(Clone)]
+struct Transport {
+    deadline: Option<Instant>,
+    routing_key: Option<String>,
+}
+
+impl Transport {
+    fn of<T>(request: &Request<T>) -> Self {
+        let metadata = request.metadata();
+        let deadline = metadata
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .and_then(|t| Instant::now().checked_add(t));
+        let routing_key = metadata.get(ROUTING_KEY).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Self { deadline, routing_key }
+    }
 }
 
 /// A `grpc-timeout` value: up to 8 digits and a unit (H, M, S, m, u, n).
@@ -275,10 +250,10 @@ impl GrpcInferenceService for InferenceService {
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> GrpcResult<ModelInferResponse> {
-        let deadline = client_deadline(&request);
+        let transport = Transport::of(&request);
         let request = request.into_inner();
-        let span = crate::http::request_span(&request.model_name);
-        Ok(Response::new(self.infer(request, deadline).instrument(span).await?))
+        let span = request_span(&request.model_name);
+        Ok(Response::new(self.infer(request, transport).instrument(span).await?))
     }
 
     type ModelStreamInferStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
@@ -290,7 +265,7 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> GrpcResult<Self::ModelStreamInferStream> {
-        let deadline = client_deadline(&request);
+        let transport = Transport::of(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let service = self.clone();
@@ -302,7 +277,7 @@ impl GrpcInferenceService for InferenceService {
                 };
                 match next {
                     Ok(Some(request)) => {
-                        let (service, tx) = (service.clone(), tx.clone());
+                        let (service, tx, transport) = (service.clone(), tx.clone(), transport.clone());
                         tokio::spawn(async move {
                             // An over-long id is refused, never echoed.
                             let id = if request.id.len() <= MAX_REQUEST_ID_BYTES {
@@ -318,7 +293,7 @@ impl GrpcInferenceService for InferenceService {
                             };
                             // A cancelled stream withdraws its requests that have not run yet.
                             let result = tokio::select! {
-                                result = service.infer(request, deadline) => result,
+                                result = service.infer(request, transport) => result,
                                 _ = tx.closed() => return,
                             };
                             let answer = match result {
@@ -517,42 +492,19 @@ pub async fn serve(
     tls: Option<TlsAcceptor>,
 ) {
     let auth = state.auth.clone();
-    let admitting = state.clone();
-    match tls {
-        None => {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).filter_map(move |conn| match conn {
-                Ok(stream) => {
-                    let info = stream.connect_info();
-                    CountedStream::admit(&admitting, stream, info).map(Ok)
-                }
-                Err(e) => Some(Err(e)),
-            });
-            serve_incoming(incoming, state, auth, options, shutdown, drain).await
-        }
-        Some(acceptor) => {
-            let accepted = crate::server::tls::incoming(listener, acceptor, shutdown.clone());
-            let incoming = ReceiverStream::new(accepted).filter_map(move |conn| match conn {
-                Ok(stream) => {
-                    let info = stream.get_ref().0.connect_info();
-                    CountedStream::admit(&admitting, stream, info).map(Ok)
-                }
-                Err(e) => Some(Err(e)),
-            });
-            serve_incoming(incoming, state, auth, options, shutdown, drain).await
-        }
-    }
+    let admitted = admit(listener, state.connections.clone(), state.transport.clone(), tls, true, shutdown.clone());
+    let incoming = ReceiverStream::new(admitted);
+    serve_incoming(incoming, state, auth, options, shutdown, drain).await
 }
 
-async fn serve_incoming<IO>(
-    incoming: impl Stream<Item = std::io::Result<CountedStream<IO>>> + Send + 'static,
+async fn serve_incoming(
+    incoming: impl Stream<Item = std::io::Result<Admitted>> + Send + 'static,
     state: Arc<ServerState>,
     auth: Auth,
     options: Options,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
-) where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let limits = state.limits.clone();
     let max_message_bytes = options.max_message_bytes;
     let mut service = GrpcInferenceServiceServer::new(InferenceService { state, max_message_bytes })
@@ -587,64 +539,6 @@ async fn serve_incoming<IO>(
         _ = drain_deadline => {
             tracing::warn!(timeout_s = drain.as_secs_f64(), "gRPC drain timed out; closing remaining streams");
         }
-    }
-}
-
-/// A client connection (plain or TLS), counted in `fastserve_open_connections{protocol="grpc"}`
-/// while open.
-struct CountedStream<S> {
-    stream: S,
-    info: <TcpStream as Connected>::ConnectInfo,
-    _open: ConnectionGuard,
-    /// Its slot under `max_connections`.
-    _slot: OwnedSemaphorePermit,
-}
-
-impl<S> CountedStream<S> {
-    /// Counts a connection just accepted, or `None` (it is closed at once) over `max_connections`.
-    fn admit(state: &ServerState, stream: S, info: <TcpStream as Connected>::ConnectInfo) -> Option<Self> {
-        let slot = state.connections.admit()?;
-        Some(Self { stream, info, _open: state.transport.connection(true), _slot: slot })
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connected for CountedStream<S> {
-    type ConnectInfo = <TcpStream as Connected>::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.info.clone()
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for CountedStream<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for CountedStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 

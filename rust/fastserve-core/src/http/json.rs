@@ -76,10 +76,13 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>, limits: &Lim
     check_json_depth(&json, limits.max_json_depth)?;
     let wire: WireRequest<'_> = serde_json::from_slice(&json)
         .map_err(|e| ServeError::bad_request(format!("malformed infer request JSON: {e}")))?;
+    for input in &wire.inputs {
+        check_fits_text(input)?;
+    }
+    limits.admit_shapes(wire.inputs.iter().map(|i| i.shape.as_slice()))?;
     let mut inputs = Vec::with_capacity(wire.inputs.len());
-    let mut elements = 0usize;
     for input in wire.inputs {
-        inputs.push(decode_input(input, &mut binary, limits, &mut elements)?);
+        inputs.push(decode_input(input, &mut binary)?);
     }
     if !binary.is_empty() {
         return Err(ServeError::bad_request(format!(
@@ -140,9 +143,27 @@ pub fn check_json_depth(json: &[u8], max_depth: usize) -> Result<()> {
     Ok(())
 }
 
-/// Decodes one input; `total` accumulates the request's elements against the limit, checked
-/// from the shape before any data is decoded.
-fn decode_input(input: WireInput<'_>, binary: &mut Bytes, limits: &Limits, total: &mut usize) -> Result<Tensor> {
+/// Every JSON element takes at least one byte of text: a shape asking for more cannot match, which
+/// is the client's mistake (400) before it is a size limit (413). Bad shapes are left to
+/// [`decode_input`], which names them.
+fn check_fits_text(input: &WireInput<'_>) -> Result<()> {
+    let Some(raw) = input.data else { return Ok(()) };
+    let dims: Option<Vec<usize>> = input.shape.iter().map(|&d| usize::try_from(d).ok()).collect();
+    let Some(elements) = dims.as_deref().and_then(element_count) else { return Ok(()) };
+    let binary = param_u64(&input.parameters, "binary_data_size")?.is_some();
+    if !binary && elements > raw.get().len() {
+        return Err(ServeError::bad_request(format!(
+            "input '{}': shape {:?} needs {elements} elements, more than {} bytes of JSON data can hold",
+            input.name,
+            input.shape,
+            raw.get().len()
+        )));
+    }
+    Ok(())
+}
+
+/// Decodes one input (the request's element limit was checked from all shapes before).
+fn decode_input(input: WireInput<'_>, binary: &mut Bytes) -> Result<Tensor> {
     let name = input.name;
     let datatype = DataType::parse(&input.datatype)
         .ok_or_else(|| ServeError::bad_request(format!("input '{name}': unknown datatype '{}'", input.datatype)))?;
@@ -153,16 +174,6 @@ fn decode_input(input: WireInput<'_>, binary: &mut Bytes, limits: &Limits, total
     let elements = element_count(&shape)
         .ok_or_else(|| ServeError::bad_request(format!("input '{name}': shape {:?} is too large", input.shape)))?;
     let binary_size = param_u64(&input.parameters, "binary_data_size")?;
-    // Every JSON element takes at least one byte of text: a shape asking for more cannot match.
-    if let Some(raw) = input.data.filter(|raw| binary_size.is_none() && elements > raw.get().len()) {
-        return Err(ServeError::bad_request(format!(
-            "input '{name}': shape {:?} needs {elements} elements, more than {} bytes of JSON data can hold",
-            input.shape,
-            raw.get().len()
-        )));
-    }
-    *total = total.saturating_add(elements);
-    limits.admit_elements(*total)?;
     let data = if let Some(size) = binary_size {
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         if size > binary.len() {

@@ -4,9 +4,8 @@ pub mod json;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
@@ -27,12 +26,13 @@ use tracing::Instrument;
 use crate::compression::Coding;
 use crate::error::{Result, ServeError};
 use crate::http::json::{check_json_depth, encode_infer_response, error_body, parse_infer_request};
-use crate::observe::stats::ModelStats;
-use crate::request::{check_request_id, Parameters, MAX_REQUEST_ID_BYTES};
-use crate::scheduler::Scheduler;
+use crate::observe::logging::request_span;
+use crate::observe::transport::Protocol;
+use crate::pipeline::{Call, Target};
+use crate::request::Parameters;
 use crate::server::auth::Scope;
-use crate::server::listener::Activity;
-use crate::server::metrics::{self, Protocol, ServerCollector};
+use crate::server::listener::{admit, Activity};
+use crate::server::metrics::{self, ServerCollector};
 use crate::server::model_config;
 use crate::server::state::{Limits, ServerState, MIN_HEADER_BYTES};
 
@@ -96,44 +96,32 @@ async fn serve_with<F, Fut>(
 {
     let builder = connection_builder(&state.limits);
     let idle_timeout = state.limits.idle_timeout;
+    let mut admitted =
+        admit(listener, state.connections.clone(), state.transport.clone(), tls, false, shutdown.clone());
     // Every connection task holds a sender; the receiver sees the channel close once all are done.
     let (open_connections, mut all_closed) = mpsc::channel::<()>(1);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
+            next = admitted.recv() => {
+                let Some(Ok(stream)) = next else {
+                    if next.is_none() { break }
+                    continue;
                 };
-                let Some(slot) = state.connections.admit() else { continue };
-                let _ = stream.set_nodelay(true);
-                let open = state.transport.connection(false);
-                let (builder, handler, tls) = (builder.clone(), handler.clone(), tls.clone());
+                let (builder, handler) = (builder.clone(), handler.clone());
                 let (shutdown, tracker) = (shutdown.clone(), open_connections.clone());
                 tokio::spawn(async move {
+                    let peer = stream.peer();
                     let conn = Conn { builder: &builder, shutdown, idle_timeout };
-                    let served = match tls {
-                        None => conn.serve(stream, handler).await,
-                        Some(acceptor) => match crate::server::tls::handshake(&acceptor, stream).await {
-                            Ok(stream) => conn.serve(stream, handler).await,
-                            Err(e) => Err(Box::new(e) as _),
-                        },
-                    };
-                    if let Err(e) = served {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    if let Err(e) = conn.serve(stream, handler).await {
+                        tracing::debug!(?peer, error = %e, "connection ended with an error");
                     }
-                    drop((open, slot, tracker));
+                    drop(tracker);
                 });
             }
             _ = shutdown.changed() => break,
         }
     }
-    drop((listener, open_connections));
+    drop((admitted, open_connections));
     if tokio::time::timeout(drain, all_closed.recv()).await.is_err() {
         tracing::warn!(timeout_s = drain.as_secs_f64(), "drain timed out; closing remaining connections");
     }
@@ -421,105 +409,31 @@ async fn read_body(parts: &http::request::Parts, body: Incoming, limits: &Limits
     Ok(collected.to_bytes())
 }
 
-/// What the access log needs to know about one served request.
-#[derive(Default)]
-struct Served {
-    id: Option<String>,
-    version: Option<u64>,
-    /// Set when the request moved to another version after the body was read.
-    rerouted: Option<Arc<ModelStats>>,
-    queue: Duration,
-    compute: Duration,
-    batch_size: usize,
-}
-
-/// Runs an infer request and accounts for it: statistics, protocol counters, request id, access log.
+/// Runs an infer request through the pipeline: resolved before the body is read (an unknown model
+/// is a 404 without reading it), decoded, run, encoded; accounted for once.
 async fn infer_endpoint(state: &ServerState, model: &str, version: Option<&str>, req: &mut Req) -> Response<Body> {
-    let start = Instant::now();
     let protocol =
         if req.parts.headers.contains_key(HEADER_CONTENT_LENGTH) { Protocol::HttpBinary } else { Protocol::Http };
-    state.transport.request(protocol);
-    let header_id = req.header(REQUEST_ID).map(str::to_string);
-    let routing_key = req.header(ROUTING_KEY).map(str::to_string);
-    let mut served = Served::default();
-    let mut stats = None;
-    // Resolve first so an unknown model is a 404 without reading the body.
-    let resolved = match header_id.as_deref().map(check_request_id) {
-        Some(Err(e)) => Err(e),
-        _ => state.registry.resolve_with_key(model, version, routing_key.as_deref()).inspect_err(|_| {
-            state.transport.unknown_model();
-        }),
+    let target = Target {
+        model: model.to_string(),
+        version: version.map(str::to_string),
+        routing_key: req.header(ROUTING_KEY).map(str::to_string),
+        request_id: req.header(REQUEST_ID).map(str::to_string),
+        deadline: None,
     };
-    let result = match resolved {
-        Err(e) => Err(e),
-        Ok(mv) => {
-            served.version = Some(mv.version);
-            match mv.scheduler() {
-                Ok(scheduler) => {
-                    stats = Some(scheduler.stats().clone());
-                    let reroute = version.is_none() && routing_key.is_none();
-                    infer(state, scheduler.clone(), req, &mut served, reroute.then_some(model)).await
-                }
-                Err(e) => Err(e),
-            }
-        }
-    };
-    if let Some(stats) = served.rerouted.as_ref().or(stats.as_ref()) {
-        stats.record_request(result.as_ref().map(|_| ()), start.elapsed());
-    }
+    let mut call = Call::new(state, protocol, target);
+    let result = infer(state, &mut call, req).await;
+    let id = call.finish(result.as_ref().map(|_| ()));
     let mut resp = result.unwrap_or_else(|e| error_response(&e));
-    // An over-long id was refused above; it is never echoed.
-    let id = served.id.or(header_id).filter(|id| id.len() <= MAX_REQUEST_ID_BYTES).unwrap_or_else(generate_request_id);
-    if state.access_log {
-        tracing::info!(
-            target: "fastserve::access",
-            request_id = %id,
-            model,
-            version = served.version.unwrap_or(0),
-            protocol = protocol.as_str(),
-            status = resp.status().as_u16(),
-            duration_us = start.elapsed().as_micros() as u64,
-            queue_us = served.queue.as_micros() as u64,
-            compute_us = served.compute.as_micros() as u64,
-            batch_size = served.batch_size,
-            "request"
-        );
-    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     resp
 }
 
-/// The trace span of one request, created only when spans are exported.
-pub fn request_span(model: &str) -> tracing::Span {
-    if crate::observe::logging::spans_enabled() {
-        tracing::info_span!("infer", model)
-    } else {
-        tracing::Span::none()
-    }
-}
-
-/// A process-unique id for requests that bring none.
-fn generate_request_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    static SEED: OnceLock<u64> = OnceLock::new();
-    let seed = *SEED.get_or_init(|| {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
-    });
-    format!("{:016x}", seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)))
-}
-
-/// Serves one infer request on `scheduler`. `reroute` names the model when the version was picked
-/// by weight without a key, so a `routing_key` parameter in the body can still pick it.
-async fn infer(
-    state: &ServerState,
-    mut scheduler: Arc<Scheduler>,
-    req: &mut Req,
-    served: &mut Served,
-    reroute: Option<&str>,
-) -> Result<Response<Body>> {
+/// Decodes the body (compressed, JSON or binary extension), runs it, encodes the answer.
+async fn infer(state: &ServerState, call: &mut Call<'_>, req: &mut Req) -> Result<Response<Body>> {
+    call.resolve()?;
     let limit = state.limits.max_body_bytes;
     let body = req.read_body(&state.limits).await?;
     let parts = &req.parts;
@@ -536,17 +450,7 @@ async fn infer(
         })?),
     };
     let request = parse_infer_request(&body, header_len, &state.limits)?;
-    served.id = request.id.clone();
-    if let (Some(model), Some(key)) = (reroute, request.parameters.get("routing_key").and_then(|v| v.as_str())) {
-        let mv = state.registry.resolve_with_key(model, None, Some(key))?;
-        served.version = Some(mv.version);
-        scheduler = mv.scheduler()?.clone();
-        served.rerouted = Some(scheduler.stats().clone());
-    }
-    let (response, how) = crate::request::run(&scheduler, request).await?;
-    served.queue = how.queue;
-    served.compute = how.compute;
-    served.batch_size = how.batch_size;
+    let response = call.run(request).await?.single()?;
     let (body, header_len) = encode_infer_response(&response);
     let coding = Coding::negotiate(header(ACCEPT_ENCODING));
     let body = match coding {

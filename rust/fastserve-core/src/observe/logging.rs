@@ -38,6 +38,15 @@ pub fn spans_enabled() -> bool {
     TRACING_SPANS.load(Ordering::Relaxed)
 }
 
+/// The trace span of one request, created only when spans are exported.
+pub fn request_span(model: &str) -> tracing::Span {
+    if spans_enabled() {
+        tracing::info_span!("infer", model)
+    } else {
+        tracing::Span::none()
+    }
+}
+
 /// Sends the spans still buffered; call before the process exits.
 pub fn flush() {
     otel::flush();

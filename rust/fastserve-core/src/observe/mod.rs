@@ -3,3 +3,4 @@
 
 pub mod logging;
 pub mod stats;
+pub mod transport;

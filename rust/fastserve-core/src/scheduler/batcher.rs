@@ -9,19 +9,10 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::instance::Seats;
 use super::plan::{plan_batch, BatchPolicy};
-use super::queue::{Backlog, Job};
+use super::queue::{Backlog, Job, Msg};
 use super::watchdog::Watch;
 use crate::error::ServeError;
 use crate::observe::stats::ModelStats;
-
-pub(super) enum Msg {
-    Job(Job),
-    /// A queued request's client went away, or the version broke: look at the backlog now
-    /// rather than at the next batch.
-    Wake,
-    /// Stop admitting; run what is queued until the deadline (None: all of it), then exit.
-    Close(Option<Instant>),
-}
 
 /// Forms batches from the backlog whenever an instance is idle, and expires queued requests
 /// on time even while every instance is busy.

@@ -10,13 +10,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::batcher::Msg;
 use super::plan::{concat_inputs, split_outputs};
-use super::queue::Job;
+use super::queue::{Job, Msg};
 use super::watchdog::{self, Replies, Watch};
-use super::Executed;
 use crate::error::{Result, ServeError};
 use crate::observe::stats::{ModelStats, Phases};
+use crate::request::Executed;
 use crate::spec::ModelSpec;
 use crate::tensor::Tensor;
 

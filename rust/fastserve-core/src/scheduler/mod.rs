@@ -7,6 +7,7 @@
 
 mod batcher;
 mod instance;
+pub mod options;
 pub mod plan;
 mod queue;
 pub mod watchdog;
@@ -18,28 +19,18 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
 
-use self::batcher::{Batcher, Msg};
+use self::batcher::Batcher;
 use self::instance::{lock, spawn, InstanceThreads, Replacer, Seats, Worker};
 pub use self::instance::{Instance, InstanceFactory, PhaseClock};
+pub use self::options::ModelOptions;
 use self::plan::BatchPolicy;
 pub use self::queue::QueueOptions;
-use self::queue::{Expiry, Job};
+use self::queue::{Expiry, Job, Msg};
 use crate::error::{Result, ServeError};
-use crate::observe::stats::{ModelStats, Phases};
+use crate::observe::stats::ModelStats;
 use crate::spec::{ModelSpec, ValidatedRequest};
-use crate::tensor::Tensor;
 
-/// A request's answer: the model's outputs for its own rows, and how it was served.
-#[derive(Debug)]
-pub struct Executed {
-    pub outputs: Vec<Tensor>,
-    pub queue: Duration,
-    pub phases: Phases,
-    /// Rows in the batch the request ran in.
-    pub batch_size: usize,
-}
-
-pub type Reply = Result<Executed>;
+pub use crate::request::{Executed, Reply};
 
 /// Queue settings beyond batching.
 #[derive(Debug, Clone)]
@@ -60,21 +51,11 @@ pub struct SchedulerConfig {
     pub max_abandoned_instances: usize,
 }
 
-/// Default of [`SchedulerConfig::max_abandoned_instances`].
-pub const DEFAULT_MAX_ABANDONED_INSTANCES: usize = 4;
-
 impl SchedulerConfig {
-    /// A queue without timeouts or priorities.
+    /// `policy` and `max_queue_size` with every other setting at its [`ModelOptions`] default.
     pub fn new(policy: BatchPolicy, max_queue_size: usize) -> Self {
-        Self {
-            policy,
-            max_queue_size,
-            default_queue_timeout: None,
-            priority_levels: 0,
-            default_priority_level: 0,
-            execution_timeout: None,
-            max_abandoned_instances: DEFAULT_MAX_ABANDONED_INSTANCES,
-        }
+        let defaults = ModelOptions::default().build().unwrap_or_else(|e| unreachable!("default model options: {e}"));
+        Self { policy, max_queue_size, ..defaults }
     }
 
     fn levels(&self) -> u64 {
@@ -97,7 +78,7 @@ pub struct Scheduler {
     config: SchedulerConfig,
     closing: AtomicBool,
     /// The batcher and the watchdog: joined first, so no instance starts or is abandoned after.
-    control: Mutex<Vec<Worker>>,
+    supervisors: Mutex<Vec<Worker>>,
     seats: Arc<Seats>,
 }
 
@@ -148,7 +129,7 @@ impl Scheduler {
         for (seat, instance) in instances.into_iter().enumerate() {
             seats.spawn(seat, instance)?;
         }
-        let mut control = Vec::with_capacity(2);
+        let mut supervisors = Vec::with_capacity(2);
         let batcher = Batcher {
             rx,
             idle_rx,
@@ -160,10 +141,10 @@ impl Scheduler {
             watch: watch.as_ref().map(|(_, tx, _)| tx.clone()),
             seats: seats.clone(),
         };
-        control.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
+        supervisors.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
         if let Some((timeout, _, watch_rx)) = watch {
             let seats = seats.clone();
-            control.push(spawn(format!("fs-watch-{label}"), move || {
+            supervisors.push(spawn(format!("fs-watch-{label}"), move || {
                 let model = seats.spec.name.clone();
                 watchdog::run(watch_rx, timeout, &model, &Replacer { seats: &seats, factory: &factory })
             })?);
@@ -175,7 +156,7 @@ impl Scheduler {
             queued,
             config,
             closing: AtomicBool::new(false),
-            control: Mutex::new(control),
+            supervisors: Mutex::new(supervisors),
             seats,
         }))
     }
@@ -279,8 +260,8 @@ impl Scheduler {
         }
         let give_up = deadline.map(|d| d.max(Instant::now()) + SHUTDOWN_GRACE);
         let mut left = Vec::new();
-        let control = std::mem::take(&mut *lock(&self.control));
-        for worker in control {
+        let supervisors = std::mem::take(&mut *lock(&self.supervisors));
+        for worker in supervisors {
             if !worker.join_by(give_up) {
                 left.push("batcher/watchdog".to_string());
             }
@@ -323,6 +304,7 @@ mod tests {
     use super::*;
     use crate::spec::TensorSpec;
     use crate::tensor::datatype::DataType;
+    use crate::tensor::Tensor;
     use crate::tensor::TensorData;
     use std::time::Duration;
 

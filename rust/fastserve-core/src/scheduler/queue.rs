@@ -8,21 +8,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::plan::Batchable;
-use super::Reply;
 use crate::error::ServeError;
 use crate::observe::stats::ModelStats;
+pub use crate::request::QueueOptions;
+use crate::request::Reply;
 use crate::tensor::Tensor;
-
-/// What a request asks of the queue, from its V2 parameters and its transport.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QueueOptions {
-    /// `parameters.timeout`: replaces the model's default queue timeout.
-    pub timeout: Option<Duration>,
-    /// The client's own deadline (gRPC `grpc-timeout`).
-    pub deadline: Option<Instant>,
-    /// `parameters.priority`: 1 is the highest; None uses the model's default level.
-    pub priority: Option<u64>,
-}
 
 /// Why a queued request may expire.
 #[derive(Debug, Clone, Copy)]
@@ -112,4 +102,14 @@ pub(super) fn expiry_error(why: Expiry, model: &str) -> ServeError {
             "the request's deadline passed while it waited in the queue of model '{model}'"
         )),
     }
+}
+
+/// What the batcher's inbox carries.
+pub(super) enum Msg {
+    Job(Job),
+    /// A queued request's client went away, or the version broke: look at the backlog now
+    /// rather than at the next batch.
+    Wake,
+    /// Stop admitting; run what is queued until the deadline (None: all of it), then exit.
+    Close(Option<Instant>),
 }

@@ -14,7 +14,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
-use crate::scheduler::Reply;
+use crate::request::Reply;
 
 /// The reply senders of the batch an instance runs, until one side takes them.
 pub type Replies = Arc<Mutex<Option<Vec<oneshot::Sender<Reply>>>>>;

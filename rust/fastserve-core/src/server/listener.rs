@@ -1,12 +1,25 @@
-//! Connection-level limits shared by the listeners: the cap on open connections, and the idle
-//! timer that closes a connection once it has gone without a request for a while.
+//! Connection admission, the one path every listener (HTTP, gRPC, metrics; plain or TLS) takes:
+//! the cap on open connections, the open-connection gauge, the TLS handshake in a task of its own,
+//! and the idle timer that closes a connection once it has gone without a request for a while.
 
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::observe::transport::{ConnectionGuard, TransportMetrics};
+use crate::server::tls::handshake;
 
 /// At most `max` connections open at once over every listener that shares it.
 #[derive(Debug)]
@@ -29,6 +42,135 @@ impl ConnectionLimit {
             tracing::debug!(max_connections = self.max, "connection refused: too many open connections");
         }
         slot
+    }
+}
+
+/// An accepted connection, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A client connection admitted under `max_connections`: holds its slot and counts as open (by
+/// protocol) for as long as it lives.
+pub struct Admitted {
+    stream: Stream,
+    info: TcpConnectInfo,
+    _slot: OwnedSemaphorePermit,
+    _open: ConnectionGuard,
+}
+
+impl Admitted {
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.info.remote_addr
+    }
+}
+
+/// Accepts on `listener` until `shutdown` flips: every connection takes a slot under
+/// `max_connections` at once (one over it is closed as soon as accepted) and counts as open; a TLS
+/// handshake then runs in the connection's own task (bounded by the handshake timeout), so a slow
+/// client delays no one else. Yields the connections ready to serve.
+pub fn admit(
+    listener: TcpListener,
+    limit: Arc<ConnectionLimit>,
+    transport: Arc<TransportMetrics>,
+    tls: Option<TlsAcceptor>,
+    grpc: bool,
+    mut shutdown: watch::Receiver<bool>,
+) -> mpsc::Receiver<io::Result<Admitted>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = async { shutdown.wait_for(|&s| s).await.map(|_| ()) } => break,
+                _ = tx.closed() => break,
+            };
+            let Some(slot) = limit.admit() else { continue };
+            let _ = stream.set_nodelay(true);
+            let info = TcpConnectInfo { local_addr: stream.local_addr().ok(), remote_addr: Some(peer) };
+            let open = transport.connection(grpc);
+            let admitted = |stream| Admitted { stream, info, _slot: slot, _open: open };
+            match &tls {
+                None => {
+                    if tx.send(Ok(admitted(Stream::Plain(stream)))).await.is_err() {
+                        break;
+                    }
+                }
+                Some(acceptor) => {
+                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        match handshake(&acceptor, stream).await {
+                            Ok(tls) => {
+                                let _ = tx.send(Ok(admitted(Stream::Tls(Box::new(tls))))).await;
+                            }
+                            Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        }
+                    });
+                }
+            }
+        }
+    });
+    rx
+}
+
+impl Connected for Admitted {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+macro_rules! on_stream {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.get_mut().stream {
+            Stream::Plain($s) => $e,
+            Stream::Tls($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Admitted {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Admitted {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        on_stream!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_stream!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self, s => Pin::new(s).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_stream!(self, s => Pin::new(s).poll_shutdown(cx))
     }
 }
 

@@ -1,91 +1,21 @@
-//! The Prometheus endpoint. Request-path counting lives in `stats` (per model version) and
-//! [`TransportMetrics`] (per protocol), all plain atomics; this module only reads them when
+//! The Prometheus endpoint. Request-path counting lives in `observe::stats` (per model version)
+//! and `observe::transport` (per protocol), all plain atomics; this module only reads them when
 //! scraped and encodes with `prometheus-client` (Prometheus text, or OpenMetrics on request).
 
 use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use nvml_wrapper::Nvml;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::Registry as MetricRegistry;
 
 use crate::observe::stats::{Histogram, ModelStats};
+use crate::observe::transport::Protocol;
 use crate::registry::VersionState;
 use crate::server::state::ServerState;
-
-/// The front end a request came through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Http,
-    HttpBinary,
-    Grpc,
-}
-
-impl Protocol {
-    pub const ALL: [Protocol; 3] = [Protocol::Http, Protocol::HttpBinary, Protocol::Grpc];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Http => "http",
-            Protocol::HttpBinary => "http_binary",
-            Protocol::Grpc => "grpc",
-        }
-    }
-}
-
-/// Connection and request counts per protocol, plus failures that belong to no model.
-#[derive(Default)]
-pub struct TransportMetrics {
-    open_http: AtomicI64,
-    open_grpc: AtomicI64,
-    requests: [AtomicU64; 3],
-    unknown_model: AtomicU64,
-}
-
-impl TransportMetrics {
-    pub fn request(&self, p: Protocol) {
-        self.requests[p as usize].fetch_add(1, Relaxed);
-    }
-
-    /// An infer request for a model or version that does not exist. Counted without the name, so
-    /// clients cannot create unbounded label values.
-    pub fn unknown_model(&self) {
-        self.unknown_model.fetch_add(1, Relaxed);
-    }
-
-    /// Client connections open now, over every listener.
-    pub fn open_connections(&self) -> i64 {
-        self.open_http.load(Relaxed) + self.open_grpc.load(Relaxed)
-    }
-
-    /// Counts a connection as open until the guard drops.
-    pub fn connection(self: &Arc<Self>, grpc: bool) -> ConnectionGuard {
-        self.gauge(grpc).fetch_add(1, Relaxed);
-        ConnectionGuard { metrics: self.clone(), grpc }
-    }
-
-    fn gauge(&self, grpc: bool) -> &AtomicI64 {
-        if grpc {
-            &self.open_grpc
-        } else {
-            &self.open_http
-        }
-    }
-}
-
-pub struct ConnectionGuard {
-    metrics: Arc<TransportMetrics>,
-    grpc: bool,
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.metrics.gauge(self.grpc).fetch_sub(1, Relaxed);
-    }
-}
 
 /// Encodes everything the server knows at scrape time.
 pub struct ServerCollector {
@@ -106,8 +36,8 @@ fn model_labels(name: &str, version: u64) -> Labels {
 }
 
 impl ServerCollector {
-    pub fn registry(state: Arc<ServerState>) -> Registry {
-        let mut registry = Registry::default();
+    pub fn registry(state: Arc<ServerState>) -> MetricRegistry {
+        let mut registry = MetricRegistry::default();
         registry.register_collector(Box::new(ServerCollector { state, host_cpu: Mutex::new(None) }));
         registry
     }
@@ -363,7 +293,7 @@ impl Collector for ServerCollector {
 }
 
 /// Encodes a scrape: OpenMetrics when the client asks for it, else Prometheus text 0.0.4.
-pub fn encode(registry: &Registry, accept: &str) -> (String, &'static str) {
+pub fn encode(registry: &MetricRegistry, accept: &str) -> (String, &'static str) {
     let mut out = String::with_capacity(16 * 1024);
     if accept.contains("application/openmetrics-text") {
         let _ = prometheus_client::encoding::text::encode(&mut out, registry);

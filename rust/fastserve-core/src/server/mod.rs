@@ -1,10 +1,11 @@
 //! A running server: the tokio runtime, the bound listeners, and orderly start/stop.
 
 pub mod auth;
-pub mod control;
 pub mod listener;
 pub mod metrics;
 pub mod model_config;
+pub mod options;
+pub mod repository;
 pub mod state;
 pub mod tls;
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use self::options::ServerOptions;
 use crate::registry::Registry;
 use crate::scheduler::SHUTDOWN_GRACE;
 use crate::server::auth::Auth;
@@ -50,22 +52,9 @@ pub struct ServerConfig {
 }
 
 impl Default for ServerConfig {
+    /// The configuration of the default [`ServerOptions`], where every default is defined.
     fn default() -> Self {
-        Self {
-            host: "127.0.0.1".into(),
-            http_port: 8000,
-            grpc_port: None,
-            grpc_max_message_bytes: 64 * 1024 * 1024,
-            limits: Limits::default(),
-            metrics_port: None,
-            access_log: false,
-            worker_threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
-            drain_timeout: Duration::from_secs(30),
-            auth: Auth::default(),
-            tls: None,
-            grpc_response_compression: None,
-            allow_remote_repository_api: false,
-        }
+        ServerOptions::default().build().unwrap_or_else(|e| unreachable!("default options: {e}"))
     }
 }
 
@@ -253,7 +242,7 @@ impl Drop for Server {
 mod tests {
     use super::*;
     use crate::compression::Coding;
-    use crate::grpc::proto::{model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse};
+    use crate::proto::{model_infer_request::InferInputTensor, ModelInferRequest, ModelInferResponse};
     use crate::registry::ModelVersion;
     use crate::scheduler::plan::BatchPolicy;
     use crate::scheduler::{Instance, PhaseClock, Scheduler, SchedulerConfig};

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use crate::error::Result;
-use crate::grpc::proto::{
+use crate::proto::{
     self, model_config, model_queue_policy, ModelConfig, ModelDynamicBatching, ModelInput, ModelOutput,
     ModelQueuePolicy,
 };
@@ -105,20 +105,5 @@ fn backend_of(platform: &str) -> &str {
 }
 
 fn config_type(dt: DataType) -> proto::DataType {
-    use proto::DataType as T;
-    match dt {
-        DataType::Bool => T::TypeBool,
-        DataType::Uint8 => T::TypeUint8,
-        DataType::Uint16 => T::TypeUint16,
-        DataType::Uint32 => T::TypeUint32,
-        DataType::Uint64 => T::TypeUint64,
-        DataType::Int8 => T::TypeInt8,
-        DataType::Int16 => T::TypeInt16,
-        DataType::Int32 => T::TypeInt32,
-        DataType::Int64 => T::TypeInt64,
-        DataType::Fp16 => T::TypeFp16,
-        DataType::Fp32 => T::TypeFp32,
-        DataType::Fp64 => T::TypeFp64,
-        DataType::Bytes => T::TypeString,
-    }
+    proto::DataType::from_str_name(dt.config_name()).unwrap_or(proto::DataType::TypeInvalid)
 }

@@ -2,108 +2,17 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::error::{Result, ServeError};
 use crate::observe::stats::ModelStats;
+use crate::observe::transport::TransportMetrics;
 use crate::registry::{ModelVersion, Registry, VersionState};
 use crate::server::auth::Auth;
-use crate::server::control::RepositoryControl;
 use crate::server::listener::ConnectionLimit;
-use crate::server::metrics::TransportMetrics;
-
-/// What one client may ask of the server: sizes, counts and timeouts. Every limit answers with
-/// the protocol's error before the oversized amount is read or allocated.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Largest request body, also once chunked or compressed bodies are read and inflated (413).
-    pub max_body_bytes: usize,
-    /// Largest request head: HTTP/1 header buffer and HTTP/2 header list (431).
-    pub max_header_bytes: usize,
-    /// Most header fields in an HTTP/1 request (431).
-    pub max_headers: usize,
-    /// Deepest nesting of arrays and objects in a JSON body (400).
-    pub max_json_depth: usize,
-    /// Most tensor elements, summed over a request's inputs, checked from the shapes (413).
-    pub max_request_elements: usize,
-    /// Most open client connections over all listeners; more are closed as soon as accepted.
-    pub max_connections: usize,
-    /// Most concurrent gRPC streams (calls) per HTTP/2 connection.
-    pub grpc_max_concurrent_streams: u32,
-    /// How long a client may take to send a request's head (HTTP/1; 408, then closed).
-    pub header_read_timeout: Duration,
-    /// How long a client may take to send a request's body (408).
-    pub body_read_timeout: Duration,
-    /// How long a connection may sit without a request before it is closed.
-    pub idle_timeout: Duration,
-}
-
-/// The smallest request head buffer hyper's HTTP/1 accepts.
-pub const MIN_HEADER_BYTES: usize = 8192;
-
-/// The deepest JSON nesting `max_json_depth` may allow: serde_json's parser stops at 128 levels.
-pub const JSON_DEPTH_CEILING: usize = 127;
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_body_bytes: 64 * 1024 * 1024,
-            max_header_bytes: 64 * 1024,
-            max_headers: 100,
-            max_json_depth: 64,
-            max_request_elements: 64 * 1024 * 1024,
-            max_connections: 16_384,
-            grpc_max_concurrent_streams: 256,
-            header_read_timeout: Duration::from_secs(30),
-            body_read_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(120),
-        }
-    }
-}
-
-impl Limits {
-    /// Checks the values make sense together; the message names the offending setting.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let positive = [
-            ("max_body_bytes", self.max_body_bytes),
-            ("max_headers", self.max_headers),
-            ("max_request_elements", self.max_request_elements),
-            ("max_connections", self.max_connections),
-            ("grpc_max_concurrent_streams", self.grpc_max_concurrent_streams as usize),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be positive"));
-        }
-        if !(MIN_HEADER_BYTES..=u32::MAX as usize).contains(&self.max_header_bytes) {
-            return Err(format!("max_header_bytes must be between {MIN_HEADER_BYTES} and {}", u32::MAX));
-        }
-        if !(1..=JSON_DEPTH_CEILING).contains(&self.max_json_depth) {
-            return Err(format!("max_json_depth must be between 1 and {JSON_DEPTH_CEILING}"));
-        }
-        let timeouts = [
-            ("header_read_timeout_s", self.header_read_timeout),
-            ("body_read_timeout_s", self.body_read_timeout),
-            ("idle_timeout_s", self.idle_timeout),
-        ];
-        if let Some((name, _)) = timeouts.iter().find(|(_, t)| t.is_zero()) {
-            return Err(format!("{name} must be positive"));
-        }
-        Ok(())
-    }
-
-    /// Refuses a request whose input shapes hold more than `max_request_elements` elements in all.
-    pub fn admit_elements(&self, total: usize) -> Result<()> {
-        if total > self.max_request_elements {
-            return Err(ServeError::PayloadTooLarge(format!(
-                "the request's inputs hold {total} tensor elements, over the limit of {}",
-                self.max_request_elements
-            )));
-        }
-        Ok(())
-    }
-}
+pub use crate::server::options::{Limits, JSON_DEPTH_CEILING, MIN_HEADER_BYTES};
+use crate::server::repository::RepositoryControl;
 
 /// Whether `host` names only the local machine (an IP loopback address or `localhost`).
 pub fn is_loopback(host: &str) -> bool {
@@ -149,7 +58,7 @@ pub struct ServerState {
     /// Bearer tokens (none: no authentication).
     pub auth: Auth,
     /// Open client connections over every listener, at most `limits.max_connections`.
-    pub connections: ConnectionLimit,
+    pub connections: Arc<ConnectionLimit>,
     serving: AtomicBool,
     draining: AtomicBool,
     /// Set while the models given at startup load: live, not yet ready.
@@ -163,7 +72,7 @@ impl ServerState {
     pub fn new(registry: Arc<Registry>, limits: Limits, access_log: bool) -> Self {
         Self {
             registry,
-            connections: ConnectionLimit::new(limits.max_connections),
+            connections: Arc::new(ConnectionLimit::new(limits.max_connections)),
             limits,
             transport: Arc::default(),
             access_log,

@@ -10,8 +10,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -103,41 +102,4 @@ pub async fn handshake(acceptor: &TlsAcceptor, stream: TcpStream) -> io::Result<
     tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))?
-}
-
-/// Accepts on `listener` until `shutdown` flips and yields the connections whose handshake
-/// succeeded; each handshake runs in its own task, so a slow client delays no one else.
-pub fn incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
-) -> mpsc::Receiver<io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = async { shutdown.wait_for(|&s| s).await.map(|_| ()) } => break,
-                _ = tx.closed() => break,
-            };
-            let _ = stream.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match handshake(&acceptor, stream).await {
-                    Ok(tls) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                }
-            });
-        }
-    });
-    rx
 }

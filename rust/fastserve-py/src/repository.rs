@@ -2,7 +2,7 @@
 //! protocol errors: LookupError → not found, PermissionError → forbidden, anything else → bad request.
 
 use fastserve_core::request::Parameters;
-use fastserve_core::server::control::{IndexEntry, RepositoryControl};
+use fastserve_core::server::repository::{IndexEntry, RepositoryControl};
 use fastserve_core::ServeError;
 use pyo3::exceptions::{PyLookupError, PyPermissionError};
 use pyo3::prelude::*;

@@ -1,0 +1,223 @@
+//! The one request path of every front end. HTTP and gRPC only decode and encode; everything in
+//! between happens here, once: resolve the model version (number, label, or weighted routing with a
+//! sticky key), admit the request (id, unsupported parameters), queue it with its options
+//! (timeout, priority, deadline), await its answer, pick the requested outputs, and account for it
+//! (statistics of the version that ran it, protocol counters, the access log line).
+//!
+//! A call's reply side is a stream of [`Responses`]: exactly one response for an ordinary model,
+//! so models that answer several times plug into the same path.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::error::{Result, ServeError};
+use crate::observe::transport::Protocol;
+use crate::registry::ModelVersion;
+use crate::request::{check_request_id, InferRequest, InferResponse, Reply, ResponseOutput, MAX_REQUEST_ID_BYTES};
+use crate::scheduler::Scheduler;
+use crate::server::state::ServerState;
+
+/// What a front end knows of a call before its request is decoded: where it goes and what its
+/// transport says (headers or gRPC metadata).
+#[derive(Debug, Default)]
+pub struct Target {
+    pub model: String,
+    /// A version number or label; None (or empty) lets routing pick.
+    pub version: Option<String>,
+    /// `X-Routing-Key` (HTTP header or gRPC metadata): the same key reaches the same version while
+    /// weights stay. A `routing_key` request parameter counts too when this is absent.
+    pub routing_key: Option<String>,
+    /// `X-Request-Id` from the transport, used when the request carries no `id`.
+    pub request_id: Option<String>,
+    /// The client's own deadline (gRPC `grpc-timeout`).
+    pub deadline: Option<Instant>,
+}
+
+/// How a request was served, for the access log.
+#[derive(Debug, Default, Clone, Copy)]
+struct Served {
+    queue: Duration,
+    compute: Duration,
+    /// Rows in the batch the request ran in.
+    batch_size: usize,
+}
+
+/// One inference call from the moment its target is known until its last response was sent.
+/// [`Call::finish`] accounts for it exactly once, whatever happened.
+pub struct Call<'a> {
+    state: &'a ServerState,
+    protocol: Protocol,
+    start: Instant,
+    target: Target,
+    version: Option<Arc<ModelVersion>>,
+    id: Option<String>,
+    served: Served,
+}
+
+/// The responses to one request, in order.
+pub struct Responses {
+    next: Option<InferResponse>,
+}
+
+impl Responses {
+    fn one(response: InferResponse) -> Self {
+        Self { next: Some(response) }
+    }
+
+    /// The next response; None once all were taken.
+    pub fn recv(&mut self) -> Option<InferResponse> {
+        self.next.take()
+    }
+
+    /// The only response of a call answered once (HTTP infer, gRPC ModelInfer).
+    pub fn single(mut self) -> Result<InferResponse> {
+        self.recv().ok_or_else(|| ServeError::Internal("the model produced no response".into()))
+    }
+}
+
+impl<'a> Call<'a> {
+    /// Starts a call on `protocol`; the request counts in the protocol counters from here.
+    pub fn new(state: &'a ServerState, protocol: Protocol, target: Target) -> Self {
+        state.transport.request(protocol);
+        Self { state, protocol, start: Instant::now(), target, version: None, id: None, served: Served::default() }
+    }
+
+    /// Finds the version the call goes to. Done before a request body is read, so an unknown model
+    /// or an over-long transport id costs nothing.
+    pub fn resolve(&mut self) -> Result<()> {
+        if let Some(id) = &self.target.request_id {
+            check_request_id(id)?;
+        }
+        let t = &self.target;
+        let version = t.version.as_deref().filter(|v| !v.is_empty());
+        let found = self.state.registry.resolve_with_key(&t.model, version, t.routing_key.as_deref());
+        let mv = found.inspect_err(|_| self.state.transport.unknown_model())?;
+        mv.scheduler()?;
+        self.version = Some(mv);
+        Ok(())
+    }
+
+    /// Runs a decoded request on the resolved version and returns its responses. Dropping the
+    /// future (a client that went away) withdraws the request from the queue.
+    pub async fn run(&mut self, mut request: InferRequest) -> Result<Responses> {
+        self.id = request.id.clone();
+        let mut mv = match &self.version {
+            Some(mv) => mv.clone(),
+            None => return Err(ServeError::Internal("a call ran before it was resolved".into())),
+        };
+        // Picked by weight without a key: a routing_key parameter may still make it sticky.
+        let by_weight = self.target.version.as_deref().is_none_or(str::is_empty) && self.target.routing_key.is_none();
+        if let (true, Some(key)) = (by_weight, request.parameters.get("routing_key").and_then(|v| v.as_str())) {
+            mv = self.state.registry.resolve_with_key(&self.target.model, None, Some(key))?;
+            self.version = Some(mv.clone());
+        }
+        let scheduler = mv.scheduler()?;
+        let spec = scheduler.spec();
+        request.check_supported(&spec.name)?;
+        let options = request.queue_options(self.target.deadline)?;
+        let validated = spec.validate(&mut request)?;
+        let reply = scheduler.submit_with(validated, options)?;
+        let mut waiting = Waiting { scheduler, reply, answered: false };
+        let answer = (&mut waiting.reply).await;
+        waiting.answered = true;
+        let executed = answer
+            .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
+        self.served =
+            Served { queue: executed.queue, compute: executed.phases.total(), batch_size: executed.batch_size };
+        let outputs = select_outputs(&request, executed.outputs);
+        Ok(Responses::one(InferResponse {
+            model_name: spec.name.clone(),
+            model_version: spec.version.to_string(),
+            id: request.id,
+            outputs,
+        }))
+    }
+
+    /// Accounts for the call once its answer (or error) is sent: statistics of the version that
+    /// ran it, the access log line. Returns the request id to echo (never an over-long one).
+    pub fn finish(self, outcome: std::result::Result<(), &ServeError>) -> String {
+        let elapsed = self.start.elapsed();
+        if let Some(stats) = self.version.as_ref().and_then(|mv| mv.stats()) {
+            stats.record_request(outcome, elapsed);
+        }
+        let id = self
+            .id
+            .or(self.target.request_id)
+            .filter(|id| !id.is_empty() && id.len() <= MAX_REQUEST_ID_BYTES)
+            .unwrap_or_else(generate_request_id);
+        if self.state.access_log {
+            // The HTTP status for both protocols (one field to filter on), and the gRPC code too.
+            let status = outcome.map_or_else(|e| e.http_status().as_u16(), |()| 200);
+            let grpc_code = match (self.protocol, outcome) {
+                (Protocol::Grpc, Ok(())) => "Ok".to_string(),
+                (Protocol::Grpc, Err(e)) => format!("{:?}", e.grpc_code()),
+                _ => String::new(),
+            };
+            tracing::info!(
+                target: "fastserve::access",
+                request_id = %id,
+                model = %self.target.model,
+                version = self.version.as_ref().map_or(0, |mv| mv.version),
+                protocol = self.protocol.as_str(),
+                status,
+                grpc_code = %grpc_code,
+                duration_us = elapsed.as_micros() as u64,
+                queue_us = self.served.queue.as_micros() as u64,
+                compute_us = self.served.compute.as_micros() as u64,
+                batch_size = self.served.batch_size,
+                "request"
+            );
+        }
+        id
+    }
+}
+
+/// The outputs a request asked for, in its order (all of them, in the model's order, if it named
+/// none), each marked binary or JSON as asked.
+fn select_outputs(request: &InferRequest, outputs: Vec<crate::tensor::Tensor>) -> Vec<ResponseOutput> {
+    let default_binary = request.binary_outputs_by_default();
+    if request.outputs.is_empty() {
+        return outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect();
+    }
+    let mut all: Vec<Option<_>> = outputs.into_iter().map(Some).collect();
+    request
+        .outputs
+        .iter()
+        .filter_map(|o| {
+            let slot = all.iter_mut().find(|t| t.as_ref().is_some_and(|t| t.name == o.name))?;
+            slot.take().map(|tensor| ResponseOutput { tensor, binary: o.binary })
+        })
+        .collect()
+}
+
+/// Held while a request waits for its answer: dropped unanswered (the client went away), it tells
+/// the scheduler at once, so the request leaves the queue and its slot frees without waiting for
+/// the next batch.
+struct Waiting<'a> {
+    scheduler: &'a Scheduler,
+    reply: oneshot::Receiver<Reply>,
+    answered: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.reply.close();
+            self.scheduler.withdrawn();
+        }
+    }
+}
+
+/// A process-unique id for requests that bring none.
+fn generate_request_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: OnceLock<u64> = OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+    });
+    format!("{:016x}", seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)))
+}

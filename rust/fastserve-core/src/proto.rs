@@ -1,0 +1,7 @@
+//! The KServe V2 / Triton gRPC messages and service, generated from `protos/grpc_predict_v2.proto`
+//! (Triton's `ModelConfig` included): shared by the gRPC front end and the model configuration
+//! answers of both protocols.
+
+#![allow(clippy::all, missing_docs)]
+
+tonic::include_proto!("inference");
