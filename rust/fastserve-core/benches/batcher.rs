@@ -2,6 +2,9 @@
 //! outputs, and a full round trip of 64 single-row requests through a `Scheduler` (crossbeam
 //! queue, batcher thread, instance thread, oneshot replies) with a model that does nothing.
 
+// A benchmark stops at the first surprise.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,6 +1,9 @@
 //! JSON and binary codec micro-benchmarks: decoding V2 infer requests (JSON data and the binary
 //! tensor extension) and encoding responses, for 1 and 64 rows of the example MLP's shapes.
 
+// A benchmark stops at the first surprise.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use bytes::Bytes;

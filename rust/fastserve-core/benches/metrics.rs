@@ -3,6 +3,9 @@
 //! difference is the per-request price of the metrics endpoint, free of the noise an end-to-end A/B
 //! run has on a small machine.
 
+// A benchmark stops at the first surprise.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};

@@ -2,6 +2,6 @@
 //! (Triton's `ModelConfig` included): shared by the gRPC front end and the model configuration
 //! answers of both protocols.
 
-#![allow(clippy::all, missing_docs)]
+#![allow(clippy::all, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 tonic::include_proto!("inference");
