@@ -240,3 +240,34 @@ class Recorder:
         with self.lock:
             self.batches.append(x.shape[0])
         return {"Y": x + 1}
+
+
+# A model whose every answer names the version that ran it (output V), and its config.
+VERSIONED_MODEL = """
+    import numpy as np
+
+    class Model:
+        def initialize(self, args):
+            self.version = args["model_version"]
+
+        def execute(self, inputs):
+            x = inputs["X"]
+            return {"Y": x, "V": np.full(x.shape, self.version, dtype=np.int32)}
+"""
+
+VERSIONED_CONFIG = textwrap.dedent("""
+    backend = "python"
+    max_batch_size = 8
+    [[input]]
+    name = "X"
+    datatype = "FP32"
+    dims = [1]
+    [[output]]
+    name = "Y"
+    datatype = "FP32"
+    dims = [1]
+    [[output]]
+    name = "V"
+    datatype = "INT32"
+    dims = [1]
+""")

@@ -16,49 +16,21 @@ import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from conftest import write_model
+from conftest import VERSIONED_CONFIG, VERSIONED_MODEL, write_model
 from helpers import wait_until
 
 # Each version answers with its own number, so a response proves which version ran it.
-MODEL = """
-    import numpy as np
-
-    class Model:
-        def initialize(self, args):
-            self.version = args["model_version"]
-
-        def execute(self, inputs):
-            x = inputs["X"]
-            return {"Y": x, "V": np.full(x.shape, self.version, dtype=np.int32)}
-"""
-
-BASE_CONFIG = textwrap.dedent("""
-    backend = "python"
-    max_batch_size = 8
-    [[input]]
-    name = "X"
-    datatype = "FP32"
-    dims = [1]
-    [[output]]
-    name = "Y"
-    datatype = "FP32"
-    dims = [1]
-    [[output]]
-    name = "V"
-    datatype = "INT32"
-    dims = [1]
-""")
 
 
 def make_model(repo: Path, name: str, versions: list[int], extra_config: str = "") -> Path:
     path = None
     for v in versions:
-        path = write_model(repo, name, BASE_CONFIG + "\n" + extra_config, MODEL, version=v)
+        path = write_model(repo, name, VERSIONED_CONFIG + "\n" + extra_config, VERSIONED_MODEL, version=v)
     assert path is not None
     return path
 
 
-def add_version(model: Path, version: int, source: str = MODEL) -> None:
+def add_version(model: Path, version: int, source: str = VERSIONED_MODEL) -> None:
     (model / str(version)).mkdir()
     (model / str(version) / "model.py").write_text(textwrap.dedent(source))
 
@@ -310,7 +282,7 @@ def test_warmup_runs_before_ready(start_server, tmp_path: Path) -> None:
     write_model(
         tmp_path / "repo",
         "w",
-        BASE_CONFIG + '\n[[warmup]]\nbatch_size = 4\ncount = 3\ndata = "random"\n',
+        VERSIONED_CONFIG + '\n[[warmup]]\nbatch_size = 4\ncount = 3\ndata = "random"\n',
         f"""
         import numpy as np
 

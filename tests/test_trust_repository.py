@@ -14,49 +14,22 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ServerProcess, write_model
+from conftest import VERSIONED_CONFIG, VERSIONED_MODEL, ServerProcess, write_model
 from helpers import wait_until
 
 # Each version answers with its own number, so a response proves which version ran it.
-MODEL = """
-    import numpy as np
 
-    class Model:
-        def initialize(self, args):
-            self.version = args["model_version"]
-
-        def execute(self, inputs):
-            x = inputs["X"]
-            return {"Y": x, "V": np.full(x.shape, self.version, dtype=np.int32)}
-"""
-
-CONFIG = """
-    backend = "python"
-    max_batch_size = 8
-    [[input]]
-    name = "X"
-    datatype = "FP32"
-    dims = [1]
-    [[output]]
-    name = "Y"
-    datatype = "FP32"
-    dims = [1]
-    [[output]]
-    name = "V"
-    datatype = "INT32"
-    dims = [1]
-"""
 
 BROKEN = "raise ImportError('x')\n"
 
 
 def make_model(repo: Path, name: str, versions: list[int], extra: str = "") -> Path:
     for v in versions:
-        write_model(repo, name, textwrap.dedent(CONFIG) + extra, MODEL, version=v)
+        write_model(repo, name, VERSIONED_CONFIG + extra, VERSIONED_MODEL, version=v)
     return repo / name
 
 
-def add_version(model: Path, version: int | str, source: str = MODEL) -> None:
+def add_version(model: Path, version: int | str, source: str = VERSIONED_MODEL) -> None:
     (model / str(version)).mkdir()
     (model / str(version) / "model.py").write_text(textwrap.dedent(source))
 
@@ -146,7 +119,7 @@ def test_a_broken_new_version_does_not_unload_the_serving_one(start_server, tmp_
     assert load_failures(server, "m", "2") == 1
 
     # Fixed: the next load swaps v2 in and only then drops v1.
-    (model / "2" / "model.py").write_text(textwrap.dedent(MODEL))
+    (model / "2" / "model.py").write_text(textwrap.dedent(VERSIONED_MODEL))
     assert load(server).status_code == 200
     assert served_by(ask(server.url)) == 2
     assert ready(server, "/v2/models/m/versions/1/ready") == 404
@@ -156,7 +129,7 @@ def test_a_broken_new_version_does_not_unload_the_serving_one(start_server, tmp_
 
 def test_one_failed_version_aborts_the_whole_load_and_finalizes_what_it_built(start_server, tmp_path: Path) -> None:
     marker = tmp_path / "finalized.log"
-    finalizing = textwrap.dedent(MODEL) + textwrap.dedent(f"""
+    finalizing = textwrap.dedent(VERSIONED_MODEL) + textwrap.dedent(f"""
         def _finalize(self):
             with open({str(marker)!r}, "a") as f:
                 f.write(f"{{self.version}}\\n")
@@ -237,9 +210,11 @@ def test_version_directories_beyond_the_version_range_are_skipped(start_server, 
 
 def test_sys_exit_in_a_model_fails_only_that_model(start_server, tmp_path: Path) -> None:
     make_model(tmp_path, "good", [1])
-    write_model(tmp_path, "exits_on_import", textwrap.dedent(CONFIG), "import sys\nsys.exit(3)\n")
-    at_init = textwrap.dedent(MODEL).replace('self.version = args["model_version"]', "raise SystemExit('bye')")
-    write_model(tmp_path, "exits_on_init", textwrap.dedent(CONFIG), at_init)
+    write_model(tmp_path, "exits_on_import", VERSIONED_CONFIG, "import sys\nsys.exit(3)\n")
+    at_init = textwrap.dedent(VERSIONED_MODEL).replace(
+        'self.version = args["model_version"]', "raise SystemExit('bye')"
+    )
+    write_model(tmp_path, "exits_on_init", VERSIONED_CONFIG, at_init)
     server = start_server(tmp_path, "--model-control-mode", "explicit", "--load-model", "good")
     r = load(server, "exits_on_import")
     assert r.status_code == 400 and "model.py raised SystemExit: 3" in r.json()["error"]
@@ -250,7 +225,7 @@ def test_sys_exit_in_a_model_fails_only_that_model(start_server, tmp_path: Path)
 
 
 def test_a_first_load_that_fails_is_explained_by_ready_answers(start_server, tmp_path: Path) -> None:
-    write_model(tmp_path, "m", textwrap.dedent(CONFIG), BROKEN)
+    write_model(tmp_path, "m", VERSIONED_CONFIG, BROKEN)
     make_model(tmp_path, "good", [1])
     server = start_server(tmp_path)
     r = requests.get(f"{server.url}/v2/models/m/ready", timeout=10)

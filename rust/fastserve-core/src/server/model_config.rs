@@ -10,7 +10,7 @@ use crate::proto::{
     ModelQueuePolicy,
 };
 use crate::server::state::ServerState;
-use crate::tensor::datatype::DataType;
+use crate::spec::TensorSpec;
 
 /// The configuration of the version `version` names (or the one unversioned requests reach).
 pub fn build(state: &ServerState, name: &str, version: Option<&str>) -> Result<ModelConfig> {
@@ -29,20 +29,12 @@ pub fn build(state: &ServerState, name: &str, version: Option<&str>) -> Result<M
         input: spec
             .inputs
             .iter()
-            .map(|t| ModelInput {
-                name: t.name.clone(),
-                data_type: config_type(t.datatype) as i32,
-                dims: t.dims.clone(),
-            })
+            .map(|t| ModelInput { name: t.name.clone(), data_type: config_type(t), dims: t.dims.clone() })
             .collect(),
         output: spec
             .outputs
             .iter()
-            .map(|t| ModelOutput {
-                name: t.name.clone(),
-                data_type: config_type(t.datatype) as i32,
-                dims: t.dims.clone(),
-            })
+            .map(|t| ModelOutput { name: t.name.clone(), data_type: config_type(t), dims: t.dims.clone() })
             .collect(),
         scheduling_choice: spec.batching().then(|| {
             model_config::SchedulingChoice::DynamicBatching(ModelDynamicBatching {
@@ -104,6 +96,6 @@ fn backend_of(platform: &str) -> &str {
     }
 }
 
-fn config_type(dt: DataType) -> proto::DataType {
-    proto::DataType::from_str_name(dt.config_name()).unwrap_or(proto::DataType::TypeInvalid)
+fn config_type(t: &TensorSpec) -> i32 {
+    proto::DataType::from_str_name(t.datatype.config_name()).unwrap_or(proto::DataType::TypeInvalid) as i32
 }
