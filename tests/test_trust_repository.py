@@ -177,7 +177,10 @@ def test_poll_mode_serves_on_while_a_broken_version_appears(start_server, tmp_pa
     server = start_server(tmp_path, "--model-control-mode", "poll", "--repository-poll-secs", "0.2")
     with traffic(server.url) as results:
         add_version(model, 2, BROKEN)
-        failed = wait_until(lambda: row(server, "m", "2"), what="the index to show version 2's failure")
+        failed = wait_until(
+            lambda: (r := row(server, "m", "2")) is not None and r["state"] == "UNAVAILABLE" and r,
+            what="the index to show version 2's failure (not its LOADING row)",
+        )
         seen = len(results)
         wait_until(lambda: len(results) > seen, what="answers after the failure")
     assert failed == {"name": "m", "version": "2", "state": "UNAVAILABLE", "reason": "model.py raised ImportError: x"}

@@ -110,6 +110,8 @@ pub(super) struct Seats {
     pub(super) broken: OnceLock<String>,
     /// Wakes the batcher, which then answers the queue with `broken`.
     pub(super) wake: Sender<Msg>,
+    /// What the watchdog measures execution time against.
+    pub(super) clock: watchdog::Clock,
 }
 
 impl Seats {
@@ -228,7 +230,8 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
     let replies: Replies = Arc::new(Mutex::new(Some(replies)));
     lock(&seats.running).insert(id, replies.clone());
     if let Some(watch) = &seats.watch {
-        let _ = watch.send(Watch::Started { id, seat, started: clock.start, replies: replies.clone() });
+        let started = seats.clock.now();
+        let _ = watch.send(Watch::Started { id, seat, started, replies: replies.clone() });
     }
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
         let inputs = if per_job.len() == 1 {

@@ -49,6 +49,8 @@ pub struct SchedulerConfig {
     /// Hung instances that may be left running (a thread cannot be killed) before the version is
     /// marked unavailable instead of replacing another one.
     pub max_abandoned_instances: usize,
+    /// What `execution_timeout` is measured against (the real clock outside tests).
+    pub clock: watchdog::Clock,
 }
 
 impl SchedulerConfig {
@@ -125,6 +127,7 @@ impl Scheduler {
             max_abandoned: config.max_abandoned_instances,
             broken: OnceLock::new(),
             wake: tx.clone(),
+            clock: config.clock.clone(),
         });
         for (seat, instance) in instances.into_iter().enumerate() {
             seats.spawn(seat, instance)?;
@@ -142,11 +145,12 @@ impl Scheduler {
             seats: seats.clone(),
         };
         supervisors.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
+        let clock = config.clock.clone();
         if let Some((timeout, _, watch_rx)) = watch {
             let seats = seats.clone();
             supervisors.push(spawn(format!("fs-watch-{label}"), move || {
                 let model = seats.spec.name.clone();
-                watchdog::run(watch_rx, timeout, &model, &Replacer { seats: &seats, factory: &factory })
+                watchdog::run(watch_rx, timeout, &clock, &model, &Replacer { seats: &seats, factory: &factory })
             })?);
         }
         Ok(Arc::new(Scheduler {
@@ -362,6 +366,15 @@ mod tests {
             BatchPolicy { max_batch_size: max, max_queue_delay: Duration::ZERO, preferred_batch_sizes: vec![] },
             max_queue_size,
         )
+    }
+
+    /// A queue whose batches time out after `ms` of a clock the test moves by hand.
+    fn timed(ms: u64) -> (SchedulerConfig, Arc<watchdog::ManualClock>) {
+        let clock = watchdog::ManualClock::new();
+        let mut cfg = config(0, 10);
+        cfg.execution_timeout = Some(Duration::from_millis(ms));
+        cfg.clock = watchdog::Clock::Manual(clock.clone());
+        (cfg, clock)
     }
 
     /// Starts a scheduler whose first batch blocks until the returned gate is released.
@@ -607,8 +620,7 @@ mod tests {
         let (seen_tx, seen) = crossbeam_channel::unbounded();
         let (gate_tx, gate_rx) = crossbeam_channel::unbounded();
         let hung = Doubler { seen: seen_tx.clone(), gate: Some(gate_rx), fail_on: None };
-        let mut cfg = config(0, 10);
-        cfg.execution_timeout = Some(Duration::from_millis(300));
+        let (cfg, clock) = timed(300);
         let seats = Arc::new(Mutex::new(Vec::new()));
         let made = seats.clone();
         let factory: InstanceFactory = Arc::new(move |seat| {
@@ -616,7 +628,10 @@ mod tests {
             Ok(Box::new(Doubler { seen: seen_tx.clone(), gate: None, fail_on: None }) as Box<dyn Instance>)
         });
         let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(hung)], Some(factory)).unwrap();
-        let err = s.submit(request(&[1.0])).unwrap().await.unwrap().unwrap_err();
+        let hung = s.submit(request(&[1.0])).unwrap();
+        seen.recv().unwrap();
+        clock.advance(Duration::from_millis(300));
+        let err = hung.await.unwrap().unwrap_err();
         assert!(matches!(err, ServeError::ExecutionTimeout(_)), "{err}");
         assert!(err.to_string().contains("timed out after 300 ms; instance replaced"), "{err}");
         assert_eq!(values(s.submit(request(&[2.0])).unwrap().await.unwrap()), vec![4.0]);
@@ -628,7 +643,7 @@ mod tests {
             assert_eq!(values(s.submit(request(&[v as f32])).unwrap().await.unwrap()), vec![2.0 * v as f32]);
         }
         assert_eq!(s.stats().instances_replaced(), 1);
-        assert_eq!(seen.try_iter().count(), 5);
+        assert_eq!(seen.try_iter().count(), 4);
         s.shutdown();
     }
 
@@ -646,16 +661,21 @@ mod tests {
             let next = replacements.lock().unwrap().next().expect("at most two replacements");
             Ok(Box::new(next) as Box<dyn Instance>)
         });
-        let mut cfg = config(0, 10);
-        cfg.execution_timeout = Some(Duration::from_millis(100));
+        let (mut cfg, clock) = timed(100);
         cfg.max_abandoned_instances = 2;
         let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(first)], Some(factory)).unwrap();
+        let hang = |s: &Arc<Scheduler>| {
+            let reply = s.submit(request(&[1.0])).unwrap();
+            seen.recv().unwrap();
+            clock.advance(Duration::from_millis(100));
+            reply
+        };
         for _ in 0..2 {
-            let err = s.submit(request(&[1.0])).unwrap().await.unwrap().unwrap_err();
+            let err = hang(&s).await.unwrap().unwrap_err();
             assert!(err.to_string().contains("instance replaced"), "{err}");
         }
         assert!(s.broken().is_none());
-        let err = s.submit(request(&[1.0])).unwrap().await.unwrap().unwrap_err();
+        let err = hang(&s).await.unwrap().unwrap_err();
         assert!(err.to_string().contains("the model version is now unavailable"), "{err}");
         // The version refuses from now on, naming the reason; nothing else runs.
         let refused = loop {
@@ -667,7 +687,7 @@ mod tests {
         assert!(matches!(refused, ServeError::Unavailable(_)), "{refused}");
         assert!(refused.to_string().contains("max_abandoned_instances"), "{refused}");
         assert_eq!(s.stats().instances_replaced(), 2);
-        assert_eq!(seen.try_iter().count(), 3, "three batches ran, each on a fresh instance");
+        assert_eq!(seen.try_iter().count(), 0, "three batches ran (seen above), each on a fresh instance");
         for (tx, _) in &gates {
             tx.send(()).unwrap();
         }
@@ -713,13 +733,17 @@ mod tests {
         let (seen_tx, seen) = crossbeam_channel::unbounded();
         let (_gate_tx, gate_rx) = crossbeam_channel::unbounded::<()>();
         let hung = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: None };
-        let mut cfg = config(0, 10);
-        cfg.execution_timeout = Some(Duration::from_millis(300));
+        let (cfg, clock) = timed(300);
         let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(hung)], None).unwrap();
         let reply = s.submit(request(&[1.0])).unwrap();
         seen.recv().unwrap();
         // Never released: shutdown waits for the watchdog to fail the batch, not for the model.
-        s.shutdown();
+        let stopper = std::thread::spawn({
+            let s = s.clone();
+            move || s.shutdown()
+        });
+        clock.advance(Duration::from_millis(300));
+        stopper.join().unwrap();
         assert!(matches!(reply.await.unwrap(), Err(ServeError::ExecutionTimeout(_))));
     }
 }

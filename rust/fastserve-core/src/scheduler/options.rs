@@ -63,6 +63,7 @@ impl ModelOptions {
             execution_timeout: (self.execution_timeout_ms > 0)
                 .then(|| Duration::from_millis(self.execution_timeout_ms)),
             max_abandoned_instances: self.max_abandoned_instances,
+            clock: Default::default(),
         })
     }
 }

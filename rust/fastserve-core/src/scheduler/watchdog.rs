@@ -10,11 +10,60 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
 use crate::error::ServeError;
 use crate::request::Reply;
+
+/// The watchdog's time: the real clock, or one a test moves by hand (so execution timeouts are
+/// tested without waiting for them).
+#[derive(Debug, Clone, Default)]
+pub enum Clock {
+    #[default]
+    Real,
+    Manual(Arc<ManualClock>),
+}
+
+/// A clock that only moves when told; each move wakes the watchdogs that use it.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: Mutex<Instant>,
+    ticks: (Sender<()>, Receiver<()>),
+}
+
+impl ManualClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { now: Mutex::new(Instant::now()), ticks: crossbeam_channel::unbounded() })
+    }
+
+    /// Moves the clock on by `by` and wakes the watchdog to look at it.
+    pub fn advance(&self, by: Duration) {
+        *self.now.lock().unwrap_or_else(|p| p.into_inner()) += by;
+        let _ = self.ticks.0.send(());
+    }
+}
+
+impl Clock {
+    pub fn now(&self) -> Instant {
+        match self {
+            Self::Real => Instant::now(),
+            Self::Manual(c) => *c.now.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    /// The next message, or `Timeout` once `deadline` passed (a manual clock: once it moved).
+    fn wait(&self, rx: &Receiver<Watch>, deadline: Option<Instant>) -> Result<Watch, RecvTimeoutError> {
+        match (self, deadline) {
+            (Self::Real, Some(at)) => rx.recv_deadline(at),
+            (Self::Real, None) => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            (Self::Manual(c), _) => crossbeam_channel::select! {
+                recv(rx) -> msg => msg.map_err(|_| RecvTimeoutError::Disconnected),
+                recv(c.ticks.1) -> _ => Err(RecvTimeoutError::Timeout),
+            },
+        }
+    }
+}
 
 /// The reply senders of the batch an instance runs, until one side takes them.
 pub type Replies = Arc<Mutex<Option<Vec<oneshot::Sender<Reply>>>>>;
@@ -48,15 +97,12 @@ pub trait OnHung {
 
 /// Watches running batches until stopped, failing a batch that runs past `timeout` and having its
 /// instance abandoned and replaced (unless the version is stopping or has too many hung ones).
-pub fn run(rx: Receiver<Watch>, timeout: Duration, model: &str, hung: &impl OnHung) {
+pub fn run(rx: Receiver<Watch>, timeout: Duration, clock: &Clock, model: &str, hung: &impl OnHung) {
     let mut running: HashMap<u64, (usize, Instant, Replies)> = HashMap::new();
     let mut stopping = false;
     loop {
         let next = running.values().map(|(_, started, _)| *started + timeout).min();
-        let msg = match next {
-            Some(at) => rx.recv_deadline(at),
-            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
+        let msg = clock.wait(&rx, next);
         match msg {
             Ok(Watch::Started { id, seat, started, replies }) => {
                 running.insert(id, (seat, started, replies));
@@ -67,7 +113,7 @@ pub fn run(rx: Receiver<Watch>, timeout: Duration, model: &str, hung: &impl OnHu
             Ok(Watch::Stop) | Err(RecvTimeoutError::Disconnected) => stopping = true,
             Err(RecvTimeoutError::Timeout) => {}
         }
-        let now = Instant::now();
+        let now = clock.now();
         let expired: Vec<u64> =
             running.iter().filter(|(_, (_, s, _))| now >= *s + timeout).map(|(id, _)| *id).collect();
         for id in expired {
