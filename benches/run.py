@@ -44,14 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # The waits are the test suite's (tests/helpers.py), so the harness and the tests share one of each.
 if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
-from helpers import wait_until  # noqa: E402
+from helpers import GRPC_LISTENING, HTTP_LISTENING, wait_until  # noqa: E402
 
 EXAMPLES = ROOT / "examples" / "models"
 MODEL = "mlp"
 ONNX_PATH = EXAMPLES / MODEL / "1" / "model.onnx"
 FEATURES = 64
-HTTP_LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?http://127\.0\.0\.1:(\d+)")
-GRPC_LISTENING = re.compile(r"gRPC listening.*address\"?[=:]\"?127\.0\.0\.1:(\d+)")
 
 # Servers, in the order they run.
 FASTSERVE = "fastserve"
@@ -124,10 +122,10 @@ class Server:
                 self.lines.append(line)
             g = GRPC_LISTENING.search(line)
             if g and self.grpc_port is None:
-                self.grpc_port = int(g.group(1))
+                self.grpc_port = int(g.group(2))
             h = HTTP_LISTENING.search(line)
             if h and not self._listening.is_set():
-                self.http_port = int(h.group(1))
+                self.http_port = int(h.group(2))
                 self._listening.set()
         self._listening.set()
 

@@ -18,11 +18,10 @@ import pytest
 import requests
 from fastserve import Server, Tensor
 
+from helpers import GRPC_LISTENING, HTTP_LISTENING, METRICS_LISTENING
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "models"
-LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?https?://([0-9.]+):(\d+)")
-METRICS_LISTENING = re.compile(r"metrics listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)/metrics")
-GRPC_LISTENING = re.compile(r"gRPC listening.*address\"?[=:]\"?([0-9.]+):(\d+)")
 # Logged once the startup loads are done (the listeners come up before the models load).
 LOADED = re.compile(r"model version\(s\) ready, \d+ failed")
 
@@ -56,7 +55,7 @@ class ServerProcess:
                 g = GRPC_LISTENING.search(line)
                 if g and self.grpc_port is None:
                     self.grpc_port = int(g.group(2))
-                m = LISTENING.search(line)
+                m = HTTP_LISTENING.search(line)
                 if m and self.port is None:
                     self.port = int(m.group(2))
                     if not wait_loaded:

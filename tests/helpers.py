@@ -8,6 +8,7 @@ enough that a slow, loaded CI host never reaches it, and reaching it fails loudl
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -40,3 +41,10 @@ def wait_until(
             description = what() if callable(what) else what
             raise AssertionError(f"timed out after {timeout:g} s waiting for {description} (last value: {value!r})")
         time.sleep(interval)
+
+
+# The lines a fastserve server logs when its listeners are up (the ports they bound), shared by the
+# test fixtures and benches/run.py.
+HTTP_LISTENING = re.compile(r"HTTP listening.*address\"?[=:]\"?https?://([0-9.]+):(\d+)")
+METRICS_LISTENING = re.compile(r"metrics listening.*address\"?[=:]\"?http://([0-9.]+):(\d+)/metrics")
+GRPC_LISTENING = re.compile(r"gRPC listening.*address\"?[=:]\"?([0-9.]+):(\d+)")

@@ -62,7 +62,7 @@ def test_every_range_admits_its_ends_and_refuses_beyond(path: str) -> None:
 
 
 def test_relations_between_keys() -> None:
-    with pytest.raises(ConfigError, match=r"preferred_batch_sizes \[16\] exceed max_batch_size = 8"):
+    with pytest.raises(ConfigError, match=r"preferred_batch_sizes: 16 exceeds max_batch_size 8"):
         parse_config({"max_batch_size": 8, "dynamic_batching": {"preferred_batch_sizes": [4, 16]}})
     with pytest.raises(ConfigError, match=r"batch_size must be >= 1 and <= max\(1, max_batch_size\) = 4, got 5"):
         parse_config({"max_batch_size": 4, "warmup": [{"batch_size": 5}]})

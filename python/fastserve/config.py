@@ -6,12 +6,14 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import _core
 from .options import MODEL_OPTIONS, model_default
 from .tensor import Tensor
 
@@ -305,20 +307,22 @@ def _dynamic_batching(db: dict[str, Any]) -> DynamicBatching:
         **{key: _int(db, key, where, model_default(key), path + key) for key in (*numbers, "default_priority_level")},
     )
     _no_leftovers(db, "[dynamic_batching]")
-    if batching.default_priority_level > max(batching.priority_levels, 1):
-        raise ConfigError(f"{where}default_priority_level must be between 0 and priority_levels")
+    # How the keys relate is the core's rule; max_batch_size is checked once the backend knows it.
+    _check_with_core(batching, MODEL_OPTIONS["max_batch_size"].max or 0)
     return batching
+
+
+def _check_with_core(batching: DynamicBatching, max_batch_size: int) -> None:
+    try:
+        _core.check_model_options({**dataclasses.asdict(batching), "max_batch_size": max_batch_size})
+    except ValueError as e:
+        raise ConfigError(f"[dynamic_batching] {e}") from None
 
 
 def check_batch_sizes(batching: DynamicBatching, warmups: list[Warmup], max_batch_size: int) -> None:
     """Batch sizes a config names must fit the model's ``max_batch_size``; checked again once a
     backend has chosen the default for a config that sets none."""
-    too_big = [b for b in batching.preferred_batch_sizes if b > max_batch_size]
-    if too_big:
-        raise ConfigError(
-            f"[dynamic_batching] preferred_batch_sizes {too_big} exceed max_batch_size = {max_batch_size} "
-            f"(each must be >= 1 and <= max_batch_size)"
-        )
+    _check_with_core(batching, max_batch_size)
     for i, w in enumerate(warmups):
         if w.batch_size > max(1, max_batch_size):
             raise ConfigError(

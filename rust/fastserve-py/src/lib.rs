@@ -254,6 +254,14 @@ fn model_options(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     pythonize::pythonize(py, &ModelOptions::describe()).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
+/// Checks model options as `add_model` would (bounds and how they relate); ValueError names the
+/// option. `config.toml` parsing uses it, so the rules live in the core only.
+#[pyfunction]
+fn check_model_options(options: &Bound<'_, PyAny>) -> PyResult<()> {
+    let options: ModelOptions = pythonize::depythonize(options).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    options.build().map(|_| ()).map_err(PyValueError::new_err)
+}
+
 /// Every V2 datatype with its NumPy dtype name, from the core's one datatype table.
 #[pyfunction]
 fn datatypes() -> Vec<(&'static str, &'static str)> {
@@ -263,6 +271,7 @@ fn datatypes() -> Vec<(&'static str, &'static str)> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(datatypes, m)?)?;
+    m.add_function(wrap_pyfunction!(check_model_options, m)?)?;
     m.add_class::<CoreServer>()?;
     m.add_function(wrap_pyfunction!(server_options, m)?)?;
     m.add_function(wrap_pyfunction!(model_options, m)?)?;
