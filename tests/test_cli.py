@@ -80,3 +80,9 @@ def test_json_logs_parse_and_report_models(start_server) -> None:
 def test_listens_on_loopback_by_default(example_server) -> None:
     assert "address=http://127.0.0.1:" in example_server.log()
     assert f"gRPC listening address=127.0.0.1:{example_server.grpc_port}" in example_server.log()
+
+
+def test_the_command_alone_lists_its_commands() -> None:
+    r = run()
+    assert r.returncode == 0
+    assert "serve" in r.stdout and "COMMAND" in r.stdout

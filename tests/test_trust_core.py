@@ -295,7 +295,7 @@ def test_repository_api_on_the_network_needs_an_admin_token(tmp_path: Path, star
     write_model(tmp_path, "m", xy_config(), DOUBLE_MODEL)
     cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(tmp_path), "--host", "0.0.0.0"]
     cmd += ["--http-port", "0", "--grpc-port", "0", "--no-metrics", "--model-control-mode", "explicit"]
-    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=GUARD_S)
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=2 * GUARD_S)
     assert refused.returncode == 2
     assert "--admin-token-file" in refused.stderr and "--allow-remote-repository-api" in refused.stderr
     token = tmp_path / "admin.token"
@@ -324,7 +324,9 @@ def test_listeners_answer_while_models_load(tmp_path: Path, start_server) -> Non
     model = write_model(tmp_path, "slow", xy_config(), SLOW_INIT)
     server = start_server(tmp_path, wait_loaded=False)
     assert requests.get(f"{server.url}/v2/health/live", timeout=GUARD_S).status_code == 200
-    assert requests.get(f"{server.url}/v2/health/ready", timeout=GUARD_S).status_code == 400
+    ready = requests.get(f"{server.url}/v2/health/ready", timeout=GUARD_S)
+    assert ready.status_code == 400
+    assert "the startup models are still loading" in ready.json()["error"], ready.text
     (model / "go").touch()
     server.wait_for_log("model version(s) ready", timeout=GUARD_S)
     assert requests.get(f"{server.url}/v2/health/ready", timeout=GUARD_S).status_code == 200
@@ -354,3 +356,14 @@ def test_concurrent_early_errors_and_successes_share_keep_alive_connections(exam
     with ThreadPoolExecutor(4) as pool:
         codes = list(pool.map(one, range(200)))
     assert codes.count(200) == 100 and codes.count(404) == 100
+
+
+def test_readiness_says_which_models_are_not_ready(tmp_path: Path, start_server) -> None:
+    write_model(tmp_path, "good", xy_config(), DOUBLE_MODEL)
+    write_model(tmp_path, "broken", xy_config(), "raise ImportError('missing dependency')\n")
+    server = start_server(tmp_path)
+    ready = requests.get(f"{server.url}/v2/health/ready", timeout=GUARD_S)
+    assert ready.status_code == 400
+    error = ready.json()["error"]
+    assert "model 'broken' version 1 is not ready" in error and "missing dependency" in error, error
+    assert "good" not in error

@@ -110,7 +110,7 @@ def _add_option(group: Any, option: OptionInfo) -> None:
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="fastserve", description="Serve models over the KServe V2 protocol.")
     parser.add_argument("--version", action="version", version=f"fastserve {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     serve = sub.add_parser("serve", help="serve a model repository")
     serve.add_argument("--model-repository", required=True, type=Path, help="directory of models")
     serve.add_argument(
@@ -269,10 +269,13 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    return 2
+    # `fastserve` alone: what it can do.
+    parser.print_help()
+    return 0
 
 
 if __name__ == "__main__":

@@ -277,6 +277,15 @@ impl Registry {
         self.models.load().values().all(|e| e.versions.values().all(|v| v.is_ready()))
     }
 
+    /// Every version that is not ready, with why (sorted by name and version).
+    pub fn not_ready(&self) -> Vec<String> {
+        self.models()
+            .iter()
+            .flat_map(|(_, e)| e.versions.values())
+            .filter_map(|v| v.scheduler().err().map(|e| e.to_string()))
+            .collect()
+    }
+
     /// Counts a failed (re)load of a model version, for `fastserve_model_load_failure_total`.
     pub fn record_load_failure(&self, name: &str, version: u64) {
         let mut failures = self.load_failures.lock().unwrap_or_else(|p| p.into_inner());

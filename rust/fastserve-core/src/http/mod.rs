@@ -293,7 +293,10 @@ async fn route(state: &ServerState, req: &mut Req) -> Result<Response<Body>> {
     match segments.as_slice() {
         ["v2"] if get => Ok(ok_json(&state.server_metadata())),
         ["v2", "health", "live"] if get => Ok(status_only(state.is_live())),
-        ["v2", "health", "ready"] if get => Ok(status_only(state.is_ready())),
+        ["v2", "health", "ready"] if get => Ok(match state.not_ready_reason() {
+            None => status_only(true),
+            Some(why) => json_response(StatusCode::BAD_REQUEST, error_body(&format!("not ready: {why}"))),
+        }),
         ["v2", "models", "stats"] if get => Ok(ok_json(&state.model_stats(None, None)?)),
         ["v2", "repository", "index"] if post => repository_index(state, req).await,
         ["v2", "repository", "models", model, action @ ("load" | "unload")] if post => {

@@ -150,6 +150,25 @@ impl ServerState {
         self.is_live() && !self.is_draining() && !self.starting.load(Ordering::Acquire) && self.registry.all_ready()
     }
 
+    /// Why the server is not ready (None when it is): what an operator needs to see in a probe.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.is_ready() {
+            return None;
+        }
+        let mut reasons = Vec::new();
+        if !self.is_live() {
+            reasons.push("the server is not serving".to_string());
+        }
+        if self.is_draining() {
+            reasons.push("the server is shutting down".to_string());
+        }
+        if self.starting.load(Ordering::Acquire) {
+            reasons.push("the startup models are still loading".to_string());
+        }
+        reasons.extend(self.registry.not_ready());
+        Some(reasons.join("; "))
+    }
+
     pub fn server_metadata(&self) -> ServerMetadata {
         ServerMetadata { name: "fastserve", version: env!("CARGO_PKG_VERSION"), extensions: EXTENSIONS }
     }
