@@ -56,7 +56,8 @@ class Server:
             {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in given.items() if v is not None}
         )
         self._repository: ModelRepository | None = None
-        self._drain_timeout_s = float(options.get("drain_timeout_s") or _default("drain_timeout_s"))
+        drain = options.get("drain_timeout_s")
+        self._drain_timeout_s = float(_default("drain_timeout_s") if drain is None else drain)
 
     def add_model(
         self,
