@@ -156,6 +156,8 @@ class ModelConfig:
     device: str = "cpu"  # python models: "gpu" hands execute() CuPy arrays
     execution_timeout_ms: int = model_default("execution_timeout_ms")
     max_abandoned_instances: int = model_default("max_abandoned_instances")
+    # [model_transaction_policy] decoupled: execute() yields any number of responses per request.
+    decoupled: bool = model_default("decoupled")
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
@@ -384,6 +386,9 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     for key in ("execution_timeout_ms", "max_abandoned_instances"):
         setattr(cfg, key, _int(table, key, "", model_default(key), key))
     cfg.max_batch_size = _int(table, "max_batch_size", "", None, "max_batch_size")
+    policy = dict(_take(table, "model_transaction_policy", dict, "", {}))
+    cfg.decoupled = _take(policy, "decoupled", bool, "[model_transaction_policy] ", cfg.decoupled)
+    _no_leftovers(policy, "[model_transaction_policy]")
     cfg.dynamic_batching = _dynamic_batching(dict(_take(table, "dynamic_batching", dict, "", {})))
     cfg.instance_group = _instance_group(dict(_take(table, "instance_group", dict, "", {})), cfg.device)
     cfg.version_policy = _version_policy(dict(_take(table, "version_policy", dict, "", {})))

@@ -423,6 +423,7 @@ class ModelRepository:
             "max_batch_size": b.loaded.max_batch_size,
             "execution_timeout_ms": config.execution_timeout_ms,
             "max_abandoned_instances": config.max_abandoned_instances,
+            "decoupled": config.decoupled,
         }
         self.core.add_model(
             name,

@@ -68,6 +68,7 @@ fn bench_scheduler(c: &mut Criterion) {
         version: 1,
         platform: "bench".into(),
         max_batch_size: 64,
+        decoupled: false,
         inputs: vec![TensorSpec::new("INPUT0", DataType::Fp32, vec![FEATURES as i64])],
         outputs: vec![TensorSpec::new("OUTPUT0", DataType::Fp32, vec![10])],
     });

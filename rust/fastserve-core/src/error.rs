@@ -42,6 +42,9 @@ pub enum ServeError {
     /// The model itself failed while executing.
     #[error("{0}")]
     ModelError(String),
+    /// The client went away (closed its connection, cancelled its call) while its request ran.
+    #[error("{0}")]
+    Cancelled(String),
     /// A bug or an invariant violated inside the server.
     #[error("{0}")]
     Internal(String),
@@ -78,6 +81,8 @@ impl ServeError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::ModelError(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // nginx's "client closed request": only ever seen in access logs.
+            Self::Cancelled(_) => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         }
     }
 
@@ -95,6 +100,7 @@ impl ServeError {
             Self::Unauthorized(_) => tonic::Code::Unauthenticated,
             Self::Forbidden(_) => tonic::Code::PermissionDenied,
             Self::ModelError(_) | Self::Internal(_) => tonic::Code::Internal,
+            Self::Cancelled(_) => tonic::Code::Cancelled,
         }
     }
 
@@ -112,6 +118,7 @@ impl ServeError {
             Self::ExecutionTimeout(_) => "execution_timeout",
             Self::ModelError(_) => "model_error",
             Self::Internal(_) => "internal",
+            Self::Cancelled(_) => "cancelled",
         }
     }
 }
@@ -158,6 +165,7 @@ mod tests {
             (ServeError::QueueTimeout("x".into()), Code::Unavailable),
             (ServeError::ExecutionTimeout("x".into()), Code::Unavailable),
             (ServeError::DeadlineExceeded("x".into()), Code::DeadlineExceeded),
+            (ServeError::Cancelled("x".into()), Code::Cancelled),
         ];
         for (e, code) in cases {
             assert_eq!(e.grpc_code(), code, "{e:?}");

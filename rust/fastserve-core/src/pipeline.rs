@@ -16,8 +16,10 @@ use tokio::sync::oneshot;
 use crate::error::{Result, ServeError};
 use crate::observe::transport::Protocol;
 use crate::registry::ModelVersion;
-use crate::request::{check_request_id, InferRequest, InferResponse, Reply, ResponseOutput, MAX_REQUEST_ID_BYTES};
-use crate::scheduler::Scheduler;
+use crate::request::{
+    check_request_id, Executed, InferRequest, InferResponse, Reply, ResponseOutput, MAX_REQUEST_ID_BYTES,
+};
+use crate::scheduler::{Scheduler, StreamReceiver};
 use crate::server::state::ServerState;
 
 /// What a front end knows of a call before its request is decoded: where it goes and what its
@@ -55,26 +57,77 @@ pub struct Call<'a> {
     version: Option<Arc<ModelVersion>>,
     id: Option<String>,
     served: Served,
+    /// Set once the request was queued: its responses and how to shape them.
+    running: Option<Running>,
 }
 
-/// The responses to one request, in order.
-pub struct Responses {
-    next: Option<InferResponse>,
+/// A queued request's responses, and what each response echoes and selects.
+struct Running {
+    responses: Responses,
+    request: InferRequest,
+    spec: Arc<crate::spec::ModelSpec>,
+    /// Responses handed out so far.
+    sent: usize,
 }
 
-impl Responses {
-    fn one(response: InferResponse) -> Self {
-        Self { next: Some(response) }
+/// The responses to one request, in order: one for an ordinary model, any number for a decoupled
+/// one. Dropping them before the end cancels the request (unrun if still queued; a running
+/// decoupled model is stopped at its next response).
+enum Responses {
+    One(Option<Executed>),
+    Stream(Stream),
+}
+
+/// A decoupled request's responses as they come, then its final answer.
+struct Stream {
+    rx: StreamReceiver,
+    /// The model produces no more responses; only the final answer is left.
+    produced_all: bool,
+    /// Told when the stream is dropped while its request may still be queued.
+    scheduler: Arc<Scheduler>,
+    answered: bool,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.rx.done.close();
+            self.scheduler.withdrawn();
+        }
+    }
+}
+
+/// What the next response of a stream is.
+enum Next {
+    Response(Vec<crate::tensor::Tensor>),
+    End(Reply),
+}
+
+impl Stream {
+    async fn next(&mut self) -> Next {
+        loop {
+            if self.produced_all {
+                let answer = (&mut self.rx.done).await;
+                return self.end(answer);
+            }
+            // Responses already produced are always read before the final answer.
+            tokio::select! {
+                biased;
+                item = self.rx.responses.recv() => match item {
+                    Some(outputs) => return Next::Response(outputs),
+                    None => self.produced_all = true,
+                },
+                answer = &mut self.rx.done => return self.end(answer),
+            }
+        }
     }
 
-    /// The next response; None once all were taken.
-    pub fn recv(&mut self) -> Option<InferResponse> {
-        self.next.take()
-    }
-
-    /// The only response of a call answered once (HTTP infer, gRPC ModelInfer).
-    pub fn single(mut self) -> Result<InferResponse> {
-        self.recv().ok_or_else(|| ServeError::Internal("the model produced no response".into()))
+    fn end(&mut self, answer: std::result::Result<Reply, oneshot::error::RecvError>) -> Next {
+        self.answered = true;
+        let name = &self.scheduler.spec().name;
+        Next::End(
+            answer.unwrap_or_else(|_| Err(ServeError::unavailable(format!("model '{name}' stopped before answering")))),
+        )
     }
 }
 
@@ -82,7 +135,16 @@ impl<'a> Call<'a> {
     /// Starts a call on `protocol`; the request counts in the protocol counters from here.
     pub fn new(state: &'a ServerState, protocol: Protocol, target: Target) -> Self {
         state.transport.request(protocol);
-        Self { state, protocol, start: Instant::now(), target, version: None, id: None, served: Served::default() }
+        Self {
+            state,
+            protocol,
+            start: Instant::now(),
+            target,
+            version: None,
+            id: None,
+            served: Served::default(),
+            running: None,
+        }
     }
 
     /// Finds the version the call goes to. Done before a request body is read, so an unknown model
@@ -100,9 +162,46 @@ impl<'a> Call<'a> {
         Ok(())
     }
 
-    /// Runs a decoded request on the resolved version and returns its responses. Dropping the
-    /// future (a client that went away) withdraws the request from the queue.
-    pub async fn run(&mut self, mut request: InferRequest) -> Result<Responses> {
+    /// The interface of the resolved version.
+    pub fn spec(&self) -> Result<Arc<crate::spec::ModelSpec>> {
+        match &self.version {
+            Some(mv) => Ok(mv.scheduler()?.spec().clone()),
+            None => Err(ServeError::Internal("a call was used before it was resolved".into())),
+        }
+    }
+
+    /// Whether the resolved version is decoupled (answers a request any number of times).
+    pub fn decoupled(&self) -> bool {
+        self.version.as_ref().and_then(|mv| mv.scheduler().ok()).is_some_and(|s| s.spec().decoupled)
+    }
+
+    /// Runs a decoded request whose call is answered once (HTTP infer, gRPC ModelInfer) and
+    /// returns that answer. A decoupled model must produce exactly one response here.
+    pub async fn run(&mut self, request: InferRequest) -> Result<InferResponse> {
+        self.start(request).await?;
+        let first = self.next().await;
+        if !self.decoupled() {
+            return first.unwrap_or_else(|| Err(ServeError::Internal("the model produced no response".into())));
+        }
+        let name = self.target.model.clone();
+        let stream_needed = |what: &str| {
+            ServeError::bad_request(format!(
+                "model '{name}' is decoupled and {what}; read its responses with gRPC ModelStreamInfer or \
+                 POST /v2/models/{name}/generate_stream"
+            ))
+        };
+        let first = first.unwrap_or_else(|| Err(stream_needed("sent no response to this request")))?;
+        match self.next().await {
+            None => Ok(first),
+            Some(Ok(_)) => Err(stream_needed("sent more than one response to this request")),
+            Some(Err(e)) => Err(e),
+        }
+    }
+
+    /// Queues a decoded request on the resolved version; its responses come from [`Call::next`].
+    /// Dropping the call (a client that went away) withdraws the request from the queue, or stops
+    /// a decoupled model at its next response.
+    pub async fn start(&mut self, mut request: InferRequest) -> Result<()> {
         self.id = request.id.clone();
         let mut mv = match &self.version {
             Some(mv) => mv.clone(),
@@ -115,24 +214,64 @@ impl<'a> Call<'a> {
             self.version = Some(mv.clone());
         }
         let scheduler = mv.scheduler()?;
-        let spec = scheduler.spec();
+        let spec = scheduler.spec().clone();
         request.check_supported(&spec.name)?;
         let options = request.queue_options(self.target.deadline)?;
         let validated = spec.validate(&mut request)?;
-        let reply = scheduler.submit_with(validated, options)?;
-        let mut waiting = Waiting { scheduler, reply, answered: false };
-        let answer = (&mut waiting.reply).await;
-        waiting.answered = true;
-        let executed = answer
-            .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
-        self.served =
-            Served { queue: executed.queue, compute: executed.phases.total(), batch_size: executed.batch_size };
-        let outputs = select_outputs(&request, executed.outputs);
-        Ok(Responses::one(InferResponse {
-            model_name: spec.name.clone(),
-            model_version: spec.version.to_string(),
-            id: request.id,
-            outputs,
+        let responses = if spec.decoupled {
+            let rx = scheduler.submit_stream(validated, options)?;
+            Responses::Stream(Stream { rx, produced_all: false, scheduler: scheduler.clone(), answered: false })
+        } else {
+            let reply = scheduler.submit_with(validated, options)?;
+            let mut waiting = Waiting { scheduler, reply, answered: false };
+            let answer = (&mut waiting.reply).await;
+            waiting.answered = true;
+            let executed = answer
+                .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
+            Responses::One(Some(executed))
+        };
+        self.running = Some(Running { responses, request, spec, sent: 0 });
+        Ok(())
+    }
+
+    /// The next response of the started request, in order; None after the last. An error ends
+    /// the responses.
+    pub async fn next(&mut self) -> Option<Result<InferResponse>> {
+        let running = self.running.as_mut()?;
+        let (outputs, executed) = match &mut running.responses {
+            Responses::One(executed) => {
+                let executed = executed.take()?;
+                (None, Some(Ok(executed)))
+            }
+            Responses::Stream(stream) => match stream.next().await {
+                Next::Response(outputs) => (Some(outputs), None),
+                Next::End(reply) => (None, Some(reply)),
+            },
+        };
+        let outputs = match (outputs, executed) {
+            (Some(outputs), _) => outputs,
+            (None, Some(Ok(executed))) => {
+                self.served =
+                    Served { queue: executed.queue, compute: executed.phases.total(), batch_size: executed.batch_size };
+                if matches!(running.responses, Responses::Stream(_)) {
+                    self.running = None;
+                    return None;
+                }
+                executed.outputs
+            }
+            (None, Some(Err(e))) => {
+                self.running = None;
+                return Some(Err(e));
+            }
+            (None, None) => return None,
+        };
+        running.sent += 1;
+        let request = &running.request;
+        Some(Ok(InferResponse {
+            model_name: running.spec.name.clone(),
+            model_version: running.spec.version.to_string(),
+            id: request.id.clone(),
+            outputs: select_outputs(request, outputs),
         }))
     }
 

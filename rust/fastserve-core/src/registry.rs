@@ -329,6 +329,7 @@ mod tests {
             version,
             platform: "test".into(),
             max_batch_size: 0,
+            decoupled: false,
             inputs: vec![TensorSpec::new("X", DataType::Fp32, vec![1])],
             outputs: vec![TensorSpec::new("X", DataType::Fp32, vec![1])],
         };

@@ -30,6 +30,9 @@ pub struct ModelSpec {
     pub platform: String,
     /// 0 disables batching: tensors carry no batch dimension.
     pub max_batch_size: usize,
+    /// Triton's decoupled transaction policy: each request runs alone and may get any number of
+    /// responses, each holding any of the declared outputs.
+    pub decoupled: bool,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
 }
@@ -152,6 +155,16 @@ impl ModelSpec {
     /// (names, datatypes, dims); a mismatch is the model's fault and fails the batch, so clients
     /// never receive tensors the model's metadata does not describe.
     pub fn check_outputs(&self, outputs: &[Tensor], rows: usize) -> Result<()> {
+        self.check_tensors(outputs, rows, true)
+    }
+
+    /// Checks one response of a decoupled model: as [`ModelSpec::check_outputs`], but a response
+    /// may carry any subset of the declared outputs (as Triton's decoupled responses do).
+    pub fn check_response(&self, outputs: &[Tensor], rows: usize) -> Result<()> {
+        self.check_tensors(outputs, rows, false)
+    }
+
+    fn check_tensors(&self, outputs: &[Tensor], rows: usize, all: bool) -> Result<()> {
         if let Some(extra) = outputs.iter().find(|t| self.output(&t.name).is_none()) {
             let declared: Vec<&str> = self.outputs.iter().map(|s| s.name.as_str()).collect();
             return Err(ServeError::ModelError(format!(
@@ -160,9 +173,15 @@ impl ModelSpec {
             )));
         }
         for spec in &self.outputs {
-            let t = outputs.iter().find(|t| t.name == spec.name).ok_or_else(|| {
-                ServeError::ModelError(format!("model '{}' did not return output '{}'", self.name, spec.name))
-            })?;
+            let Some(t) = outputs.iter().find(|t| t.name == spec.name) else {
+                if !all {
+                    continue;
+                }
+                return Err(ServeError::ModelError(format!(
+                    "model '{}' did not return output '{}'",
+                    self.name, spec.name
+                )));
+            };
             if t.datatype != spec.datatype {
                 return Err(ServeError::ModelError(format!(
                     "model '{}' returned output '{}' as {}, but it is declared {}",
@@ -214,6 +233,7 @@ mod tests {
             version: 1,
             platform: "python".into(),
             max_batch_size,
+            decoupled: false,
             inputs: vec![
                 TensorSpec::new("A", DataType::Fp32, vec![-1, 4]),
                 TensorSpec::new("B", DataType::Int32, vec![1]),

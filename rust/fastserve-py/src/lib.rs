@@ -106,6 +106,7 @@ impl CoreServer {
             version,
             platform,
             max_batch_size: options.max_batch_size,
+            decoupled: options.decoupled,
             inputs: tensor_specs("input", inputs)?,
             outputs: tensor_specs("output", outputs)?,
         });

@@ -72,8 +72,11 @@ impl InferenceService {
     ) -> Result<ModelInferResponse, ServeError> {
         call.resolve()?;
         let request = decode_request(request, &self.state.limits)?;
-        let encoded = encode_response(call.run(request).await?.single()?);
-        // Checked here so the client gets RESOURCE_EXHAUSTED with a reason, not a broken stream.
+        self.sized(encode_response(call.run(request).await?))
+    }
+
+    /// Checked here so the client gets RESOURCE_EXHAUSTED with a reason, not a broken stream.
+    fn sized(&self, encoded: ModelInferResponse) -> Result<ModelInferResponse, ServeError> {
         let size = encoded.encoded_len();
         if size > self.max_message_bytes {
             return Err(ServeError::PayloadTooLarge(format!(
@@ -82,6 +85,93 @@ impl InferenceService {
             )));
         }
         Ok(encoded)
+    }
+
+    /// One request of a `ModelStreamInfer` stream, answered on `tx` (every response of a
+    /// decoupled model, or an error message) and accounted for once. A client that cancels the
+    /// stream stops the request.
+    async fn stream_infer(&self, request: ModelInferRequest, transport: Transport, tx: &StreamSender) {
+        // An over-long id is refused, never echoed.
+        let id = if request.id.len() <= MAX_REQUEST_ID_BYTES { request.id.clone() } else { String::new() };
+        let echo = ModelInferResponse {
+            model_name: request.model_name.clone(),
+            model_version: request.model_version.clone(),
+            id,
+            ..Default::default()
+        };
+        let target = Target {
+            model: request.model_name.clone(),
+            version: Some(request.model_version.clone()),
+            routing_key: transport.routing_key,
+            request_id: None,
+            deadline: transport.deadline,
+        };
+        let mut call = Call::new(&self.state, Protocol::Grpc, target);
+        let mut decoupled = false;
+        let outcome = tokio::select! {
+            outcome = self.stream_on(&mut call, request, tx, &echo, &mut decoupled) => outcome,
+            _ = tx.closed() => Err(cancelled()),
+        };
+        if let Err(e) = &outcome {
+            if !matches!(e, ServeError::Cancelled(_)) {
+                let mut echo = echo;
+                if decoupled {
+                    set_final(&mut echo, true);
+                }
+                let answer = ModelStreamInferResponse { error_message: e.to_string(), infer_response: Some(echo) };
+                let _ = tx.send(Ok(answer)).await;
+            }
+        }
+        call.finish(outcome.as_ref().map(|_| ()));
+    }
+
+    /// Sends a request's responses as they come. A decoupled model's carry
+    /// `triton_final_response`: with `triton_enable_empty_final_response` each is sent at once
+    /// and an empty final response ends the request; without it each response is held until the
+    /// next one (or the end) shows whether it is the last, which then carries `true`.
+    async fn stream_on(
+        &self,
+        call: &mut Call<'_>,
+        request: ModelInferRequest,
+        tx: &StreamSender,
+        echo: &ModelInferResponse,
+        decoupled: &mut bool,
+    ) -> Result<(), ServeError> {
+        call.resolve()?;
+        let request = decode_request(request, &self.state.limits)?;
+        *decoupled = call.decoupled();
+        if !*decoupled {
+            return send(tx, self.sized(encode_response(call.run(request).await?))?).await;
+        }
+        let empty_final =
+            request.parameters.get(EMPTY_FINAL_RESPONSE).and_then(serde_json::Value::as_bool).unwrap_or(false);
+        call.start(request).await?;
+        let mut held: Option<ModelInferResponse> = None;
+        while let Some(response) = call.next().await {
+            let response = match response {
+                Ok(r) => self.sized(encode_response(r)),
+                Err(e) => Err(e),
+            };
+            let response = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    if let Some(previous) = held.take() {
+                        send(tx, with_final(previous, false)).await?;
+                    }
+                    return Err(e);
+                }
+            };
+            if empty_final {
+                send(tx, with_final(response, false)).await?;
+            } else if let Some(previous) = held.replace(response) {
+                send(tx, with_final(previous, false)).await?;
+            }
+        }
+        match held {
+            Some(last) => send(tx, with_final(last, true)).await,
+            None if empty_final => send(tx, with_final(echo.clone(), true)).await,
+            None => Ok(()),
+        }
     }
 
     /// Runs a repository call on a blocking thread: loading a model can take a long time.
@@ -95,6 +185,33 @@ impl InferenceService {
             .map_err(|e| Status::internal(format!("repository operation failed: {e}")))?
             .map_err(Status::from)
     }
+}
+
+/// Where a `ModelStreamInfer` call's responses go.
+type StreamSender = mpsc::Sender<Result<ModelStreamInferResponse, Status>>;
+
+/// Request parameter: end each decoupled request with an empty response flagged final.
+const EMPTY_FINAL_RESPONSE: &str = "triton_enable_empty_final_response";
+/// Response parameter: whether this is the request's last response.
+const FINAL_RESPONSE: &str = "triton_final_response";
+
+fn cancelled() -> ServeError {
+    ServeError::Cancelled("the client cancelled the stream".into())
+}
+
+async fn send(tx: &StreamSender, response: ModelInferResponse) -> Result<(), ServeError> {
+    let answer = ModelStreamInferResponse { error_message: String::new(), infer_response: Some(response) };
+    tx.send(Ok(answer)).await.map_err(|_| cancelled())
+}
+
+fn set_final(response: &mut ModelInferResponse, last: bool) {
+    let flag = InferParameter { parameter_choice: Some(infer_parameter::ParameterChoice::BoolParam(last)) };
+    response.parameters.insert(FINAL_RESPONSE.to_string(), flag);
+}
+
+fn with_final(mut response: ModelInferResponse, last: bool) -> ModelInferResponse {
+    set_final(&mut response, last);
+    response
 }
 
 /// What a call's metadata says: the client's deadline and routing key.
@@ -197,6 +314,19 @@ fn statistics(name: &str, version: u64, s: &ModelStats) -> ModelStatistics {
                 compute_output: duration(&b.compute_output),
             })
             .collect(),
+        response_stats: s
+            .response_indexes()
+            .into_iter()
+            .map(|(index, r)| {
+                let entry = InferResponseStatistics {
+                    compute_infer: duration(&r.compute_infer),
+                    success: duration(&r.success),
+                    fail: duration(&r.fail),
+                    cancel: duration(&r.cancel),
+                };
+                (index.to_string(), entry)
+            })
+            .collect(),
     }
 }
 
@@ -278,35 +408,7 @@ impl GrpcInferenceService for InferenceService {
                 match next {
                     Ok(Some(request)) => {
                         let (service, tx, transport) = (service.clone(), tx.clone(), transport.clone());
-                        tokio::spawn(async move {
-                            // An over-long id is refused, never echoed.
-                            let id = if request.id.len() <= MAX_REQUEST_ID_BYTES {
-                                request.id.clone()
-                            } else {
-                                String::new()
-                            };
-                            let echo = ModelInferResponse {
-                                model_name: request.model_name.clone(),
-                                model_version: request.model_version.clone(),
-                                id,
-                                ..Default::default()
-                            };
-                            // A cancelled stream withdraws its requests that have not run yet.
-                            let result = tokio::select! {
-                                result = service.infer(request, transport) => result,
-                                _ = tx.closed() => return,
-                            };
-                            let answer = match result {
-                                Ok(r) => {
-                                    ModelStreamInferResponse { error_message: String::new(), infer_response: Some(r) }
-                                }
-                                Err(e) => ModelStreamInferResponse {
-                                    error_message: e.to_string(),
-                                    infer_response: Some(echo),
-                                },
-                            };
-                            let _ = tx.send(Ok(answer)).await;
-                        });
+                        tokio::spawn(async move { service.stream_infer(request, transport, &tx).await });
                     }
                     Ok(None) => break,
                     Err(status) => {

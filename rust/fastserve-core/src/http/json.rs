@@ -461,7 +461,8 @@ fn strip_position(e: &serde_json::Error) -> String {
 }
 
 /// Serializes tensor data as a flat JSON array.
-struct JsonData<'a>(&'a Tensor);
+/// A tensor's elements as a flat JSON array.
+pub(crate) struct JsonData<'a>(pub(crate) &'a Tensor);
 
 impl Serialize for JsonData<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {

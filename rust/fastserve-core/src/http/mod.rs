@@ -1,5 +1,6 @@
 //! The KServe V2 REST front end on hyper (HTTP/1.1 and h2c).
 
+pub mod generate;
 pub mod json;
 
 use std::convert::Infallible;
@@ -13,14 +14,16 @@ use http::header::{
     WWW_AUTHENTICATE,
 };
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
 
 use crate::compression::Coding;
@@ -41,7 +44,15 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Requests with the same key reach the same version while routing weights stay unchanged.
 pub const ROUTING_KEY: &str = "x-routing-key";
 
-type Body = Full<Bytes>;
+/// A whole body, or Server-Sent Events as they are produced.
+type Body = Either<Full<Bytes>, StreamBody<ReceiverStream<std::result::Result<Frame<Bytes>, Infallible>>>>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Either::Left(Full::new(bytes.into()))
+}
+
+/// Events of one `generate_stream` response produced but not yet written to the client.
+const SSE_BUFFERED: usize = 4;
 
 /// Accepts connections until `shutdown` flips, then waits up to `drain` for open requests.
 /// With `tls`, every connection is a TLS one (the handshake runs in the connection's own task).
@@ -71,7 +82,7 @@ pub async fn serve_metrics(
             let resp = if req.method() == Method::GET && req.uri().path() == "/metrics" {
                 let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
                 let (body, content_type) = metrics::encode(&registry, accept);
-                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                let mut resp = Response::new(full(body));
                 resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
                 resp
             } else {
@@ -215,8 +226,12 @@ impl Req {
 
     /// Reads the whole body within the limits (see [`read_body`]).
     async fn read_body(&mut self, limits: &Limits) -> Result<Bytes> {
-        let body = self.body.take().ok_or_else(|| ServeError::Internal("the request body was already read".into()))?;
-        read_body(&self.parts, body, limits).await
+        let body = self.take_body()?;
+        read_body(declared_length(&self.parts), body, limits).await
+    }
+
+    fn take_body(&mut self) -> Result<Incoming> {
+        self.body.take().ok_or_else(|| ServeError::Internal("the request body was already read".into()))
     }
 }
 
@@ -249,7 +264,7 @@ async fn keep_alive_after_unread(
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
@@ -283,7 +298,7 @@ fn status_only(ok: bool) -> Response<Body> {
     json_response(if ok { StatusCode::OK } else { StatusCode::BAD_REQUEST }, Vec::new())
 }
 
-async fn route(state: &ServerState, req: &mut Req) -> Result<Response<Body>> {
+async fn route(state: &Arc<ServerState>, req: &mut Req) -> Result<Response<Body>> {
     let method = req.parts.method.clone();
     let path = req.parts.uri.path().to_string();
     state.auth.check(scope_of(&path), req.parts.headers.get(AUTHORIZATION).map(HeaderValue::as_bytes))?;
@@ -315,7 +330,15 @@ async fn route(state: &ServerState, req: &mut Req) -> Result<Response<Body>> {
                 ["infer"] if post => {
                     Ok(infer_endpoint(state, model, version, req).instrument(request_span(model)).await)
                 }
-                [] | ["ready"] | ["infer"] | ["stats"] | ["config"] => Err(method_not_allowed(&method, &path)),
+                ["generate"] if post => {
+                    Ok(generate_endpoint(state, model, version, req).instrument(request_span(model)).await)
+                }
+                ["generate_stream"] if post => {
+                    Ok(generate_stream_endpoint(state, model, version, req).instrument(request_span(model)).await)
+                }
+                [] | ["ready"] | ["infer"] | ["generate" | "generate_stream"] | ["stats"] | ["config"] => {
+                    Err(method_not_allowed(&method, &path))
+                }
                 _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
             }
         }
@@ -389,10 +412,9 @@ fn model_ready(state: &ServerState, model: &str, version: Option<&str>) -> Resul
 /// Reads a whole body within the limits: a declared length over `max_body_bytes` is refused before
 /// reading, a chunked one as soon as it passes it, and a body still arriving after
 /// `body_read_timeout` gets 408.
-async fn read_body(parts: &http::request::Parts, body: Incoming, limits: &Limits) -> Result<Bytes> {
+async fn read_body(declared: Option<u64>, body: Incoming, limits: &Limits) -> Result<Bytes> {
     let limit = limits.max_body_bytes;
     let too_large = || ServeError::PayloadTooLarge(format!("request body exceeds the limit of {limit} bytes"));
-    let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
@@ -412,6 +434,11 @@ async fn read_body(parts: &http::request::Parts, body: Incoming, limits: &Limits
     Ok(collected.to_bytes())
 }
 
+/// The body length a request declares (`Content-Length`).
+fn declared_length(parts: &http::request::Parts) -> Option<u64> {
+    parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Runs an infer request through the pipeline: resolved before the body is read (an unknown model
 /// is a 404 without reading it), decoded, run, encoded; accounted for once.
 async fn infer_endpoint(state: &ServerState, model: &str, version: Option<&str>, req: &mut Req) -> Response<Body> {
@@ -427,11 +454,7 @@ async fn infer_endpoint(state: &ServerState, model: &str, version: Option<&str>,
     let mut call = Call::new(state, protocol, target);
     let result = infer(state, &mut call, req).await;
     let id = call.finish(result.as_ref().map(|_| ()));
-    let mut resp = result.unwrap_or_else(|e| error_response(&e));
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
-    }
-    resp
+    with_request_id(result.unwrap_or_else(|e| error_response(&e)), &id)
 }
 
 /// Decodes the body (compressed, JSON or binary extension), runs it, encodes the answer.
@@ -453,7 +476,7 @@ async fn infer(state: &ServerState, call: &mut Call<'_>, req: &mut Req) -> Resul
         })?),
     };
     let request = parse_infer_request(&body, header_len, &state.limits)?;
-    let response = call.run(request).await?.single()?;
+    let response = call.run(request).await?;
     let (body, header_len) = encode_infer_response(&response);
     let coding = Coding::negotiate(header(ACCEPT_ENCODING));
     let body = match coding {
@@ -469,6 +492,152 @@ async fn infer(state: &ServerState, call: &mut Call<'_>, req: &mut Req) -> Resul
         resp.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static(c.as_str()));
     }
     Ok(resp)
+}
+
+/// Where a generate call goes, from its path and headers.
+fn generate_target(model: &str, version: Option<&str>, req: &Req) -> Target {
+    Target {
+        model: model.to_string(),
+        version: version.map(str::to_string),
+        routing_key: req.header(ROUTING_KEY).map(str::to_string),
+        request_id: req.header(REQUEST_ID).map(str::to_string),
+        deadline: None,
+    }
+}
+
+/// `POST .../generate`: one flat JSON request, one flat JSON response (a decoupled model must
+/// answer exactly once here, as on `infer`).
+async fn generate_endpoint(state: &ServerState, model: &str, version: Option<&str>, req: &mut Req) -> Response<Body> {
+    let mut call = Call::new(state, Protocol::Http, generate_target(model, version, req));
+    let result: Result<Response<Body>> = async {
+        call.resolve()?;
+        let body = req.read_body(&state.limits).await?;
+        let spec = call.spec()?;
+        let request = generate::parse_generate_request(&body, &spec, &state.limits)?;
+        let response = call.run(request).await?;
+        Ok(ok_json(&generate::generate_response(&response)))
+    }
+    .await;
+    let id = call.finish(result.as_ref().map(|_| ()));
+    with_request_id(result.unwrap_or_else(|e| error_response(&e)), &id)
+}
+
+/// `POST .../generate_stream`: the responses as Server-Sent Events, each written as soon as the
+/// model produces it. An error before the first event is an ordinary HTTP error; a later one is a
+/// last `data: {"error": ...}` event. A client that disconnects stops the model at its next
+/// response.
+async fn generate_stream_endpoint(
+    state: &Arc<ServerState>,
+    model: &str,
+    version: Option<&str>,
+    req: &mut Req,
+) -> Response<Body> {
+    let target = generate_target(model, version, req);
+    let request_id = target.request_id.clone();
+    let body = match req.take_body() {
+        Ok(body) => body,
+        Err(e) => return error_response(&e),
+    };
+    let (head_tx, head_rx) = oneshot::channel();
+    let (events_tx, events_rx) = mpsc::channel(SSE_BUFFERED);
+    let stream = EventStream { state: state.clone(), target, declared: declared_length(&req.parts), body };
+    tokio::spawn(stream.run(head_tx, events_tx).in_current_span());
+    let mut resp = match head_rx.await {
+        Ok(Ok(())) => {
+            let mut resp = Response::new(Either::Right(StreamBody::new(ReceiverStream::new(events_rx))));
+            let headers = resp.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            // Proxies such as nginx would otherwise hold events back.
+            headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+            resp
+        }
+        Ok(Err(e)) => error_response(&e),
+        Err(_) => error_response(&ServeError::Internal("the stream ended before it started".into())),
+    };
+    if let Some(id) = request_id {
+        resp = with_request_id(resp, &id);
+    }
+    resp
+}
+
+fn with_request_id(mut resp: Response<Body>, id: &str) -> Response<Body> {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+type EventSender = mpsc::Sender<std::result::Result<Frame<Bytes>, Infallible>>;
+
+/// One `generate_stream` call, run in its own task so its events outlive the handler.
+struct EventStream {
+    state: Arc<ServerState>,
+    target: Target,
+    declared: Option<u64>,
+    body: Incoming,
+}
+
+impl EventStream {
+    /// Starts the request and answers `head` with how it started (the first event, if any, is
+    /// already queued), then sends the rest of the events until the last, an error, or the client
+    /// going away; accounts for the call once.
+    async fn run(self, head: oneshot::Sender<Result<()>>, events: EventSender) {
+        let EventStream { state, target, declared, body } = self;
+        let mut call = Call::new(&state, Protocol::Http, target);
+        let started: Result<Option<crate::request::InferResponse>> = async {
+            call.resolve()?;
+            let body = read_body(declared, body, &state.limits).await?;
+            let spec = call.spec()?;
+            let request = generate::parse_generate_request(&body, &spec, &state.limits)?;
+            call.start(request).await?;
+            // The first response decides between an HTTP error and an event stream.
+            match call.next().await {
+                Some(Ok(first)) => Ok(Some(first)),
+                Some(Err(e)) => Err(e),
+                None => Ok(None),
+            }
+        }
+        .await;
+        let first = match started {
+            Ok(first) => first,
+            Err(e) => {
+                call.finish(Err(&e));
+                let _ = head.send(Err(e));
+                return;
+            }
+        };
+        let gone = || ServeError::Cancelled("the client closed the event stream".into());
+        if let Some(first) = first {
+            // The channel is empty and the handler holds its receiver until `head` is answered.
+            let _ = events.try_send(Ok(Frame::data(generate::sse_event(&generate::generate_response(&first)))));
+        }
+        if head.send(Ok(())).is_err() {
+            call.finish(Err(&gone()));
+            return;
+        }
+        let outcome = loop {
+            let next = tokio::select! {
+                next = call.next() => next,
+                _ = events.closed() => break Err(gone()),
+            };
+            let event = match next {
+                None => break Ok(()),
+                Some(Ok(response)) => generate::sse_event(&generate::generate_response(&response)),
+                Some(Err(e)) => {
+                    let _ = events
+                        .send(Ok(Frame::data(generate::sse_event(&serde_json::json!({ "error": e.to_string() })))))
+                        .await;
+                    break Err(e);
+                }
+            };
+            if events.send(Ok(Frame::data(event))).await.is_err() {
+                break Err(gone());
+            }
+        };
+        drop(events);
+        call.finish(outcome.as_ref().map(|_| ()));
+    }
 }
 
 /// Bound address, for logs.

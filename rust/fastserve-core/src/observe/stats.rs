@@ -15,7 +15,7 @@ pub const DURATION_BUCKETS_S: [f64; 16] =
     [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 /// Failure reasons, the `reason` label of `fastserve_request_failure_total`.
-pub const FAILURE_REASONS: [&str; 9] = [
+pub const FAILURE_REASONS: [&str; 10] = [
     "bad_request",
     "not_found",
     "unavailable",
@@ -24,6 +24,7 @@ pub const FAILURE_REASONS: [&str; 9] = [
     "timeout",
     "execution_timeout",
     "forbidden",
+    "cancelled",
     "internal",
 ];
 
@@ -102,7 +103,38 @@ pub struct BatchSlot {
     pub compute_output: Timed,
 }
 
-/// How long one batch spent in each compute phase.
+/// Response indexes of a decoupled model's streams with their own `response_stats` entry; later
+/// responses count in the totals and histograms only, so a long stream cannot grow the map.
+pub const MAX_RESPONSE_INDEXES: usize = 1024;
+
+/// The responses at one index of decoupled streams (Triton's `InferResponseStatistics`).
+#[derive(Default)]
+pub struct ResponseSlot {
+    /// The model's time to produce the response, from the previous one sent (or the start of
+    /// execution), not counting waits for the reader.
+    pub compute_infer: Timed,
+    /// Responses sent, with the time from the previous one sent (or the start of execution).
+    pub success: Timed,
+    /// Streams that ended with an error at this index.
+    pub fail: Timed,
+    /// Streams whose client went away after this many responses.
+    pub cancel: Timed,
+}
+
+/// How one response of a stream went, for [`ModelStats::record_response`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseTiming {
+    /// Its position in the stream (0: the first).
+    pub index: usize,
+    /// Producing it, from the previous response sent (or the start of execution).
+    pub compute: Duration,
+    /// Producing and handing it over, waits for a slow reader included.
+    pub total: Duration,
+    /// Since the request was queued (first response) or since the previous response was produced.
+    pub since: Duration,
+}
+
+/// How one batch spent in each compute phase.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Phases {
     pub input: Duration,
@@ -127,8 +159,11 @@ pub struct ModelStats {
     inference_count: AtomicU64,
     execution_count: AtomicU64,
     cancelled: AtomicU64,
+    responses: AtomicU64,
     instances_replaced: AtomicU64,
     last_inference_ms: AtomicU64,
+    /// Decoupled streams by response index (sparse, at most [`MAX_RESPONSE_INDEXES`]).
+    response_slots: RwLock<BTreeMap<usize, Arc<ResponseSlot>>>,
     /// Batch size → its slot, for the sizes seen so far: never sized by `max_batch_size`, so a
     /// large configured limit costs nothing until batches that large run.
     batches: RwLock<BTreeMap<usize, Arc<BatchSlot>>>,
@@ -138,6 +173,8 @@ pub struct ModelStats {
     pub compute_input_hist: Histogram,
     pub compute_infer_hist: Histogram,
     pub compute_output_hist: Histogram,
+    pub first_response_hist: Histogram,
+    pub inter_response_hist: Histogram,
 }
 
 impl Default for ModelStats {
@@ -159,8 +196,10 @@ impl ModelStats {
             inference_count: AtomicU64::new(0),
             execution_count: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            responses: AtomicU64::new(0),
             instances_replaced: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
+            response_slots: RwLock::default(),
             batches: RwLock::default(),
             histograms_on: AtomicBool::new(true),
             request_hist: Histogram::default(),
@@ -168,6 +207,8 @@ impl ModelStats {
             compute_input_hist: Histogram::default(),
             compute_infer_hist: Histogram::default(),
             compute_output_hist: Histogram::default(),
+            first_response_hist: Histogram::default(),
+            inter_response_hist: Histogram::default(),
         }
     }
 
@@ -230,13 +271,63 @@ impl ModelStats {
         }
     }
 
-    /// Queued requests dropped unrun because their client went away.
+    /// Requests whose client went away: dropped unrun from the queue, or streams stopped early.
     pub fn record_cancelled(&self, n: usize) {
         self.cancelled.fetch_add(n as u64, Relaxed);
     }
 
     pub fn cancelled(&self) -> u64 {
         self.cancelled.load(Relaxed)
+    }
+
+    /// Answers of ordinary requests (one each).
+    pub fn record_responses(&self, n: usize) {
+        self.responses.fetch_add(n as u64, Relaxed);
+    }
+
+    /// One response of a decoupled stream, handed to its front end.
+    pub fn record_response(&self, t: ResponseTiming) {
+        self.responses.fetch_add(1, Relaxed);
+        if self.histograms() {
+            let hist = if t.index == 0 { &self.first_response_hist } else { &self.inter_response_hist };
+            hist.observe(t.since);
+        }
+        if let Some(slot) = self.response_slot(t.index) {
+            slot.compute_infer.add(1, t.compute);
+            slot.success.add(1, t.total);
+        }
+    }
+
+    /// A decoupled stream that ended after `sent` responses: with an error, or cancelled.
+    pub fn record_stream_end(&self, sent: usize, outcome: Result<(), &ServeError>, elapsed: Duration) {
+        let Err(e) = outcome else { return };
+        if let Some(slot) = self.response_slot(sent) {
+            match e {
+                ServeError::Cancelled(_) => slot.cancel.add(1, elapsed),
+                _ => slot.fail.add(1, elapsed),
+            }
+        }
+    }
+
+    /// Responses sent, all models (ordinary requests count one each).
+    pub fn responses(&self) -> u64 {
+        self.responses.load(Relaxed)
+    }
+
+    fn response_slot(&self, index: usize) -> Option<Arc<ResponseSlot>> {
+        if index >= MAX_RESPONSE_INDEXES {
+            return None;
+        }
+        let seen = self.response_slots.read().unwrap_or_else(|p| p.into_inner()).get(&index).cloned();
+        Some(seen.unwrap_or_else(|| {
+            self.response_slots.write().unwrap_or_else(|p| p.into_inner()).entry(index).or_default().clone()
+        }))
+    }
+
+    /// `(response index, its statistics)` of decoupled streams so far, first response first.
+    pub fn response_indexes(&self) -> Vec<(usize, Arc<ResponseSlot>)> {
+        let slots = self.response_slots.read().unwrap_or_else(|p| p.into_inner());
+        slots.iter().map(|(&i, slot)| (i, slot.clone())).collect()
     }
 
     /// An instance abandoned after `execution_timeout_ms` and started afresh.
@@ -286,6 +377,19 @@ impl ModelStats {
             })
             .collect();
         let zero = json!({ "count": 0, "ns": 0 });
+        let response_stats: serde_json::Map<String, Value> = self
+            .response_indexes()
+            .into_iter()
+            .map(|(i, s)| {
+                let entry = json!({
+                    "compute_infer": s.compute_infer.json(),
+                    "success": s.success.json(),
+                    "fail": s.fail.json(),
+                    "cancel": s.cancel.json(),
+                });
+                (i.to_string(), entry)
+            })
+            .collect();
         json!({
             "name": name,
             "version": version.to_string(),
@@ -303,6 +407,7 @@ impl ModelStats {
                 "cache_miss": zero,
             },
             "batch_stats": batch_stats,
+            "response_stats": response_stats,
         })
     }
 }

@@ -9,13 +9,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use tokio::sync::oneshot;
 
 use super::plan::{concat_inputs, split_outputs};
 use super::queue::{Job, Msg};
 use super::watchdog::{self, Replies, Watch};
 use crate::error::{Result, ServeError};
-use crate::observe::stats::{ModelStats, Phases};
-use crate::request::Executed;
+use crate::observe::stats::{ModelStats, Phases, ResponseTiming};
+use crate::request::{Executed, Reply};
 use crate::spec::ModelSpec;
 use crate::tensor::Tensor;
 
@@ -24,6 +25,19 @@ pub trait Instance: Send + 'static {
     /// Runs one batch (batch dimension first when the model batches) and returns every output.
     /// Marking `clock` splits the time into input conversion, the model itself, and output reading.
     fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>>;
+
+    /// Runs one request of a decoupled model, handing each response to `emit` in order as it is
+    /// produced. An error from `emit` (the client went away, or the response is invalid) means
+    /// stop: the instance ends the model's work on that request and returns the error.
+    fn execute_stream(
+        &mut self,
+        inputs: Vec<Tensor>,
+        clock: &mut PhaseClock,
+        emit: &mut dyn FnMut(Vec<Tensor>) -> Result<()>,
+    ) -> Result<()> {
+        let outputs = self.execute(inputs, clock)?;
+        emit(outputs)
+    }
 }
 
 /// Creates a fresh instance for a seat (the index among the version's instances), to replace
@@ -220,19 +234,20 @@ pub(super) fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: 
 
 /// Runs one batch and answers its requests; false when the watchdog answered them first (the
 /// instance was abandoned as hung).
-pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, jobs: Vec<Job>) -> bool {
+pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, mut jobs: Vec<Job>) -> bool {
+    if seats.spec.decoupled {
+        return match jobs.pop() {
+            Some(job) => run_stream(instance, seats, id, seat, job),
+            None => true,
+        };
+    }
     let (spec, stats) = (&*seats.spec, &*seats.stats);
     let mut clock = PhaseClock::new();
     let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let total: usize = rows.iter().sum();
     let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
-    let replies: Replies = Arc::new(Mutex::new(Some(replies)));
-    lock(&seats.running).insert(id, replies.clone());
-    if let Some(watch) = &seats.watch {
-        let started = seats.clock.now();
-        let _ = watch.send(Watch::Started { id, seat, started, replies: replies.clone() });
-    }
+    let replies = started(seats, id, seat, replies);
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
         let inputs = if per_job.len() == 1 {
             per_job.pop().unwrap_or_default()
@@ -248,16 +263,13 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
             split_outputs(&outputs, &rows)
         }
     }))
-    .unwrap_or_else(|_| Err(ServeError::Internal(format!("model '{}' panicked while executing", spec.name))));
-    if let Some(watch) = &seats.watch {
-        let _ = watch.send(Watch::Finished { id });
-    }
-    lock(&seats.running).remove(&id);
-    let Some(replies) = watchdog::take(&replies) else { return false };
+    .unwrap_or_else(|_| Err(panicked(spec)));
+    let Some(replies) = finished(seats, id, &replies) else { return false };
     let phases = clock.phases(Instant::now());
     match result {
         Ok(outputs) => {
             stats.record_batch(total, &waits, phases);
+            stats.record_responses(replies.len());
             for ((reply, outputs), queue) in replies.into_iter().zip(outputs).zip(waits) {
                 let _ = reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
             }
@@ -268,6 +280,92 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
                 let _ = reply.send(Err(e.clone()));
             }
         }
+    }
+    true
+}
+
+/// Registers a batch as running (for the watchdog and a bounded shutdown); returns its reply slots.
+fn started(seats: &Seats, id: u64, seat: usize, replies: Vec<oneshot::Sender<Reply>>) -> Replies {
+    let replies: Replies = Arc::new(Mutex::new(Some(replies)));
+    lock(&seats.running).insert(id, replies.clone());
+    if let Some(watch) = &seats.watch {
+        let started = seats.clock.now();
+        let _ = watch.send(Watch::Started { id, seat, started, replies: replies.clone() });
+    }
+    replies
+}
+
+/// Unregisters a batch; its replies, unless the watchdog or a shutdown answered them first.
+fn finished(seats: &Seats, id: u64, replies: &Replies) -> Option<Vec<oneshot::Sender<Reply>>> {
+    if let Some(watch) = &seats.watch {
+        let _ = watch.send(Watch::Finished { id });
+    }
+    lock(&seats.running).remove(&id);
+    watchdog::take(replies)
+}
+
+fn panicked(spec: &ModelSpec) -> ServeError {
+    ServeError::Internal(format!("model '{}' panicked while executing", spec.name))
+}
+
+/// Runs one request of a decoupled model: each response is checked and handed to the request's
+/// bounded response channel as it is produced (waiting while the reader is behind), and the final
+/// answer says how it ended. A reader that went away stops the model at its next response.
+fn run_stream(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, job: Job) -> bool {
+    let (spec, stats) = (&*seats.spec, &*seats.stats);
+    let mut clock = PhaseClock::new();
+    let wait = clock.start.saturating_duration_since(job.enqueued);
+    let (rows, enqueued) = (job.rows, job.enqueued);
+    let replies = started(seats, id, seat, vec![job.reply]);
+    let mut sent = 0usize;
+    let result = match job.responses {
+        None => {
+            Err(ServeError::Internal(format!("a request to decoupled model '{}' has no response stream", spec.name)))
+        }
+        Some(tx) => {
+            // `last`: when the previous response was handed over (or execution started);
+            // `produced`: when it was produced (or the request was queued).
+            let (mut last, mut produced) = (clock.start, enqueued);
+            let mut emit = |outputs: Vec<Tensor>| -> Result<()> {
+                let now = Instant::now();
+                spec.check_response(&outputs, rows)?;
+                tx.blocking_send(outputs).map_err(|_| {
+                    ServeError::Cancelled(format!("the client of model '{}' went away mid-stream", spec.name))
+                })?;
+                let sent_at = Instant::now();
+                stats.record_response(ResponseTiming {
+                    index: sent,
+                    compute: now.saturating_duration_since(last),
+                    total: sent_at.saturating_duration_since(last),
+                    since: now.saturating_duration_since(produced),
+                });
+                (last, produced) = (sent_at, now);
+                sent += 1;
+                Ok(())
+            };
+            catch_unwind(AssertUnwindSafe(|| instance.execute_stream(job.inputs, &mut clock, &mut emit)))
+                .unwrap_or_else(|_| Err(panicked(spec)))
+        }
+    };
+    let Some(replies) = finished(seats, id, &replies) else { return false };
+    let end = Instant::now();
+    let phases = clock.phases(end);
+    stats.record_batch(rows, &[wait], phases);
+    stats.record_stream_end(sent, result.as_ref().map(|_| ()), end.saturating_duration_since(clock.start));
+    match &result {
+        Err(ServeError::Cancelled(_)) => stats.record_cancelled(1),
+        Err(e) => {
+            tracing::warn!(model = %spec.name, version = spec.version, responses = sent, error = %e, "stream failed")
+        }
+        Ok(()) => {}
+    }
+    for reply in replies {
+        let _ = reply.send(result.clone().map(|()| Executed {
+            outputs: Vec::new(),
+            queue: wait,
+            phases,
+            batch_size: rows,
+        }));
     }
     true
 }

@@ -25,12 +25,22 @@ pub use self::instance::{Instance, InstanceFactory, PhaseClock};
 pub use self::options::ModelOptions;
 use self::plan::BatchPolicy;
 pub use self::queue::QueueOptions;
-use self::queue::{Expiry, Job, Msg};
+use self::queue::{Expiry, Job, Msg, ResponseSender};
 use crate::error::{Result, ServeError};
 use crate::observe::stats::ModelStats;
 use crate::spec::{ModelSpec, ValidatedRequest};
 
 pub use crate::request::{Executed, Reply};
+
+/// Responses of one decoupled request produced but not yet read by its client; beyond this the
+/// model waits at its next `yield`.
+pub const STREAM_RESPONSES_BUFFERED: usize = 16;
+
+/// What a decoupled request's caller holds: its responses as they come, then its final answer.
+pub struct StreamReceiver {
+    pub responses: tokio::sync::mpsc::Receiver<Vec<crate::tensor::Tensor>>,
+    pub done: oneshot::Receiver<Reply>,
+}
 
 /// Queue settings beyond batching.
 #[derive(Debug, Clone)]
@@ -137,7 +147,12 @@ impl Scheduler {
             rx,
             idle_rx,
             batch_tx,
-            policy: config.policy.clone(),
+            // A decoupled model runs one request per execute(), whatever its max_batch_size.
+            policy: if spec.decoupled {
+                BatchPolicy { max_batch_size: 0, ..config.policy.clone() }
+            } else {
+                config.policy.clone()
+            },
             queued: queued.clone(),
             stats: stats.clone(),
             model: spec.name.clone(),
@@ -196,6 +211,24 @@ impl Scheduler {
     /// Queues a validated request; refuses at once when the queue is full, the version is
     /// closing, or the priority is out of range.
     pub fn submit_with(&self, request: ValidatedRequest, options: QueueOptions) -> Result<oneshot::Receiver<Reply>> {
+        self.enqueue(request, options, None)
+    }
+
+    /// Queues a request of a decoupled model: its responses arrive one by one on the returned
+    /// stream, at most [`STREAM_RESPONSES_BUFFERED`] ahead of the reader. Dropping the receiver
+    /// cancels the request (unrun if still queued; stopped at its next response if running).
+    pub fn submit_stream(&self, request: ValidatedRequest, options: QueueOptions) -> Result<StreamReceiver> {
+        let (tx, responses) = tokio::sync::mpsc::channel(STREAM_RESPONSES_BUFFERED);
+        let done = self.enqueue(request, options, Some(tx))?;
+        Ok(StreamReceiver { responses, done })
+    }
+
+    fn enqueue(
+        &self,
+        request: ValidatedRequest,
+        options: QueueOptions,
+        responses: Option<ResponseSender>,
+    ) -> Result<oneshot::Receiver<Reply>> {
         let level = self.level(options.priority)?;
         if self.closing.load(Ordering::Acquire) {
             return Err(self.closing_error());
@@ -219,7 +252,7 @@ impl Scheduler {
             (t, d) => t.or(d),
         };
         let (reply, rx) = oneshot::channel();
-        let job = Job { inputs: request.inputs, rows: request.rows, reply, enqueued, level, expires };
+        let job = Job { inputs: request.inputs, rows: request.rows, reply, responses, enqueued, level, expires };
         if self.tx.send(Msg::Job(job)).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(self.closing_error());
@@ -344,6 +377,7 @@ mod tests {
             version: 1,
             platform: "test".into(),
             max_batch_size,
+            decoupled: false,
             inputs: vec![TensorSpec::new("X", DataType::Fp32, dims.clone())],
             outputs: vec![TensorSpec::new("Y", DataType::Fp32, dims)],
         })

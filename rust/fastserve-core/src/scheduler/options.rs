@@ -29,6 +29,8 @@ options! {
         execution_timeout_ms: u64 = 0, range = 0..=86400000;
         /// hung instances left running (a thread cannot be killed) before the version is marked unavailable
         max_abandoned_instances: usize = 4, range = 0..=1024;
+        /// Triton's decoupled transaction policy: execute() is a generator and each yield is one response
+        decoupled: bool = false;
     }
 }
 

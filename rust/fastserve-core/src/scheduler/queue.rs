@@ -23,10 +23,17 @@ pub(super) enum Expiry {
     Deadline,
 }
 
+/// Where a decoupled model's responses go, one message per response; bounded, so a slow reader
+/// makes the model wait instead of the server buffering.
+pub type ResponseSender = tokio::sync::mpsc::Sender<Vec<Tensor>>;
+
 pub(super) struct Job {
     pub(super) inputs: Vec<Tensor>,
     pub(super) rows: usize,
+    /// The final answer: the outputs (none for a decoupled model, whose responses went to
+    /// `responses`) and how the request was served, or its error.
     pub(super) reply: oneshot::Sender<Reply>,
+    pub(super) responses: Option<ResponseSender>,
     pub(super) enqueued: Instant,
     /// 1 is served first.
     pub(super) level: u64,

@@ -180,8 +180,14 @@ impl Collector for ServerCollector {
         counter(
             e,
             "fastserve_request_cancelled",
-            "Queued requests dropped unrun because their client disconnected or cancelled.",
+            "Requests whose client disconnected or cancelled: dropped unrun from the queue, or streams stopped early.",
             &each(&|s| s.cancelled()),
+        )?;
+        counter(
+            e,
+            "fastserve_responses",
+            "Responses sent (one per ordinary request; any number per request of a decoupled model).",
+            &each(&|s| s.responses()),
         )?;
         counter(
             e,
@@ -223,6 +229,20 @@ impl Collector for ServerCollector {
         histogram(e, "fastserve_compute_output_duration_seconds", "Output conversion and split time.", &models, |s| {
             &s.compute_output_hist
         })?;
+        histogram(
+            e,
+            "fastserve_first_response_duration_seconds",
+            "Decoupled models: time from a request's arrival in the queue to its first response.",
+            &models,
+            |s| &s.first_response_hist,
+        )?;
+        histogram(
+            e,
+            "fastserve_inter_response_duration_seconds",
+            "Decoupled models: time between consecutive responses of a request.",
+            &models,
+            |s| &s.inter_response_hist,
+        )?;
         let mut m =
             e.encode_descriptor("fastserve_batch_size", "Rows per executed batch.", None, MetricType::Histogram)?;
         for (labels, stats, _) in &models {

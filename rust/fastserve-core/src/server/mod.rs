@@ -266,6 +266,7 @@ mod tests {
             version: 1,
             platform: "test".into(),
             max_batch_size: 0,
+            decoupled: false,
             inputs: vec![TensorSpec::new("X", DataType::Fp32, vec![4])],
             outputs: vec![TensorSpec::new("X", DataType::Fp32, vec![4])],
         };

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::error::Result;
 use crate::proto::{
     self, model_config, model_queue_policy, ModelConfig, ModelDynamicBatching, ModelInput, ModelOutput,
-    ModelQueuePolicy,
+    ModelQueuePolicy, ModelTransactionPolicy,
 };
 use crate::server::state::ServerState;
 use crate::spec::TensorSpec;
@@ -51,6 +51,7 @@ pub fn build(state: &ServerState, name: &str, version: Option<&str>) -> Result<M
                 }),
             })
         }),
+        model_transaction_policy: Some(ModelTransactionPolicy { decoupled: spec.decoupled }),
     })
 }
 
@@ -68,6 +69,9 @@ pub fn to_json(c: &ModelConfig) -> Value {
         "input": c.input.iter().map(|t| tensor(&t.name, t.data_type, &t.dims)).collect::<Vec<_>>(),
         "output": c.output.iter().map(|t| tensor(&t.name, t.data_type, &t.dims)).collect::<Vec<_>>(),
     });
+    if let Some(policy) = &c.model_transaction_policy {
+        out["model_transaction_policy"] = json!({ "decoupled": policy.decoupled });
+    }
     if let Some(model_config::SchedulingChoice::DynamicBatching(b)) = &c.scheduling_choice {
         let queue = b.default_queue_policy.as_ref().map(|q| {
             json!({

@@ -21,7 +21,7 @@ pub fn is_loopback(host: &str) -> bool {
 }
 
 /// Protocol extensions this server implements, as advertised in server metadata.
-pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics"];
+pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics", "generate"];
 
 /// V2 server metadata, the same over HTTP and gRPC.
 #[derive(Debug, Serialize)]
