@@ -10,6 +10,8 @@ mod instance;
 pub mod options;
 pub mod plan;
 mod queue;
+#[cfg(test)]
+mod stream_tests;
 pub mod watchdog;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
