@@ -182,7 +182,11 @@ def test_unload_drains_and_forgets_the_model() -> None:
 def test_embedded_repository_loading(tmp_path: Path) -> None:
     server = Server(http_port=0)
     statuses = server.load_repository(EXAMPLES)
-    assert {(s.name, s.version, s.ready) for s in statuses} == {("mlp", 1, True), ("echo", 1, True)}
+    assert {(s.name, s.version, s.ready) for s in statuses} == {
+        ("mlp", 1, True),
+        ("echo", 1, True),
+        ("textgen", 1, True),
+    }
     with server:
         r = infer_json(
             f"http://127.0.0.1:{server.http_port}",

@@ -254,7 +254,11 @@ def test_an_error_after_three_yields_gives_three_responses_and_an_error(served) 
     try:
         reader.client.async_stream_infer("fails", [n_input(1)], request_id="f")
         got = reader.until_final(1)
-        assert [(i, out, final) for i, out, final, _ in got[:3]] == [("f", [0], False), ("f", [1], False), ("f", [2], False)]
+        assert [(i, out, final) for i, out, final, _ in got[:3]] == [
+            ("f", [0], False),
+            ("f", [1], False),
+            ("f", [2], False),
+        ]
         assert len(got) == 4 and "boom after three" in (got[3][3] or "")
     finally:
         reader.close()
@@ -270,7 +274,11 @@ def test_grpc_stream_flags_the_last_response_of_each_request(served) -> None:
         # With empty final responses every response goes out at once and an empty one ends it.
         reader.client.async_stream_infer("acount", [n_input(2)], request_id="b", enable_empty_final_response=True)
         got = reader.until_final(1)
-        assert [(i, out, final) for i, out, final, _ in got] == [("b", [0], False), ("b", [10], False), ("b", None, True)]
+        assert [(i, out, final) for i, out, final, _ in got] == [
+            ("b", [0], False),
+            ("b", [10], False),
+            ("b", None, True),
+        ]
         reader.client.async_stream_infer("count", [n_input(0)], request_id="z", enable_empty_final_response=True)
         assert [(i, out, final) for i, out, final, _ in reader.until_final(1)] == [("z", None, True)]
     finally:
