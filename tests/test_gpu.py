@@ -4,6 +4,7 @@ which runs only where a CUDA device and the GPU packages are present and is skip
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -240,6 +241,38 @@ def test_cupy_model_round_trip(start_server, tmp_path: Path) -> None:
     assert r.status_code == 200, r.text
     outputs = {o["name"]: o["data"] for o in r.json()["outputs"]}
     assert outputs == {"Y": [2, 6, 6, 12], "TAG_OUT": ["a", "b"]}
+
+
+@needs_cupy
+def test_cupy_decoupled_model_streams_host_arrays(start_server, tmp_path: Path) -> None:
+    model = """
+        import cupy as cp
+
+        class Model:
+            def execute(self, inputs):
+                for i in range(3):
+                    yield {"Y": inputs["X"] * cp.float32(i)}
+    """
+    config = """
+        backend = "python"
+        device = "gpu"
+        [model_transaction_policy]
+        decoupled = true
+        [[input]]
+        name = "X"
+        datatype = "FP32"
+        dims = [2]
+        [[output]]
+        name = "Y"
+        datatype = "FP32"
+        dims = [2]
+    """
+    write_model(tmp_path, "cupy_stream", config, model)
+    server = start_server(tmp_path)
+    r = requests.post(f"{server.url}/v2/models/cupy_stream/generate_stream", json={"X": [1, 2]})
+    assert r.status_code == 200, r.text
+    events = [json.loads(line[len("data: ") :]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert [e["Y"] for e in events] == [[0, 0], [1, 2], [2, 4]]
 
 
 @needs_two_gpus

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import sys
+from collections.abc import Generator
 from types import ModuleType
 from typing import Any
 
@@ -52,18 +54,38 @@ class CupyInstance:
             self.stream = cupy.cuda.Stream(non_blocking=True)
 
     def execute(self, inputs: dict[str, np.ndarray]) -> Any:
-        """The model's outputs on the host: a dict of arrays, or whatever else the model returned."""
+        """The model's outputs on the host: a dict of arrays, a generator of such dicts (a decoupled
+        model), or whatever else the model returned."""
         cp = self.cupy
         with cp.cuda.Device(self.device_id), self.stream:
             on_device = {k: v if v.dtype == object else cp.asarray(v) for k, v in inputs.items()}
             outputs = self.model.execute(on_device)
-            if not isinstance(outputs, dict):
-                return outputs  # the Rust side reports the wrong type
-            result = {
-                k: cp.asnumpy(v, stream=self.stream) if isinstance(v, cp.ndarray) else v for k, v in outputs.items()
-            }
-            self.stream.synchronize()
+            if isinstance(outputs, dict):
+                return self._to_host(outputs)
+        if inspect.isgenerator(outputs):
+            return self._responses(outputs)
+        return outputs  # the Rust side reports the wrong type
+
+    def _to_host(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        cp = self.cupy
+        result = {k: cp.asnumpy(v, stream=self.stream) if isinstance(v, cp.ndarray) else v for k, v in outputs.items()}
+        self.stream.synchronize()
         return result
+
+    def _responses(self, responses: Generator[Any, Any, Any]) -> Generator[Any, None, None]:
+        """Each response of a decoupled model, produced on this instance's device and copied back;
+        closing this closes the model's generator (its ``finally`` runs)."""
+        try:
+            while True:
+                with self.cupy.cuda.Device(self.device_id), self.stream:
+                    try:
+                        response = next(responses)
+                    except StopIteration:
+                        return
+                    host = self._to_host(response) if isinstance(response, dict) else response
+                yield host
+        finally:
+            responses.close()
 
     def finalize(self) -> None:
         finalize = getattr(self.model, "finalize", None)
