@@ -459,3 +459,16 @@ def test_the_example_text_generator_streams_over_both_protocols(example_server: 
     # The same prompt gives the same text over both protocols.
     assert streamed == tokens
     assert (EXAMPLES / "textgen" / "config.toml").is_file()
+
+
+def test_stopping_the_server_ends_a_running_stream_within_the_drain_deadline() -> None:
+    endless = Endless()
+    server = Server(http_port=0, drain_timeout_s=0)
+    server.add_model("endless", endless, inputs=N_IN, outputs=OUT, decoupled=True)
+    server.start()
+    with requests.post(url(server, "/v2/models/endless/generate_stream"), json={"N": 1}, stream=True) as r:
+        events = sse(r)
+        assert next(events)["OUT"] == 0
+        # Nothing is left running: the generator was closed at a yield, its finally ran.
+        assert server.stop() == 0
+        assert endless.closed.get(timeout=HANG_GUARD_S) >= 1

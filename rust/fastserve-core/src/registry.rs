@@ -87,6 +87,10 @@ fn retire(version: Arc<ModelVersion>) {
         while (Arc::strong_count(&version) > 1 || Arc::strong_count(s) > 1) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
+        // A stream still running after that long is ended rather than waited for without bound.
+        if Arc::strong_count(s) > 1 {
+            s.end_streams();
+        }
     }
     version.shutdown(None);
 }
@@ -301,6 +305,17 @@ impl Registry {
     /// Removes every model, draining each until `deadline` (None: until every queued request
     /// ran); returns how many model threads were left running (stuck in a model). Called after
     /// the front ends stopped.
+    /// Ends the running streams of every version (see [`Scheduler::end_streams`]).
+    pub fn end_streams(&self) {
+        for entry in self.models.load().values() {
+            for v in entry.versions.values() {
+                if let VersionState::Ready(s) = &v.state {
+                    s.end_streams();
+                }
+            }
+        }
+    }
+
     pub fn shutdown(&self, deadline: Option<Instant>) -> usize {
         let all = self.update(std::mem::take);
         all.values().flat_map(|entry| entry.versions.values()).map(|v| v.shutdown(deadline)).sum()

@@ -86,6 +86,11 @@ pub(super) struct Worker {
 }
 
 impl Worker {
+    /// Waits until the thread finished or `at`, without joining it; true if it finished.
+    pub(super) fn finished_by(&self, at: Instant) -> bool {
+        matches!(self.done.recv_deadline(at), Err(RecvTimeoutError::Disconnected))
+    }
+
     /// Joins the thread if it finishes by `deadline` (None: however long it takes); else leaves it
     /// running and returns false.
     pub(super) fn join_by(self, deadline: Option<Instant>) -> bool {
@@ -126,6 +131,9 @@ pub(super) struct Seats {
     pub(super) wake: Sender<Msg>,
     /// What the watchdog measures execution time against.
     pub(super) clock: watchdog::Clock,
+    /// Set when running streams must end (a shutdown reached its deadline): each stops at its
+    /// next response, even one waiting for a slow reader.
+    pub(super) ending: tokio::sync::watch::Sender<bool>,
 }
 
 impl Seats {
@@ -326,12 +334,11 @@ fn run_stream(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, 
             // `last`: when the previous response was handed over (or execution started);
             // `produced`: when it was produced (or the request was queued).
             let (mut last, mut produced) = (clock.start, enqueued);
+            let mut sender = StreamSender { tx, ending: seats.ending.subscribe(), waiter: None };
             let mut emit = |outputs: Vec<Tensor>| -> Result<()> {
                 let now = Instant::now();
                 spec.check_response(&outputs, rows)?;
-                tx.blocking_send(outputs).map_err(|_| {
-                    ServeError::Cancelled(format!("the client of model '{}' went away mid-stream", spec.name))
-                })?;
+                sender.send(outputs, spec)?;
                 let sent_at = Instant::now();
                 stats.record_response(ResponseTiming {
                     index: sent,
@@ -368,4 +375,50 @@ fn run_stream(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, 
         }));
     }
     true
+}
+
+/// Hands a stream's responses to its reader from a model thread: at once while the bounded
+/// channel has room, else waiting for the reader, for the reader to go away, or for the version to
+/// end its streams, whichever comes first.
+struct StreamSender {
+    tx: super::queue::ResponseSender,
+    ending: tokio::sync::watch::Receiver<bool>,
+    /// Runs the wait for a slow reader; made the first time one is needed.
+    waiter: Option<tokio::runtime::Runtime>,
+}
+
+impl StreamSender {
+    fn send(&mut self, outputs: Vec<Tensor>, spec: &ModelSpec) -> Result<()> {
+        use tokio::sync::mpsc::error::TrySendError;
+        let gone = || ServeError::Cancelled(format!("the client of model '{}' went away mid-stream", spec.name));
+        let ended = || {
+            ServeError::unavailable(format!(
+                "model '{}' version {} stopped while streaming: the server is shutting down or the \
+                 version was unloaded",
+                spec.name, spec.version
+            ))
+        };
+        if *self.ending.borrow() {
+            return Err(ended());
+        }
+        let outputs = match self.tx.try_send(outputs) {
+            Ok(()) => return Ok(()),
+            Err(TrySendError::Closed(_)) => return Err(gone()),
+            Err(TrySendError::Full(outputs)) => outputs,
+        };
+        if self.waiter.is_none() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .map_err(|e| ServeError::Internal(format!("cannot wait for a stream's reader: {e}")))?;
+            self.waiter = Some(runtime);
+        }
+        let Some(waiter) = &self.waiter else { return Err(ServeError::Internal("no stream waiter".into())) };
+        let (tx, ending) = (&self.tx, &mut self.ending);
+        waiter.block_on(async {
+            tokio::select! {
+                sent = tx.send(outputs) => sent.map_err(|_| gone()),
+                _ = ending.wait_for(|&e| e) => Err(ended()),
+            }
+        })
+    }
 }

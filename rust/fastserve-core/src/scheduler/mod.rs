@@ -140,6 +140,7 @@ impl Scheduler {
             broken: OnceLock::new(),
             wake: tx.clone(),
             clock: config.clock.clone(),
+            ending: tokio::sync::watch::channel(false).0,
         });
         for (seat, instance) in instances.into_iter().enumerate() {
             seats.spawn(seat, instance)?;
@@ -280,6 +281,12 @@ impl Scheduler {
         let _ = self.tx.send(Msg::Wake);
     }
 
+    /// Ends the streams of a decoupled model running now or later: each stops at its next
+    /// response with an error (the model's generator is closed). Ordinary batches are not affected.
+    pub fn end_streams(&self) {
+        self.seats.ending.send_replace(true);
+    }
+
     fn closing_error(&self) -> ServeError {
         ServeError::unavailable(format!("model '{}' version {} is unloading", self.spec.name, self.spec.version))
     }
@@ -290,7 +297,7 @@ impl Scheduler {
     }
 
     /// As [`Scheduler::shutdown`], bounded by `deadline`: requests still queued then are answered
-    /// 503 unrun, and threads still running [`SHUTDOWN_GRACE`] after it (a stuck `execute` or
+    /// 503 unrun, streams still running are ended at their next response, and threads still running [`SHUTDOWN_GRACE`] after it (a stuck `execute` or
     /// `finalize`) are abandoned, their requests answered 503. Returns how many model threads
     /// are left running, including instances abandoned earlier as hung.
     pub fn shutdown_by(&self, deadline: Option<Instant>) -> usize {
@@ -306,6 +313,12 @@ impl Scheduler {
             }
         }
         let instances = std::mem::take(&mut *lock(&self.seats.threads));
+        // Streams still running at the deadline are ended, so their threads can return.
+        if let Some(at) = deadline {
+            if !instances.iter().all(|(_, worker)| worker.finished_by(at)) {
+                self.end_streams();
+            }
+        }
         for (id, worker) in instances {
             if !worker.join_by(give_up) {
                 self.seats.abandoned.fetch_add(1, Ordering::AcqRel);

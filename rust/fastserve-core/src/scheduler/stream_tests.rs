@@ -160,3 +160,16 @@ async fn a_batching_decoupled_model_runs_one_request_per_execution() {
     assert_eq!(rows, vec![1, 1, 1, 1]);
     assert_eq!(f.scheduler.stats().execution_count(), 4);
 }
+
+#[tokio::test]
+async fn a_bounded_shutdown_ends_a_stream_waiting_for_its_reader() {
+    let f = start(true, 0);
+    let rx = f.scheduler.submit_stream(n(0, false), QueueOptions::default()).unwrap();
+    wait_for("a full buffer", || rx.responses.len() == STREAM_RESPONSES_BUFFERED);
+    // The model waits for a reader that never reads; the deadline (already passed) ends it.
+    assert_eq!(f.scheduler.shutdown_by(Some(Instant::now())), 0);
+    let (_, ended) = f.ended.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(matches!(&ended, Err(ServeError::Unavailable(m)) if m.contains("stopped while streaming")), "{ended:?}");
+    let answer = rx.done.await.unwrap();
+    assert!(matches!(answer, Err(ServeError::Unavailable(_))), "{answer:?}");
+}

@@ -199,6 +199,12 @@ impl Server {
         let abandoned = match running {
             Some(r) => {
                 let _ = r.shutdown.send(true);
+                // Streams still running at the deadline end then, so their connections can close.
+                let state = self.state.clone();
+                r.runtime.spawn(async move {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await;
+                    state.registry.end_streams();
+                });
                 // Both front ends drain their open requests before the models are stopped.
                 let until = tokio::time::Instant::from_std(deadline + SHUTDOWN_GRACE);
                 for task in r.tasks {
