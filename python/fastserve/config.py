@@ -158,6 +158,8 @@ class ModelConfig:
     max_abandoned_instances: int = model_default("max_abandoned_instances")
     # [model_transaction_policy] decoupled: execute() yields any number of responses per request.
     decoupled: bool = model_default("decoupled")
+    # [sequence_batching] as written (Triton's keys); the core checks and runs it.
+    sequence_batching: dict[str, Any] | None = None
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
@@ -389,6 +391,16 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     policy = dict(_take(table, "model_transaction_policy", dict, "", {}))
     cfg.decoupled = _take(policy, "decoupled", bool, "[model_transaction_policy] ", cfg.decoupled)
     _no_leftovers(policy, "[model_transaction_policy]")
+    if "sequence_batching" in table and "dynamic_batching" in table:
+        raise ConfigError("set [dynamic_batching] or [sequence_batching], not both (as Triton's scheduling choice)")
+    cfg.sequence_batching = _take(table, "sequence_batching", dict, "")
+    if cfg.sequence_batching is not None:
+        if cfg.decoupled:
+            raise ConfigError("[sequence_batching] does not work with a decoupled model")
+        try:
+            _core.check_model_options({"sequence_batching": cfg.sequence_batching})
+        except ValueError as e:
+            raise ConfigError(f"[sequence_batching] {e}") from None
     cfg.dynamic_batching = _dynamic_batching(dict(_take(table, "dynamic_batching", dict, "", {})))
     cfg.instance_group = _instance_group(dict(_take(table, "instance_group", dict, "", {})), cfg.device)
     cfg.version_policy = _version_policy(dict(_take(table, "version_policy", dict, "", {})))
@@ -401,6 +413,16 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     cfg.parameters = dict(_take(table, "parameters", dict, "", {}))
     _no_leftovers(table, "")
     return cfg
+
+
+def sequence_tensors(sequence_batching: dict[str, Any] | None) -> tuple[set[str], set[str]]:
+    """The model inputs the sequence batcher fills (control and state inputs) and the state
+    outputs it takes back: the model has them, its clients never see them."""
+    if not sequence_batching:
+        return set(), set()
+    controls = {str(c.get("name")) for c in sequence_batching.get("control_input", []) if isinstance(c, dict)}
+    states = [s for s in sequence_batching.get("state", []) if isinstance(s, dict)]
+    return controls | {str(s.get("input_name")) for s in states}, {str(s.get("output_name")) for s in states}
 
 
 def parameter_int(parameters: dict[str, Any], key: str, default: int) -> int:

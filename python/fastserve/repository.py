@@ -34,7 +34,7 @@ from .backends import (
     release_version,
     set_module,
 )
-from .config import I64_MAX, ConfigError, ModelConfig, check_batch_sizes, parse_config
+from .config import I64_MAX, ConfigError, ModelConfig, check_batch_sizes, parse_config, sequence_tensors
 from .warmup import run_warmup
 
 if sys.version_info >= (3, 11):
@@ -424,13 +424,16 @@ class ModelRepository:
             "execution_timeout_ms": config.execution_timeout_ms,
             "max_abandoned_instances": config.max_abandoned_instances,
             "decoupled": config.decoupled,
+            "sequence_batching": config.sequence_batching,
         }
+        # A model file (ONNX) lists the sequence batcher's control and state tensors too.
+        hidden_inputs, hidden_outputs = sequence_tensors(config.sequence_batching)
         self.core.add_model(
             name,
             b.version,
             b.loaded.platform,
-            [t.as_tuple() for t in b.loaded.inputs],
-            [t.as_tuple() for t in b.loaded.outputs],
+            [t.as_tuple() for t in b.loaded.inputs if t.name not in hidden_inputs],
+            [t.as_tuple() for t in b.loaded.outputs if t.name not in hidden_outputs],
             b.loaded.instances,
             options,
             _replacement(b.ctx) if config.execution_timeout_ms > 0 else None,

@@ -80,8 +80,10 @@ class Server:
         ``default_queue_timeout_us``, ``priority_levels``, ``default_priority_level``,
         ``execution_timeout_ms`` (a batch running longer fails and its instance is replaced) and
         ``max_abandoned_instances`` (hung instances left running before the version is marked
-        unavailable: a thread cannot be killed) and ``decoupled`` (``execute`` is a generator or
-        an async generator and each ``yield`` is one response, streamed to the client).
+        unavailable: a thread cannot be killed), ``decoupled`` (``execute`` is a generator or
+        an async generator and each ``yield`` is one response, streamed to the client) and
+        ``sequence_batching`` (a dict of the ``config.toml`` ``[sequence_batching]`` table: stateful
+        models whose requests carry sequence ids).
         """
         if not hasattr(model, "execute") and not callable(model):
             raise TypeError(f"model '{name}': {type(model).__name__} has no execute(inputs) method")

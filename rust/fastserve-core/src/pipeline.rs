@@ -19,7 +19,7 @@ use crate::registry::ModelVersion;
 use crate::request::{
     check_request_id, Executed, InferRequest, InferResponse, Reply, ResponseOutput, MAX_REQUEST_ID_BYTES,
 };
-use crate::scheduler::{Scheduler, StreamReceiver};
+use crate::scheduler::{QueueOptions, Scheduler, StreamReceiver};
 use crate::server::state::ServerState;
 
 /// What a front end knows of a call before its request is decoded: where it goes and what its
@@ -74,7 +74,8 @@ struct Running {
 /// one. Dropping them before the end cancels the request (unrun if still queued; a running
 /// decoupled model is stopped at its next response).
 enum Responses {
-    One(Option<Executed>),
+    /// An ordinary request: its one answer, awaited by the first `next`.
+    One(Option<Pending>),
     Stream(Stream),
 }
 
@@ -178,7 +179,7 @@ impl<'a> Call<'a> {
     /// Runs a decoded request whose call is answered once (HTTP infer, gRPC ModelInfer) and
     /// returns that answer. A decoupled model must produce exactly one response here.
     pub async fn run(&mut self, request: InferRequest) -> Result<InferResponse> {
-        self.start(request).await?;
+        self.start(request)?;
         let first = self.next().await;
         if !self.decoupled() {
             return first.unwrap_or_else(|| Err(ServeError::Internal("the model produced no response".into())));
@@ -198,10 +199,11 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// Queues a decoded request on the resolved version; its responses come from [`Call::next`].
-    /// Dropping the call (a client that went away) withdraws the request from the queue, or stops
-    /// a decoupled model at its next response.
-    pub async fn start(&mut self, mut request: InferRequest) -> Result<()> {
+    /// Queues a decoded request on the resolved version (at once: requests queued one after the
+    /// other keep their order); its responses come from [`Call::next`]. Dropping the call (a
+    /// client that went away) withdraws the request from the queue, or stops a decoupled model at
+    /// its next response.
+    pub fn start(&mut self, mut request: InferRequest) -> Result<()> {
         self.id = request.id.clone();
         let mut mv = match &self.version {
             Some(mv) => mv.clone(),
@@ -215,20 +217,15 @@ impl<'a> Call<'a> {
         }
         let scheduler = mv.scheduler()?;
         let spec = scheduler.spec().clone();
-        request.check_supported(&spec.name)?;
-        let options = request.queue_options(self.target.deadline)?;
+        let sequence = request.check_supported(&spec.name, scheduler.config().sequence.is_some())?;
+        let options = QueueOptions { sequence, ..request.queue_options(self.target.deadline)? };
         let validated = spec.validate(&mut request)?;
         let responses = if spec.decoupled {
             let rx = scheduler.submit_stream(validated, options)?;
             Responses::Stream(Stream { rx, produced_all: false, scheduler: scheduler.clone(), answered: false })
         } else {
             let reply = scheduler.submit_with(validated, options)?;
-            let mut waiting = Waiting { scheduler, reply, answered: false };
-            let answer = (&mut waiting.reply).await;
-            waiting.answered = true;
-            let executed = answer
-                .map_err(|_| ServeError::unavailable(format!("model '{}' stopped before answering", spec.name)))??;
-            Responses::One(Some(executed))
+            Responses::One(Some(Pending { scheduler: scheduler.clone(), reply, answered: false }))
         };
         self.running = Some(Running { responses, request, spec, sent: 0 });
         Ok(())
@@ -239,9 +236,9 @@ impl<'a> Call<'a> {
     pub async fn next(&mut self) -> Option<Result<InferResponse>> {
         let running = self.running.as_mut()?;
         let (outputs, executed) = match &mut running.responses {
-            Responses::One(executed) => {
-                let executed = executed.take()?;
-                (None, Some(Ok(executed)))
+            Responses::One(pending) => {
+                let pending = pending.take()?;
+                (None, Some(pending.answer().await))
             }
             Responses::Stream(stream) => match stream.next().await {
                 Next::Response(outputs) => (Some(outputs), None),
@@ -332,16 +329,25 @@ fn select_outputs(request: &InferRequest, outputs: Vec<crate::tensor::Tensor>) -
         .collect()
 }
 
-/// Held while a request waits for its answer: dropped unanswered (the client went away), it tells
-/// the scheduler at once, so the request leaves the queue and its slot frees without waiting for
-/// the next batch.
-struct Waiting<'a> {
-    scheduler: &'a Scheduler,
+/// An ordinary request's answer to come. Dropped unanswered (the client went away), it tells the
+/// scheduler at once, so the request leaves the queue and its slot frees without waiting for the
+/// next batch.
+struct Pending {
+    scheduler: Arc<Scheduler>,
     reply: oneshot::Receiver<Reply>,
     answered: bool,
 }
 
-impl Drop for Waiting<'_> {
+impl Pending {
+    async fn answer(mut self) -> Result<Executed> {
+        let answer = (&mut self.reply).await;
+        self.answered = true;
+        let name = &self.scheduler.spec().name;
+        answer.map_err(|_| ServeError::unavailable(format!("model '{name}' stopped before answering")))?
+    }
+}
+
+impl Drop for Pending {
     fn drop(&mut self) {
         if !self.answered {
             self.reply.close();

@@ -22,7 +22,7 @@ pub struct Executed {
 pub type Reply = Result<Executed>;
 
 /// What a request asks of the queue, from its V2 parameters and its transport.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct QueueOptions {
     /// `parameters.timeout`: replaces the model's default queue timeout.
     pub timeout: Option<Duration>,
@@ -30,6 +30,34 @@ pub struct QueueOptions {
     pub deadline: Option<Instant>,
     /// `parameters.priority`: 1 is the highest; None uses the model's default level.
     pub priority: Option<u64>,
+    /// The sequence the request belongs to (models with sequence batching only).
+    pub sequence: Option<SequenceTag>,
+}
+
+/// A sequence's correlation id: `sequence_id` as an unsigned integer or a string, as Triton's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SequenceId {
+    Number(u64),
+    Text(String),
+}
+
+impl std::fmt::Display for SequenceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Number(n) => write!(f, "{n}"),
+            Self::Text(s) => write!(f, "'{s}'"),
+        }
+    }
+}
+
+/// A request's place in its sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceTag {
+    pub id: SequenceId,
+    /// `sequence_start`: the sequence's first request (its state starts afresh).
+    pub start: bool,
+    /// `sequence_end`: its last request (its slot and state are released after it).
+    pub end: bool,
 }
 
 /// Free-form V2 `parameters`.
@@ -72,27 +100,83 @@ pub struct InferRequest {
 
 impl InferRequest {
     /// Refuses what the request asks for but the model cannot honor, instead of ignoring it: an
-    /// over-long id, or a sequence (correlation id, start/end flags) on a model without sequence
-    /// batching, whose requests would otherwise be answered as unrelated ones.
-    pub fn check_supported(&self, model: &str) -> Result<()> {
+    /// over-long id, a sequence (correlation id, start/end flags) on a model without sequence
+    /// batching, whose requests would otherwise be answered as unrelated ones, or a request without
+    /// a sequence to a model with it. Returns the request's sequence.
+    pub fn check_supported(&self, model: &str, sequence_batching: bool) -> Result<Option<SequenceTag>> {
         if let Some(id) = &self.id {
             check_request_id(id)?;
         }
-        for name in SEQUENCE_PARAMETERS {
-            let set = match self.parameters.get(name) {
-                None | Some(Value::Null | Value::Bool(false)) => false,
-                Some(Value::Number(n)) => n.as_u64() != Some(0),
-                Some(Value::String(s)) => !s.is_empty(),
-                Some(_) => true,
-            };
-            if set {
+        if !sequence_batching {
+            if let Some(name) = SEQUENCE_PARAMETERS.into_iter().find(|&n| self.flag_set(n)) {
                 return Err(ServeError::bad_request(format!(
                     "inference request to model '{model}' sets parameter '{name}', but the model is not \
                      configured for sequence batching"
                 )));
             }
+            return Ok(None);
         }
-        Ok(())
+        match self.sequence()? {
+            Some(tag) => Ok(Some(tag)),
+            None => Err(ServeError::bad_request(format!(
+                "model '{model}' uses sequence batching: every request needs parameter 'sequence_id' (and \
+                 'sequence_start' = true on a sequence's first request)"
+            ))),
+        }
+    }
+
+    fn flag_set(&self, name: &str) -> bool {
+        match self.parameters.get(name) {
+            None | Some(Value::Null | Value::Bool(false)) => false,
+            Some(Value::Number(n)) => n.as_u64() != Some(0),
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(_) => true,
+        }
+    }
+
+    /// The request's sequence from `sequence_id` (an unsigned integer or a string; 0 or "" is
+    /// none), `sequence_start` and `sequence_end` (booleans).
+    pub fn sequence(&self) -> Result<Option<SequenceTag>> {
+        let flag = |name: &str| match self.parameters.get(name) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(v) => Err(ServeError::bad_request(format!("parameter '{name}' must be a boolean, got {v}"))),
+        };
+        let (start, end) = (flag("sequence_start")?, flag("sequence_end")?);
+        let id = match self.parameters.get("sequence_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(0) => None,
+                Some(n) => Some(SequenceId::Number(n)),
+                None => {
+                    return Err(ServeError::bad_request(format!(
+                        "parameter 'sequence_id' must be an unsigned 64-bit integer or a string, got {n}"
+                    )))
+                }
+            },
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => {
+                check_request_id(s).map_err(|_| {
+                    ServeError::bad_request(format!(
+                        "parameter 'sequence_id' has {} bytes, over the limit of {MAX_REQUEST_ID_BYTES}",
+                        s.len()
+                    ))
+                })?;
+                Some(SequenceId::Text(s.clone()))
+            }
+            Some(v) => {
+                return Err(ServeError::bad_request(format!(
+                    "parameter 'sequence_id' must be an unsigned 64-bit integer or a string, got {v}"
+                )))
+            }
+        };
+        match id {
+            Some(id) => Ok(Some(SequenceTag { id, start, end })),
+            None if start || end => {
+                Err(ServeError::bad_request("parameters 'sequence_start' and 'sequence_end' need a 'sequence_id'"))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Request-level `binary_data_output`: every output comes back binary unless it says otherwise.
@@ -105,7 +189,7 @@ impl InferRequest {
     pub fn queue_options(&self, deadline: Option<Instant>) -> Result<QueueOptions> {
         let timeout = self.unsigned_parameter("timeout")?.filter(|&us| us > 0).map(Duration::from_micros);
         let priority = self.unsigned_parameter("priority")?;
-        Ok(QueueOptions { timeout, deadline, priority })
+        Ok(QueueOptions { timeout, deadline, priority, sequence: None })
     }
 
     fn unsigned_parameter(&self, name: &str) -> Result<Option<u64>> {

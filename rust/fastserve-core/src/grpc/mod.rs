@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -90,7 +90,14 @@ impl InferenceService {
     /// One request of a `ModelStreamInfer` stream, answered on `tx` (every response of a
     /// decoupled model, or an error message) and accounted for once. A client that cancels the
     /// stream stops the request.
-    async fn stream_infer(&self, request: ModelInferRequest, transport: Transport, tx: &StreamSender) {
+    /// `queued` is dropped once the request is in its model's queue (or failed before it).
+    async fn stream_infer(
+        &self,
+        request: ModelInferRequest,
+        transport: Transport,
+        tx: &StreamSender,
+        queued: oneshot::Sender<()>,
+    ) {
         // An over-long id is refused, never echoed.
         let id = if request.id.len() <= MAX_REQUEST_ID_BYTES { request.id.clone() } else { String::new() };
         let echo = ModelInferResponse {
@@ -109,7 +116,7 @@ impl InferenceService {
         let mut call = Call::new(&self.state, Protocol::Grpc, target);
         let mut decoupled = false;
         let outcome = tokio::select! {
-            outcome = self.stream_on(&mut call, request, tx, &echo, &mut decoupled) => outcome,
+            outcome = self.stream_on(&mut call, request, tx, &echo, &mut decoupled, queued) => outcome,
             _ = tx.closed() => Err(cancelled()),
         };
         if let Err(e) = &outcome {
@@ -136,16 +143,19 @@ impl InferenceService {
         tx: &StreamSender,
         echo: &ModelInferResponse,
         decoupled: &mut bool,
+        queued: oneshot::Sender<()>,
     ) -> Result<(), ServeError> {
         call.resolve()?;
         let request = decode_request(request, &self.state.limits)?;
         *decoupled = call.decoupled();
-        if !*decoupled {
-            return send(tx, self.sized(encode_response(call.run(request).await?))?).await;
-        }
         let empty_final =
             request.parameters.get(EMPTY_FINAL_RESPONSE).and_then(serde_json::Value::as_bool).unwrap_or(false);
-        call.start(request).await?;
+        call.start(request)?;
+        drop(queued);
+        if !*decoupled {
+            let response = call.next().await.unwrap_or_else(|| Err(ServeError::Internal("no response".into())))?;
+            return send(tx, self.sized(encode_response(response))?).await;
+        }
         let mut held: Option<ModelInferResponse> = None;
         while let Some(response) = call.next().await {
             let response = match response {
@@ -408,7 +418,13 @@ impl GrpcInferenceService for InferenceService {
                 match next {
                     Ok(Some(request)) => {
                         let (service, tx, transport) = (service.clone(), tx.clone(), transport.clone());
-                        tokio::spawn(async move { service.stream_infer(request, transport, &tx).await });
+                        // Requests of a sequence must reach their queue in the order they came.
+                        let ordered = request.parameters.contains_key("sequence_id");
+                        let (queued, in_queue) = oneshot::channel();
+                        tokio::spawn(async move { service.stream_infer(request, transport, &tx, queued).await });
+                        if ordered {
+                            let _ = in_queue.await;
+                        }
                     }
                     Ok(None) => break,
                     Err(status) => {

@@ -590,7 +590,7 @@ impl EventStream {
             let body = read_body(declared, body, &state.limits).await?;
             let spec = call.spec()?;
             let request = generate::parse_generate_request(&body, &spec, &state.limits)?;
-            call.start(request).await?;
+            call.start(request)?;
             // The first response decides between an HTTP error and an event stream.
             match call.next().await {
                 Some(Ok(first)) => Ok(Some(first)),

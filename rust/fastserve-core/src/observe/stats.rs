@@ -160,6 +160,8 @@ pub struct ModelStats {
     execution_count: AtomicU64,
     cancelled: AtomicU64,
     responses: AtomicU64,
+    active_sequences: AtomicU64,
+    sequences_idle_released: AtomicU64,
     instances_replaced: AtomicU64,
     last_inference_ms: AtomicU64,
     /// Decoupled streams by response index (sparse, at most [`MAX_RESPONSE_INDEXES`]).
@@ -197,6 +199,8 @@ impl ModelStats {
             execution_count: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             responses: AtomicU64::new(0),
+            active_sequences: AtomicU64::new(0),
+            sequences_idle_released: AtomicU64::new(0),
             instances_replaced: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
             response_slots: RwLock::default(),
@@ -278,6 +282,24 @@ impl ModelStats {
 
     pub fn cancelled(&self) -> u64 {
         self.cancelled.load(Relaxed)
+    }
+
+    /// Sequences live now (sequence batching).
+    pub fn set_active_sequences(&self, n: usize) {
+        self.active_sequences.store(n as u64, Relaxed);
+    }
+
+    pub fn active_sequences(&self) -> u64 {
+        self.active_sequences.load(Relaxed)
+    }
+
+    /// A sequence released after `max_sequence_idle_microseconds` without a request.
+    pub fn record_sequence_idle(&self) {
+        self.sequences_idle_released.fetch_add(1, Relaxed);
+    }
+
+    pub fn sequences_idle_released(&self) -> u64 {
+        self.sequences_idle_released.load(Relaxed)
     }
 
     /// Answers of ordinary requests (one each).

@@ -9,7 +9,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::instance::Seats;
 use super::plan::{plan_batch, BatchPolicy};
-use super::queue::{Backlog, Job, Msg};
+use super::queue::{Backlog, Batch, Job, Msg};
 use super::watchdog::Watch;
 use crate::error::ServeError;
 use crate::observe::stats::ModelStats;
@@ -18,8 +18,8 @@ use crate::observe::stats::ModelStats;
 /// on time even while every instance is busy.
 pub(super) struct Batcher {
     pub(super) rx: Receiver<Msg>,
-    pub(super) idle_rx: Receiver<()>,
-    pub(super) batch_tx: Sender<Vec<Job>>,
+    pub(super) idle_rx: Receiver<usize>,
+    pub(super) batch_tx: Sender<Batch>,
     pub(super) policy: BatchPolicy,
     pub(super) queued: Arc<AtomicUsize>,
     pub(super) stats: Arc<ModelStats>,
@@ -31,7 +31,7 @@ pub(super) struct Batcher {
 
 /// The batcher's view of a shutdown: none yet, or closing with an optional deadline.
 #[derive(Clone, Copy)]
-pub(super) enum Closing {
+pub(crate) enum Closing {
     No,
     By(Option<Instant>),
 }
@@ -57,7 +57,7 @@ impl Batcher {
     }
 
     pub(super) fn run(self) {
-        let (no_msgs, no_idle) = (crossbeam_channel::never::<Msg>(), crossbeam_channel::never::<()>());
+        let (no_msgs, no_idle) = (crossbeam_channel::never::<Msg>(), crossbeam_channel::never::<usize>());
         let mut backlog = Backlog::default();
         let mut closing = Closing::No;
         let mut have_instance = false;
@@ -89,7 +89,7 @@ impl Batcher {
                     let mut jobs: Vec<Job> = plan.indices.iter().rev().filter_map(|&i| backlog.0.remove(i)).collect();
                     jobs.reverse();
                     self.queued.fetch_sub(jobs.len(), Ordering::AcqRel);
-                    if self.batch_tx.send(jobs).is_err() {
+                    if self.batch_tx.send(Batch { jobs, sequence: None }).is_err() {
                         break;
                     }
                     have_instance = false;
@@ -112,7 +112,7 @@ impl Batcher {
                     Err(_) => closing = Closing::By(None),
                 },
                 recv(idle) -> ready => match ready {
-                    Ok(()) => have_instance = true,
+                    Ok(_) => have_instance = true,
                     Err(_) => break,
                 },
                 recv(timer) -> _ => {}

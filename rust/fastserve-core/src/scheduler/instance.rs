@@ -12,7 +12,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
 use super::plan::{concat_inputs, split_outputs};
-use super::queue::{Job, Msg};
+use super::queue::{Batch, Job, Msg, SequenceBatch};
+use super::sequence::assemble::take_states;
 use super::watchdog::{self, Replies, Watch};
 use crate::error::{Result, ServeError};
 use crate::observe::stats::{ModelStats, Phases, ResponseTiming};
@@ -113,8 +114,10 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub(super) struct Seats {
     pub(super) spec: Arc<ModelSpec>,
     pub(super) stats: Arc<ModelStats>,
-    pub(super) idle_tx: Sender<()>,
-    pub(super) batch_rx: Receiver<Vec<Job>>,
+    /// Tells the batcher which instance (seat) is idle.
+    pub(super) idle_tx: Sender<usize>,
+    /// Each seat's batches (one shared channel unless the sequence batcher targets instances).
+    pub(super) batch_rx: Vec<Receiver<Batch>>,
     pub(super) watch: Option<Sender<Watch>>,
     pub(super) threads: InstanceThreads,
     pub(super) next_id: AtomicU64,
@@ -227,12 +230,13 @@ impl watchdog::OnHung for Replacer<'_> {
 }
 
 pub(super) fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: u64, seat: usize) {
+    let Some(batches) = seats.batch_rx.get(seat) else { return };
     loop {
-        if seats.idle_tx.send(()).is_err() {
+        if seats.idle_tx.send(seat).is_err() {
             break;
         }
-        let Ok(jobs) = seats.batch_rx.recv() else { break };
-        if !run_batch(instance.as_mut(), seats, id, seat, jobs) {
+        let Ok(batch) = batches.recv() else { break };
+        if !run_batch(instance.as_mut(), seats, id, seat, batch) {
             tracing::info!(model = %seats.spec.name, instance = seat, "an abandoned instance returned; it is dropped");
             seats.abandoned.fetch_sub(1, Ordering::AcqRel);
             break;
@@ -242,7 +246,8 @@ pub(super) fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: 
 
 /// Runs one batch and answers its requests; false when the watchdog answered them first (the
 /// instance was abandoned as hung).
-pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, mut jobs: Vec<Job>) -> bool {
+pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, batch: Batch) -> bool {
+    let Batch { mut jobs, sequence } = batch;
     if seats.spec.decoupled {
         return match jobs.pop() {
             Some(job) => run_stream(instance, seats, id, seat, job),
@@ -254,9 +259,13 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
     let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let total: usize = rows.iter().sum();
+    let tags: Vec<_> = jobs.iter().map(|j| j.sequence.as_ref().map(|t| t.id.clone())).collect();
     let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
     let replies = started(seats, id, seat, replies);
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
+        if let Some(batch) = sequence {
+            return run_sequence(instance, spec, batch, &tags, &mut clock);
+        }
         let inputs = if per_job.len() == 1 {
             per_job.pop().unwrap_or_default()
         } else {
@@ -421,4 +430,32 @@ impl StreamSender {
             }
         })
     }
+}
+
+/// Executes a sequence batch: the assembled inputs go to the model, each row's new state is
+/// stored for its sequence, and each request gets its row's outputs (empty slots are dropped).
+fn run_sequence(
+    instance: &mut dyn Instance,
+    spec: &ModelSpec,
+    batch: SequenceBatch,
+    sequences: &[Option<crate::request::SequenceId>],
+    clock: &mut PhaseClock,
+) -> Result<Vec<Vec<Tensor>>> {
+    let rows = batch.rows.len();
+    let mut outputs = instance.execute(batch.inputs, clock)?;
+    let states = take_states(&batch.plan, spec.batching(), rows, &mut outputs, &spec.name)?;
+    spec.check_outputs(&outputs, rows)?;
+    let per_row = if spec.batching() { split_outputs(&outputs, &vec![1; rows])? } else { vec![outputs] };
+    let mut per_job: Vec<Vec<Tensor>> = vec![Vec::new(); sequences.len()];
+    let mut store = lock(&batch.states);
+    for ((row, outputs), state) in batch.rows.iter().zip(per_row).zip(states) {
+        let Some(job) = *row else { continue };
+        if let Some(Some(id)) = sequences.get(job) {
+            store.insert(id.clone(), state);
+        }
+        if let Some(slot) = per_job.get_mut(job) {
+            *slot = outputs;
+        }
+    }
+    Ok(per_job)
 }

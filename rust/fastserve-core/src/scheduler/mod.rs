@@ -10,6 +10,9 @@ mod instance;
 pub mod options;
 pub mod plan;
 mod queue;
+pub mod sequence;
+#[cfg(test)]
+mod sequence_tests;
 #[cfg(test)]
 mod stream_tests;
 pub mod watchdog;
@@ -28,6 +31,8 @@ pub use self::options::ModelOptions;
 use self::plan::BatchPolicy;
 pub use self::queue::QueueOptions;
 use self::queue::{Expiry, Job, Msg, ResponseSender};
+use self::sequence::batcher::SequenceBatcher;
+pub use self::sequence::config::SequenceConfig;
 use crate::error::{Result, ServeError};
 use crate::observe::stats::ModelStats;
 use crate::spec::{ModelSpec, ValidatedRequest};
@@ -63,6 +68,8 @@ pub struct SchedulerConfig {
     pub max_abandoned_instances: usize,
     /// What `execution_timeout` is measured against (the real clock outside tests).
     pub clock: watchdog::Clock,
+    /// `[sequence_batching]`: requests carry sequence ids and run through the sequence batcher.
+    pub sequence: Option<SequenceConfig>,
 }
 
 impl SchedulerConfig {
@@ -116,9 +123,20 @@ impl Scheduler {
         if instances.is_empty() {
             return Err(ServeError::Internal(format!("model '{}' has no instances", spec.name)));
         }
+        let sequence_plan = match &config.sequence {
+            Some(s) => Some(Arc::new(s.plan(&spec).map_err(ServeError::bad_request)?)),
+            None => None,
+        };
         let (tx, rx) = crossbeam_channel::unbounded();
         let (idle_tx, idle_rx) = crossbeam_channel::unbounded();
-        let (batch_tx, batch_rx) = crossbeam_channel::bounded(instances.len());
+        // The sequence batcher sends each instance its own batches; the dynamic batcher shares one
+        // channel among them.
+        let (seat_tx, batch_rx): (Vec<_>, Vec<_>) = if sequence_plan.is_some() {
+            (0..instances.len()).map(|_| crossbeam_channel::bounded(1)).unzip()
+        } else {
+            let (batch_tx, batch_rx) = crossbeam_channel::bounded(instances.len());
+            (vec![batch_tx], vec![batch_rx; instances.len()])
+        };
         let (watch_tx, watch_rx) = crossbeam_channel::unbounded();
         let watch = config.execution_timeout.map(|timeout| (timeout, watch_tx, watch_rx));
         let queued = Arc::new(AtomicUsize::new(0));
@@ -146,23 +164,41 @@ impl Scheduler {
             seats.spawn(seat, instance)?;
         }
         let mut supervisors = Vec::with_capacity(2);
-        let batcher = Batcher {
-            rx,
-            idle_rx,
-            batch_tx,
-            // A decoupled model runs one request per execute(), whatever its max_batch_size.
-            policy: if spec.decoupled {
-                BatchPolicy { max_batch_size: 0, ..config.policy.clone() }
-            } else {
-                config.policy.clone()
-            },
-            queued: queued.clone(),
-            stats: stats.clone(),
-            model: spec.name.clone(),
-            watch: watch.as_ref().map(|(_, tx, _)| tx.clone()),
-            seats: seats.clone(),
-        };
-        supervisors.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
+        let watch_tx = watch.as_ref().map(|(_, tx, _)| tx.clone());
+        if let Some(plan) = sequence_plan {
+            let batcher = SequenceBatcher {
+                rx,
+                idle_rx,
+                seat_tx,
+                plan,
+                batching: spec.batching(),
+                queued: queued.clone(),
+                stats: stats.clone(),
+                model: spec.name.clone(),
+                watch: watch_tx,
+                seats: seats.clone(),
+                states: Arc::default(),
+            };
+            supervisors.push(spawn(format!("fs-seq-{label}"), move || batcher.run())?);
+        } else {
+            let batcher = Batcher {
+                rx,
+                idle_rx,
+                batch_tx: seat_tx.into_iter().next().ok_or_else(|| ServeError::Internal("no batch channel".into()))?,
+                // A decoupled model runs one request per execute(), whatever its max_batch_size.
+                policy: if spec.decoupled {
+                    BatchPolicy { max_batch_size: 0, ..config.policy.clone() }
+                } else {
+                    config.policy.clone()
+                },
+                queued: queued.clone(),
+                stats: stats.clone(),
+                model: spec.name.clone(),
+                watch: watch_tx,
+                seats: seats.clone(),
+            };
+            supervisors.push(spawn(format!("fs-batch-{label}"), move || batcher.run())?);
+        }
         let clock = config.clock.clone();
         if let Some((timeout, _, watch_rx)) = watch {
             let seats = seats.clone();
@@ -255,7 +291,16 @@ impl Scheduler {
             (t, d) => t.or(d),
         };
         let (reply, rx) = oneshot::channel();
-        let job = Job { inputs: request.inputs, rows: request.rows, reply, responses, enqueued, level, expires };
+        let job = Job {
+            inputs: request.inputs,
+            rows: request.rows,
+            reply,
+            responses,
+            sequence: options.sequence,
+            enqueued,
+            level,
+            expires,
+        };
         if self.tx.send(Msg::Job(job)).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(self.closing_error());

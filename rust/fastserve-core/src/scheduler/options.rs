@@ -31,6 +31,8 @@ options! {
         max_abandoned_instances: usize = 4, range = 0..=1024;
         /// Triton's decoupled transaction policy: execute() is a generator and each yield is one response
         decoupled: bool = false;
+        /// Triton's sequence batcher ([sequence_batching]): stateful models, requests with sequence ids
+        sequence_batching: Option<super::SequenceConfig> = None;
     }
 }
 
@@ -66,6 +68,7 @@ impl ModelOptions {
                 .then(|| Duration::from_millis(self.execution_timeout_ms)),
             max_abandoned_instances: self.max_abandoned_instances,
             clock: Default::default(),
+            sequence: self.sequence_batching.clone(),
         })
     }
 }

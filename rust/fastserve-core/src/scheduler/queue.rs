@@ -11,7 +11,7 @@ use super::plan::Batchable;
 use crate::error::ServeError;
 use crate::observe::stats::ModelStats;
 pub use crate::request::QueueOptions;
-use crate::request::Reply;
+use crate::request::{Reply, SequenceTag};
 use crate::tensor::Tensor;
 
 /// Why a queued request may expire.
@@ -34,6 +34,8 @@ pub(super) struct Job {
     /// `responses`) and how the request was served, or its error.
     pub(super) reply: oneshot::Sender<Reply>,
     pub(super) responses: Option<ResponseSender>,
+    /// Its sequence (models with sequence batching).
+    pub(super) sequence: Option<SequenceTag>,
     pub(super) enqueued: Instant,
     /// 1 is served first.
     pub(super) level: u64,
@@ -109,6 +111,22 @@ pub(super) fn expiry_error(why: Expiry, model: &str) -> ServeError {
             "the request's deadline passed while it waited in the queue of model '{model}'"
         )),
     }
+}
+
+/// What an instance is handed: the requests of one batch and, for a sequence model, the batch's
+/// assembled inputs.
+pub(super) struct Batch {
+    pub(super) jobs: Vec<Job>,
+    pub(super) sequence: Option<SequenceBatch>,
+}
+
+/// A sequence batch, assembled by the sequence batcher: the model's inputs (requests, control and
+/// state inputs), which job each row holds (None: an empty slot), and where new states go.
+pub(super) struct SequenceBatch {
+    pub(super) inputs: Vec<Tensor>,
+    pub(super) rows: Vec<Option<usize>>,
+    pub(super) plan: std::sync::Arc<super::sequence::config::SequencePlan>,
+    pub(super) states: std::sync::Arc<super::sequence::StateStore>,
 }
 
 /// What the batcher's inbox carries.

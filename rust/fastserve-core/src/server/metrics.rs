@@ -210,6 +210,15 @@ impl Collector for ServerCollector {
         )?;
         let pending: Vec<(Labels, f64)> = models.iter().map(|(l, _, p)| (l.clone(), *p as f64)).collect();
         gauge(e, "fastserve_pending_requests", "Requests queued, waiting for an instance.", &pending)?;
+        let sequences: Vec<(Labels, f64)> =
+            models.iter().map(|(l, s, _)| (l.clone(), s.active_sequences() as f64)).collect();
+        gauge(e, "fastserve_sequences_active", "Live sequences of sequence-batching models.", &sequences)?;
+        counter(
+            e,
+            "fastserve_sequence_idle_released",
+            "Sequences released after max_sequence_idle_microseconds without a request.",
+            &each(&|s| s.sequences_idle_released()),
+        )?;
         histogram(e, "fastserve_request_duration_seconds", "End-to-end inference request time.", &models, |s| {
             &s.request_hist
         })?;
