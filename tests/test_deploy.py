@@ -37,7 +37,7 @@ KUBERNETES = DEPLOY / "kubernetes"
 KSERVE = DEPLOY / "kserve"
 DOCKERFILES = [ROOT / "Dockerfile", ROOT / "Dockerfile.gpu"]
 # What `kubectl kustomize` renders: the overlays and the prometheus-adapter rules.
-KUSTOMIZATIONS = ["overlays/cpu", "overlays/gpu", "overlays/cpu-keda", "prometheus-adapter"]
+KUSTOMIZATIONS = ["overlays/cpu", "overlays/gpu", "overlays/cpu-keda", "overlays/cpu-sequences", "prometheus-adapter"]
 # A Kubernetes version kubernetes-validate ships schemas for (offline) and every supported cluster has.
 K8S_VERSION = "1.30.0"
 # Custom resources the schemas do not cover: apiVersion and the spec fields each must have.
@@ -252,6 +252,10 @@ def test_deployment_drains_within_its_grace_period_and_is_locked_down(rendered) 
     assert {"PodDisruptionBudget", "ServiceMonitor", "HorizontalPodAutoscaler"} <= kinds
     keda = {o["kind"] for o in rendered["overlays/cpu-keda"]}
     assert "ScaledObject" in keda and "HorizontalPodAutoscaler" not in keda
+    # Stateful models: a client's sequences stay on the replica that holds their state.
+    assert "sessionAffinity" not in service["spec"]
+    pinned = find(rendered["overlays/cpu-sequences"], "Service")["spec"]
+    assert pinned["sessionAffinity"] == "ClientIP" and pinned["ports"] == service["spec"]["ports"]
 
 
 def test_kserve_runtime_and_inference_service(rendered) -> None:
