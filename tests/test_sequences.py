@@ -198,6 +198,12 @@ def test_sequence_errors_answer_400_and_the_server_keeps_serving(served) -> None
     for model, parameters, says in cases:
         status, error = infer_status(served, model, **parameters)
         assert status == 400 and says in error, (model, parameters, error)
+    body = {
+        "inputs": [{"name": "X", "shape": [2, 1], "datatype": "INT32", "data": [1, 2]}],
+        "parameters": {"sequence_id": 3, "sequence_start": True},
+    }
+    r = requests.post(f"http://127.0.0.1:{served.http_port}/v2/models/state/infer", json=body)
+    assert r.status_code == 400 and "batch size 1" in r.json()["error"]
     # A sequence that ended takes no more requests without a new start.
     assert infer_status(served, "state", sequence_id=77, sequence_start=True, sequence_end=True)[0] == 200
     status, error = infer_status(served, "state", sequence_id=77)

@@ -269,6 +269,12 @@ impl Scheduler {
         responses: Option<ResponseSender>,
     ) -> Result<oneshot::Receiver<Reply>> {
         let level = self.level(options.priority)?;
+        if options.sequence.is_some() && request.rows != 1 {
+            return Err(ServeError::bad_request(format!(
+                "a request of a sequence to model '{}' must have batch size 1, got {}",
+                self.spec.name, request.rows
+            )));
+        }
         if self.closing.load(Ordering::Acquire) {
             return Err(self.closing_error());
         }
