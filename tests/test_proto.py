@@ -62,8 +62,8 @@ def test_proto_matches_the_clients_descriptors() -> None:
     assert "package inference;" in text
     pool = service_pb2.DESCRIPTOR.pool
     fields, values, rpcs = parse(text)
-    # DataType (15 values) and ModelQueuePolicy.TimeoutAction (2).
-    assert len(fields) >= 155 and len(values) == 17 and len(rpcs) == 20
+    # DataType (15 values), ModelQueuePolicy.TimeoutAction (2), ModelSequenceBatching.Control.Kind (4).
+    assert len(fields) >= 155 and len(values) == 21 and len(rpcs) == 20
     for message, name, type_, number, repeated in fields:
         theirs = pool.FindMessageTypeByName(f"inference.{message}").fields_by_name[name]
         assert theirs.number == number, (message, name)

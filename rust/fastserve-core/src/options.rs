@@ -45,10 +45,6 @@ impl OptionKind for Vec<usize> {
     const KIND: &'static str = "int_list";
 }
 
-impl OptionKind for crate::scheduler::SequenceConfig {
-    const KIND: &'static str = "table";
-}
-
 /// A value whose numbers can be checked against an option's bounds.
 pub trait InRange {
     fn in_range(&self, min: i64, max: i64) -> bool;

@@ -21,6 +21,11 @@ pub struct SequenceConfig {
     pub state: Vec<State>,
 }
 
+/// A table of its own in `config.toml`, a dict for `add_model`.
+impl crate::options::OptionKind for SequenceConfig {
+    const KIND: &'static str = "table";
+}
+
 impl Default for SequenceConfig {
     fn default() -> Self {
         Self {
