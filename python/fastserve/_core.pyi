@@ -32,6 +32,16 @@ class CoreServer:
         options: Mapping[str, Any] | None = None,
         instance_factory: Callable[[int], Any] | None = None,
     ) -> None: ...
+    def add_ensemble(
+        self,
+        name: str,
+        version: int,
+        inputs: list[tuple[str, str, list[int]]],
+        outputs: list[tuple[str, str, list[int]]],
+        ensemble: Mapping[str, Any],
+        instances: int,
+        options: Mapping[str, Any] | None = None,
+    ) -> None: ...
     def add_failed_model(self, name: str, version: int, reason: str) -> None: ...
     def record_load_failure(self, name: str, version: int) -> None: ...
     def remove_model(self, name: str, version: int | None = None) -> int: ...

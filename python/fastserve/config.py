@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BACKENDS = ("onnxruntime", "openvino", "python")
+BACKENDS = ("onnxruntime", "openvino", "python", "ensemble")
 INSTANCE_KINDS = ("cpu", "gpu")
 DEVICES = ("cpu", "gpu")
 
@@ -160,6 +160,8 @@ class ModelConfig:
     decoupled: bool = model_default("decoupled")
     # [sequence_batching] as written (Triton's keys); the core checks and runs it.
     sequence_batching: dict[str, Any] | None = None
+    # [ensemble] (backend = "ensemble"): its [[ensemble.step]] tables as written; the core checks them.
+    ensemble: dict[str, Any] | None = None
     dynamic_batching: DynamicBatching = field(default_factory=DynamicBatching)
     instance_group: InstanceGroup = field(default_factory=InstanceGroup)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
@@ -391,6 +393,11 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     policy = dict(_take(table, "model_transaction_policy", dict, "", {}))
     cfg.decoupled = _take(policy, "decoupled", bool, "[model_transaction_policy] ", cfg.decoupled)
     _no_leftovers(policy, "[model_transaction_policy]")
+    cfg.ensemble = _take(table, "ensemble", dict, "")
+    if (cfg.ensemble is not None) != (cfg.backend == "ensemble"):
+        raise ConfigError('backend = "ensemble" and an [ensemble] table with [[ensemble.step]]s go together')
+    if cfg.ensemble is not None and (cfg.decoupled or "sequence_batching" in table):
+        raise ConfigError("an ensemble cannot be decoupled or use [sequence_batching]")
     if "sequence_batching" in table and "dynamic_batching" in table:
         raise ConfigError("set [dynamic_batching] or [sequence_batching], not both (as Triton's scheduling choice)")
     cfg.sequence_batching = _take(table, "sequence_batching", dict, "")

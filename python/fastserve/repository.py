@@ -42,6 +42,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+# Ensembles run this many requests at once unless [instance_group] count says otherwise.
+ENSEMBLE_INSTANCES = 8
+
 log = logging.getLogger("fastserve.repository")
 
 # Model names become URL path segments: no separators, no dot-dot, no hidden directories.
@@ -290,9 +293,10 @@ class ModelRepository:
     # -- loading -------------------------------------------------------------------------------
 
     def load_all(self, names: Iterable[str] | None = None) -> list[VersionStatus]:
-        """Loads the given models (default: every model of the repository); failures are recorded."""
+        """Loads the given models (default: every model of the repository), ensembles after the
+        models they compose; failures are recorded."""
         statuses: list[VersionStatus] = []
-        for name in self._names() if names is None else names:
+        for name in sorted(self._names() if names is None else names, key=self._is_ensemble):
             try:
                 statuses.extend(self.load(name))
             except LookupError as e:
@@ -302,6 +306,12 @@ class ModelRepository:
                 log.exception("loading model '%s' failed", name)
                 statuses.append(VersionStatus(name, 0, False, self._public(f"{type(e).__name__}: {e}")))
         return statuses
+
+    def _is_ensemble(self, name: str) -> bool:
+        try:
+            return _read_config(self._dir(name)).get("backend") == "ensemble"
+        except Exception:  # an unreadable config fails in load() with its reason
+            return False
 
     def load(
         self, name: str, override: dict[str, Any] | None = None, *, keep_override: bool = False, retry: bool = True
@@ -426,6 +436,19 @@ class ModelRepository:
             "decoupled": config.decoupled,
             "sequence_batching": config.sequence_batching,
         }
+        if b.loaded.platform == "ensemble" and config.ensemble is not None:
+            # Ensemble instances are threads that wait on steps: several by default.
+            count = config.instance_group.count if "instance_group" in config.raw else ENSEMBLE_INSTANCES
+            self.core.add_ensemble(
+                name,
+                b.version,
+                [t.as_tuple() for t in b.loaded.inputs],
+                [t.as_tuple() for t in b.loaded.outputs],
+                config.ensemble,
+                count,
+                options,
+            )
+            return
         # A model file (ONNX) lists the sequence batcher's control and state tensors too.
         hidden_inputs, hidden_outputs = sequence_tensors(config.sequence_batching)
         self.core.add_model(

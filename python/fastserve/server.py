@@ -103,6 +103,33 @@ class Server:
             (lambda _seat: factory()) if factory is not None else (lambda _seat: model),
         )
 
+    def add_ensemble(
+        self,
+        name: str,
+        steps: Sequence[dict[str, Any]],
+        *,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+        version: int = 1,
+        instance_count: int = 8,
+        **options: Any,
+    ) -> None:
+        """Serves an ensemble of models already added: ``steps`` are ``config.toml``'s
+        ``[[ensemble.step]]`` tables as dicts (``model_name``, ``model_version`` (-1: the default),
+        ``input_map`` {model input: ensemble tensor}, ``output_map`` {model output: ensemble
+        tensor}). The core runs each step on its model's own queue as soon as its inputs exist;
+        ``instance_count`` ensemble requests (or batches, with ``max_batch_size``) run at once.
+        Raises ``ValueError`` naming the step when the graph does not fit its models."""
+        self._core.add_ensemble(
+            name,
+            version,
+            [t.as_tuple() for t in inputs],
+            [t.as_tuple() for t in outputs],
+            {"step": list(steps)},
+            instance_count,
+            options,
+        )
+
     def load_repository(
         self,
         path: str | Path,

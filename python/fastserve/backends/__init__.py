@@ -167,6 +167,13 @@ def load_version(ctx: LoadContext) -> LoadedModel:
             f'device = "{ctx.config.device}" applies to python models; '
             f"{backend} models choose their device with [instance_group] kind or [parameters]"
         )
+    if backend == "ensemble":
+        cfg = ctx.config
+        if not cfg.inputs or not cfg.outputs:
+            raise LoadError("an ensemble must declare its [[input]]s and [[output]]s")
+        # No instances here: the core runs the steps on the composing models (CoreServer.add_ensemble).
+        return LoadedModel(platform="ensemble", max_batch_size=cfg.max_batch_size or 0, inputs=cfg.inputs,
+                           outputs=cfg.outputs)  # fmt: skip
     if backend == "python":
         from . import python
 

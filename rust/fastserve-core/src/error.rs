@@ -66,6 +66,27 @@ impl ServeError {
         Self::Unavailable(msg.into())
     }
 
+    /// The same error, its message prefixed with where it happened (e.g. an ensemble step).
+    pub fn context(self, at: &str) -> Self {
+        let with = |m: String| format!("{at}: {m}");
+        match self {
+            Self::BadRequest(m) => Self::BadRequest(with(m)),
+            Self::NotFound(m) => Self::NotFound(with(m)),
+            Self::Unavailable(m) => Self::Unavailable(with(m)),
+            Self::QueueFull(m) => Self::QueueFull(with(m)),
+            Self::PayloadTooLarge(m) => Self::PayloadTooLarge(with(m)),
+            Self::RequestTimeout(m) => Self::RequestTimeout(with(m)),
+            Self::Unauthorized(m) => Self::Unauthorized(with(m)),
+            Self::Forbidden(m) => Self::Forbidden(with(m)),
+            Self::QueueTimeout(m) => Self::QueueTimeout(with(m)),
+            Self::DeadlineExceeded(m) => Self::DeadlineExceeded(with(m)),
+            Self::ExecutionTimeout(m) => Self::ExecutionTimeout(with(m)),
+            Self::ModelError(m) => Self::ModelError(with(m)),
+            Self::Cancelled(m) => Self::Cancelled(with(m)),
+            Self::Internal(m) => Self::Internal(with(m)),
+        }
+    }
+
     /// The HTTP status of the KServe V2 REST protocol for this error.
     pub fn http_status(&self) -> StatusCode {
         match self {

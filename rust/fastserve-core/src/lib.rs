@@ -3,6 +3,7 @@
 //! [`scheduler::Instance`]. `docs/architecture.md` maps the modules and the request flow.
 
 pub mod compression;
+pub mod ensemble;
 pub mod error;
 #[cfg(test)]
 mod fuzz;

@@ -39,17 +39,17 @@ impl ModelVersion {
 
     /// Loaded and still able to serve (not broken by hung instances).
     pub fn is_ready(&self) -> bool {
-        matches!(&self.state, VersionState::Ready(s) if s.broken().is_none())
+        matches!(&self.state, VersionState::Ready(s) if s.unavailable().is_none())
     }
 
     /// The scheduler, or a 503 that carries the load failure or why the version broke.
     pub fn scheduler(&self) -> Result<&Arc<Scheduler>> {
         let reason = match &self.state {
-            VersionState::Ready(s) => match s.broken() {
+            VersionState::Ready(s) => match s.unavailable() {
                 None => return Ok(s),
                 Some(reason) => reason,
             },
-            VersionState::Failed(reason) => reason,
+            VersionState::Failed(reason) => reason.clone(),
         };
         Err(ServeError::unavailable(format!("model '{}' version {} is not ready: {reason}", self.name, self.version)))
     }

@@ -7,6 +7,7 @@ mod repository;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use fastserve_core::ensemble::{EnsembleConfig, EnsembleInstance, EnsemblePlan};
 use fastserve_core::registry::{ModelVersion, Routing};
 use fastserve_core::scheduler::{Instance, InstanceFactory, ModelOptions, Scheduler};
 use fastserve_core::server::options::{BuildError, ServerOptions};
@@ -124,6 +125,57 @@ impl CoreServer {
             let scheduler = Scheduler::start_with(spec, config, instances, factory)
                 .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
             self.server.registry().insert(ModelVersion::ready(scheduler));
+            Ok(())
+        })
+    }
+
+    /// Registers an ensemble version (Triton's `ensemble_scheduling`): `ensemble` is the
+    /// `[ensemble]` table (`step` list), checked against the composing models loaded now;
+    /// `instances` ensemble requests (or batches) run at once.
+    #[pyo3(signature = (name, version, inputs, outputs, ensemble, instances, options = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn add_ensemble(
+        &self,
+        py: Python<'_>,
+        name: String,
+        version: u64,
+        inputs: Vec<SpecTuple>,
+        outputs: Vec<SpecTuple>,
+        ensemble: &Bound<'_, PyAny>,
+        instances: usize,
+        options: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let steps: EnsembleConfig =
+            pythonize::depythonize(ensemble).map_err(|e| PyValueError::new_err(format!("[ensemble] {e}")))?;
+        let options: ModelOptions = match options {
+            Some(o) => pythonize::depythonize(o).map_err(|e| PyValueError::new_err(format!("model '{name}': {e}")))?,
+            None => ModelOptions::default(),
+        };
+        let mut config = options.build().map_err(|e| PyValueError::new_err(format!("model '{name}': {e}")))?;
+        let spec = Arc::new(ModelSpec {
+            name: name.clone(),
+            version,
+            platform: "ensemble".into(),
+            max_batch_size: options.max_batch_size,
+            decoupled: false,
+            inputs: tensor_specs("input", inputs)?,
+            outputs: tensor_specs("output", outputs)?,
+        });
+        let registry = self.server.registry().clone();
+        let plan = Arc::new(EnsemblePlan::check(&spec, &steps, &registry).map_err(PyValueError::new_err)?);
+        config.ensemble = Some(steps);
+        let instances: Vec<Box<dyn Instance>> = (0..instances.max(1))
+            .map(|_| {
+                Box::new(EnsembleInstance::new(Arc::downgrade(&registry), plan.clone(), spec.clone()))
+                    as Box<dyn Instance>
+            })
+            .collect();
+        py.detach(|| {
+            let scheduler =
+                Scheduler::start(spec, config, instances).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+            let weak = Arc::downgrade(&registry);
+            scheduler.set_readiness(Box::new(move || weak.upgrade().and_then(|r| plan.unavailable(&r))));
+            registry.insert(ModelVersion::ready(scheduler));
             Ok(())
         })
     }

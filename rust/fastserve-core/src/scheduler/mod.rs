@@ -70,6 +70,8 @@ pub struct SchedulerConfig {
     pub clock: watchdog::Clock,
     /// `[sequence_batching]`: requests carry sequence ids and run through the sequence batcher.
     pub sequence: Option<SequenceConfig>,
+    /// The steps of an ensemble (its instances run them), for the configuration endpoints.
+    pub ensemble: Option<crate::ensemble::config::EnsembleConfig>,
 }
 
 impl SchedulerConfig {
@@ -101,7 +103,12 @@ pub struct Scheduler {
     /// The batcher and the watchdog: joined first, so no instance starts or is abandoned after.
     supervisors: Mutex<Vec<Worker>>,
     seats: Arc<Seats>,
+    /// Says why the version cannot serve right now (an ensemble whose step is unavailable).
+    readiness: OnceLock<Readiness>,
 }
+
+/// A check of whether a version can serve now: None when it can, else why not.
+pub type Readiness = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl Scheduler {
     /// Starts the batcher and one thread per instance.
@@ -216,12 +223,26 @@ impl Scheduler {
             closing: AtomicBool::new(false),
             supervisors: Mutex::new(supervisors),
             seats,
+            readiness: OnceLock::new(),
         }))
     }
 
     /// Why the version cannot serve any more (too many hung instances), if it cannot.
     pub fn broken(&self) -> Option<&str> {
         self.seats.broken.get().map(String::as_str)
+    }
+
+    /// Adds a check of whether the version can serve now (set once).
+    pub fn set_readiness(&self, check: Readiness) {
+        let _ = self.readiness.set(check);
+    }
+
+    /// Why the version cannot serve now: broken for good, or its readiness check says so.
+    pub fn unavailable(&self) -> Option<String> {
+        match self.broken() {
+            Some(reason) => Some(reason.to_string()),
+            None => self.readiness.get().and_then(|check| check()),
+        }
     }
 
     pub fn spec(&self) -> &Arc<ModelSpec> {

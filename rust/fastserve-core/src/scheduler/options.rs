@@ -69,6 +69,7 @@ impl ModelOptions {
             max_abandoned_instances: self.max_abandoned_instances,
             clock: Default::default(),
             sequence: self.sequence_batching.clone(),
+            ensemble: None,
         })
     }
 }

@@ -6,8 +6,9 @@ use serde_json::{json, Value};
 
 use crate::error::Result;
 use crate::proto::{
-    self, model_config, model_queue_policy, model_sequence_batching, ModelConfig, ModelDynamicBatching, ModelInput,
-    ModelOutput, ModelQueuePolicy, ModelSequenceBatching, ModelTransactionPolicy,
+    self, model_config, model_ensembling, model_queue_policy, model_sequence_batching, ModelConfig,
+    ModelDynamicBatching, ModelEnsembling, ModelInput, ModelOutput, ModelQueuePolicy, ModelSequenceBatching,
+    ModelTransactionPolicy,
 };
 use crate::scheduler::sequence::config::{ControlKind, Strategy};
 use crate::scheduler::SequenceConfig;
@@ -39,7 +40,20 @@ pub fn build(state: &ServerState, name: &str, version: Option<&str>) -> Result<M
             .iter()
             .map(|t| ModelOutput { name: t.name.clone(), data_type: config_type(t), dims: t.dims.clone() })
             .collect(),
-        scheduling_choice: if let Some(sequence) = &config.sequence {
+        scheduling_choice: if let Some(ensemble) = &config.ensemble {
+            Some(model_config::SchedulingChoice::EnsembleScheduling(ModelEnsembling {
+                step: ensemble
+                    .step
+                    .iter()
+                    .map(|s| model_ensembling::Step {
+                        model_name: s.model_name.clone(),
+                        model_version: s.model_version,
+                        input_map: s.input_map.clone().into_iter().collect(),
+                        output_map: s.output_map.clone().into_iter().collect(),
+                    })
+                    .collect(),
+            }))
+        } else if let Some(sequence) = &config.sequence {
             Some(model_config::SchedulingChoice::SequenceBatching(sequence_batching(sequence)))
         } else {
             spec.batching().then(|| {
@@ -78,6 +92,26 @@ pub fn to_json(c: &ModelConfig) -> Value {
     });
     if let Some(policy) = &c.model_transaction_policy {
         out["model_transaction_policy"] = json!({ "decoupled": policy.decoupled });
+    }
+    if let Some(model_config::SchedulingChoice::EnsembleScheduling(e)) = &c.scheduling_choice {
+        let steps: Vec<Value> = e
+            .step
+            .iter()
+            .map(|s| {
+                fn sorted(
+                    m: &std::collections::HashMap<String, String>,
+                ) -> std::collections::BTreeMap<&String, &String> {
+                    m.iter().collect()
+                }
+                json!({
+                    "model_name": s.model_name,
+                    "model_version": s.model_version,
+                    "input_map": sorted(&s.input_map),
+                    "output_map": sorted(&s.output_map),
+                })
+            })
+            .collect();
+        out["ensemble_scheduling"] = json!({ "step": steps });
     }
     if let Some(model_config::SchedulingChoice::SequenceBatching(b)) = &c.scheduling_choice {
         out["sequence_batching"] = sequence_json(b);
