@@ -2,9 +2,10 @@
 
 from ._core import __version__
 from .backends import LoadError
+from .call import infer, infer_async
 from .config import ConfigError
 from .repository import VersionStatus
 from .server import Server
 from .tensor import Tensor
 
-__all__ = ["ConfigError", "LoadError", "Server", "Tensor", "VersionStatus", "__version__"]
+__all__ = ["ConfigError", "LoadError", "Server", "Tensor", "VersionStatus", "__version__", "infer", "infer_async"]

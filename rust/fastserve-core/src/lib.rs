@@ -2,6 +2,7 @@
 //! network front ends. Plain Rust, usable and tested without Python; models plug in through
 //! [`scheduler::Instance`]. `docs/architecture.md` maps the modules and the request flow.
 
+pub mod call;
 pub mod compression;
 pub mod ensemble;
 pub mod error;

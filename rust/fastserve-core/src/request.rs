@@ -32,6 +32,8 @@ pub struct QueueOptions {
     pub priority: Option<u64>,
     /// The sequence the request belongs to (models with sequence batching only).
     pub sequence: Option<SequenceTag>,
+    /// Models whose `execute` waits on this request (an in-process call's chain of callers).
+    pub callers: Vec<String>,
 }
 
 /// A sequence's correlation id: `sequence_id` as an unsigned integer or a string, as Triton's.
@@ -189,7 +191,7 @@ impl InferRequest {
     pub fn queue_options(&self, deadline: Option<Instant>) -> Result<QueueOptions> {
         let timeout = self.unsigned_parameter("timeout")?.filter(|&us| us > 0).map(Duration::from_micros);
         let priority = self.unsigned_parameter("priority")?;
-        Ok(QueueOptions { timeout, deadline, priority, sequence: None })
+        Ok(QueueOptions { timeout, deadline, priority, ..Default::default() })
     }
 
     fn unsigned_parameter(&self, name: &str) -> Result<Option<u64>> {

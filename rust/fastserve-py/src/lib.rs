@@ -1,5 +1,6 @@
 //! `fastserve._core`: the thin PyO3 boundary over `fastserve-core`.
 
+mod call;
 mod convert;
 mod instance;
 mod repository;
@@ -75,7 +76,9 @@ impl CoreServer {
             BuildError::Invalid(m) => PyValueError::new_err(m),
             BuildError::Files(m) => PyOSError::new_err(m),
         })?;
-        Ok(Self { server: Server::new(config), private_paths: Default::default() })
+        let server = Server::new(config);
+        call::set_current(server.registry());
+        Ok(Self { server, private_paths: Default::default() })
     }
 
     /// Registers a loaded model version and starts its scheduler (replacing one of the same
@@ -324,6 +327,8 @@ fn datatypes() -> Vec<(&'static str, &'static str)> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(datatypes, m)?)?;
+    m.add_function(wrap_pyfunction!(call::infer, m)?)?;
+    m.add_function(wrap_pyfunction!(call::call_context, m)?)?;
     m.add_function(wrap_pyfunction!(check_model_options, m)?)?;
     m.add_class::<CoreServer>()?;
     m.add_function(wrap_pyfunction!(server_options, m)?)?;

@@ -51,7 +51,9 @@ impl EnsembleInstance {
             .collect();
         let mut request = InferRequest { inputs, ..Default::default() };
         let validated = scheduler.spec().validate(&mut request).map_err(in_step)?;
-        scheduler.submit_with(validated, QueueOptions::default()).map_err(in_step)
+        // The ensemble's callers wait on its steps too (in-process call cycles are refused).
+        let callers = crate::scheduler::calls::current().map(|c| c.chain).unwrap_or_default();
+        scheduler.submit_with(validated, QueueOptions { callers, ..Default::default() }).map_err(in_step)
     }
 }
 

@@ -137,6 +137,8 @@ pub(super) struct Seats {
     /// Set when running streams must end (a shutdown reached its deadline): each stops at its
     /// next response, even one waiting for a slow reader.
     pub(super) ending: tokio::sync::watch::Sender<bool>,
+    /// A batch's `execution_timeout_ms`, which in-process calls from it count against.
+    pub(super) execution_timeout: Option<Duration>,
 }
 
 impl Seats {
@@ -260,8 +262,11 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let total: usize = rows.iter().sum();
     let tags: Vec<_> = jobs.iter().map(|j| j.sequence.as_ref().map(|t| t.id.clone())).collect();
+    let callers: Vec<Vec<String>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.callers)).collect();
     let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
     let replies = started(seats, id, seat, replies);
+    let deadline = seats.execution_timeout.and_then(|t| Instant::now().checked_add(t));
+    let _calls = super::calls::enter(&spec.name, callers.iter().flatten(), deadline);
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
         if let Some(batch) = sequence {
             return run_sequence(instance, spec, batch, &tags, &mut clock);
@@ -334,6 +339,8 @@ fn run_stream(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, 
     let wait = clock.start.saturating_duration_since(job.enqueued);
     let (rows, enqueued) = (job.rows, job.enqueued);
     let replies = started(seats, id, seat, vec![job.reply]);
+    let deadline = seats.execution_timeout.and_then(|t| Instant::now().checked_add(t));
+    let _calls = super::calls::enter(&spec.name, job.callers.iter(), deadline);
     let mut sent = 0usize;
     let result = match job.responses {
         None => {

@@ -6,6 +6,7 @@
 //! idle, so under load requests pile up and batches grow without an artificial delay.
 
 mod batcher;
+pub mod calls;
 mod instance;
 pub mod options;
 pub mod plan;
@@ -166,6 +167,7 @@ impl Scheduler {
             wake: tx.clone(),
             clock: config.clock.clone(),
             ending: tokio::sync::watch::channel(false).0,
+            execution_timeout: config.execution_timeout,
         });
         for (seat, instance) in instances.into_iter().enumerate() {
             seats.spawn(seat, instance)?;
@@ -324,6 +326,7 @@ impl Scheduler {
             reply,
             responses,
             sequence: options.sequence,
+            callers: options.callers,
             enqueued,
             level,
             expires,

@@ -36,6 +36,8 @@ pub(super) struct Job {
     pub(super) responses: Option<ResponseSender>,
     /// Its sequence (models with sequence batching).
     pub(super) sequence: Option<SequenceTag>,
+    /// Models whose `execute` waits on this request (in-process calls).
+    pub(super) callers: Vec<String>,
     pub(super) enqueued: Instant,
     /// 1 is served first.
     pub(super) level: u64,
