@@ -42,12 +42,15 @@ pub fn infer(
         ..request.queue_options(None)?
     };
     let validated = scheduler.spec().validate(&mut request)?;
-    let reply = scheduler.submit_with(validated, options)?;
+    let (start, reply) = (Instant::now(), scheduler.submit_with(validated, options)?);
     let waited = match context.deadline {
         None => reply.blocking_recv().map_err(|_| stopped(model)),
         Some(at) => wait_until(reply, at, model),
     };
-    Ok(waited??.outputs)
+    // Counted as the model's requests, as network ones are.
+    let answer = waited.and_then(|reply| reply);
+    scheduler.stats().record_request(answer.as_ref().map(|_| ()), start.elapsed());
+    Ok(answer?.outputs)
 }
 
 fn stopped(model: &str) -> ServeError {
@@ -65,7 +68,8 @@ fn wait_until(
         .build()
         .map_err(|e| ServeError::Internal(format!("cannot wait for model '{model}': {e}")))?;
     let left = at.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-    match runtime.block_on(tokio::time::timeout(left, reply)) {
+    // The timer is made inside the runtime, which drives it.
+    match runtime.block_on(async { tokio::time::timeout(left, reply).await }) {
         Ok(answer) => answer.map_err(|_| stopped(model)),
         Err(_) => Err(ServeError::ExecutionTimeout(format!(
             "in-process call to model '{model}' did not answer within the caller's execution_timeout_ms"

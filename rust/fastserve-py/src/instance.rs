@@ -137,10 +137,12 @@ impl Instance for PyInstance {
             clock.infer_started();
             let result = self.model.bind(py).call_method1("execute", (args,));
             clock.infer_finished();
-            let result = result.map_err(|e| {
-                tracing::warn!(model = %self.label, error = %e, "execute() raised");
-                ServeError::ModelError(self.public(format!("{} raised {}", self.label, e)))
-            })?;
+            let mut result = result.map_err(|e| self.raised(&e))?;
+            // `async def execute`: run it to completion on the instance's own event loop.
+            if result.hasattr("__await__").unwrap_or(false) {
+                let event_loop = self.event_loop(py)?;
+                result = event_loop.call_method1("run_until_complete", (result,)).map_err(|e| self.raised(&e))?;
+            }
             self.numpy.outputs_from_dict(&result)
         })
     }

@@ -33,12 +33,7 @@ impl EnsembleInstance {
     }
 
     /// Queues step `i` with its inputs taken from the ensemble tensors (shared, not copied).
-    fn submit(
-        &self,
-        registry: &Registry,
-        i: usize,
-        tensors: &HashMap<String, Tensor>,
-    ) -> Result<oneshot::Receiver<Reply>> {
+    fn submit(&self, registry: &Registry, i: usize, tensors: &HashMap<String, Tensor>) -> Result<Submitted> {
         let step = &self.plan.steps[i];
         let in_step = |e: ServeError| e.context(&format!("ensemble '{}' {}", self.spec.name, step.label(i)));
         let version = step.version();
@@ -53,17 +48,26 @@ impl EnsembleInstance {
         let validated = scheduler.spec().validate(&mut request).map_err(in_step)?;
         // The ensemble's callers wait on its steps too (in-process call cycles are refused).
         let callers = crate::scheduler::calls::current().map(|c| c.chain).unwrap_or_default();
-        scheduler.submit_with(validated, QueueOptions { callers, ..Default::default() }).map_err(in_step)
+        let options = QueueOptions { callers, ..Default::default() };
+        let reply = scheduler.submit_with(validated, options).map_err(in_step)?;
+        Ok(Submitted { stats: scheduler.stats().clone(), start: std::time::Instant::now(), reply })
     }
 }
 
+/// A step on its way: where its answer comes, and what its model's statistics count it as.
+struct Submitted {
+    stats: Arc<crate::observe::stats::ModelStats>,
+    start: std::time::Instant,
+    reply: oneshot::Receiver<Reply>,
+}
+
 /// The first of `running` to answer, taken out of it.
-async fn first_answer(running: &mut Vec<(usize, oneshot::Receiver<Reply>)>) -> (usize, Option<Reply>) {
+async fn first_answer(running: &mut Vec<(usize, Submitted)>) -> (usize, Submitted, Option<Reply>) {
     std::future::poll_fn(|cx| {
         for k in 0..running.len() {
-            if let Poll::Ready(answer) = Pin::new(&mut running[k].1).poll(cx) {
-                let (i, _) = running.swap_remove(k);
-                return Poll::Ready((i, answer.ok()));
+            if let Poll::Ready(answer) = Pin::new(&mut running[k].1.reply).poll(cx) {
+                let (i, submitted) = running.swap_remove(k);
+                return Poll::Ready((i, submitted, answer.ok()));
             }
         }
         Poll::Pending
@@ -100,12 +104,13 @@ impl Instance for EnsembleInstance {
                 break;
             }
             let Some(waiter) = &self.waiter else { return Err(ServeError::Internal("no waiter".into())) };
-            let (i, answer) = waiter.block_on(first_answer(&mut running));
+            let (i, submitted, answer) = waiter.block_on(first_answer(&mut running));
             let step = &self.plan.steps[i];
             let label = format!("ensemble '{}' {}", self.spec.name, step.label(i));
-            let executed = answer
-                .unwrap_or_else(|| Err(ServeError::unavailable("the model stopped before answering")))
-                .map_err(|e| e.context(&label))?;
+            let answer = answer.unwrap_or_else(|| Err(ServeError::unavailable("the model stopped before answering")));
+            // A step counts as a request of its model, as in Triton.
+            submitted.stats.record_request(answer.as_ref().map(|_| ()), submitted.start.elapsed());
+            let executed = answer.map_err(|e| e.context(&label))?;
             for t in executed.outputs {
                 if let Some(name) = step.output_map.get(&t.name) {
                     tensors.insert(name.clone(), Tensor { name: name.clone(), ..t });
