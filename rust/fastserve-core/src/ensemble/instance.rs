@@ -93,9 +93,8 @@ impl Instance for EnsembleInstance {
         let mut started = vec![false; steps];
         let mut running = Vec::with_capacity(steps);
         loop {
-            for i in 0..steps {
-                let ready = self.plan.steps[i].input_map.values().all(|t| tensors.contains_key(t));
-                if !started[i] && ready {
+            for (i, step) in self.plan.steps.iter().enumerate() {
+                if !started[i] && step.input_map.values().all(|t| tensors.contains_key(t)) {
                     started[i] = true;
                     running.push((i, self.submit(&registry, i, &tensors)?));
                 }

@@ -13,11 +13,10 @@ pub struct EnsemblePlan {
 }
 
 /// Who produces an ensemble tensor: the request (an ensemble input) or a step's output.
-struct Producer<'a> {
+struct Producer {
     what: String,
     spec: TensorSpec,
     batching: bool,
-    _step: Option<&'a Step>,
 }
 
 fn dims_agree(a: &TensorSpec, b: &TensorSpec) -> bool {
@@ -41,16 +40,11 @@ impl EnsemblePlan {
         if config.step.is_empty() {
             return Err("[[ensemble.step]]: an ensemble needs at least one step".into());
         }
-        let mut producers: HashMap<String, Producer<'_>> = HashMap::new();
+        let mut producers: HashMap<String, Producer> = HashMap::new();
         for t in &spec.inputs {
             producers.insert(
                 t.name.clone(),
-                Producer {
-                    what: format!("ensemble input '{}'", t.name),
-                    spec: t.clone(),
-                    batching: spec.batching(),
-                    _step: None,
-                },
+                Producer { what: format!("ensemble input '{}'", t.name), spec: t.clone(), batching: spec.batching() },
             );
         }
         let mut models: Vec<std::sync::Arc<ModelSpec>> = Vec::with_capacity(config.step.len());
@@ -93,12 +87,7 @@ impl EnsemblePlan {
                 }
                 producers.insert(
                     tensor.clone(),
-                    Producer {
-                        what: format!("{at} output '{output}'"),
-                        spec: out.clone(),
-                        batching: model.batching(),
-                        _step: Some(step),
-                    },
+                    Producer { what: format!("{at} output '{output}'"), spec: out.clone(), batching: model.batching() },
                 );
             }
             models.push(model);
