@@ -128,3 +128,116 @@ impl Instance for EnsembleInstance {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ensemble::config::{EnsembleConfig, Step};
+    use crate::registry::ModelVersion;
+    use crate::scheduler::plan::BatchPolicy;
+    use crate::scheduler::{Scheduler, SchedulerConfig};
+    use crate::spec::TensorSpec;
+    use crate::tensor::datatype::DataType;
+    use crate::tensor::TensorData;
+
+    /// Y = X * factor + offset over FP32, failing on negative input.
+    struct Affine(f32, f32);
+
+    fn floats(t: &Tensor) -> Vec<f32> {
+        let TensorData::Raw(b) = &t.data else { unreachable!() };
+        b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    }
+
+    fn tensor(name: &str, values: &[f32]) -> Tensor {
+        let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor::new(name, DataType::Fp32, vec![values.len(), 1], TensorData::Raw(data.into())).unwrap()
+    }
+
+    impl Instance for Affine {
+        fn execute(&mut self, inputs: Vec<Tensor>, _: &mut PhaseClock) -> Result<Vec<Tensor>> {
+            let x = floats(&inputs[0]);
+            if x.iter().any(|v| *v < 0.0) {
+                return Err(ServeError::ModelError("negative".into()));
+            }
+            let y: Vec<f32> = x.iter().map(|v| v * self.0 + self.1).collect();
+            Ok(vec![tensor("Y", &y)])
+        }
+    }
+
+    fn spec(name: &str, platform: &str) -> Arc<ModelSpec> {
+        Arc::new(ModelSpec {
+            name: name.into(),
+            version: 1,
+            platform: platform.into(),
+            max_batch_size: 4,
+            decoupled: false,
+            inputs: vec![TensorSpec::new("X", DataType::Fp32, vec![1])],
+            outputs: vec![TensorSpec::new("Y", DataType::Fp32, vec![1])],
+        })
+    }
+
+    fn config() -> SchedulerConfig {
+        SchedulerConfig::new(
+            BatchPolicy {
+                max_batch_size: 4,
+                max_queue_delay: std::time::Duration::ZERO,
+                preferred_batch_sizes: vec![],
+            },
+            16,
+        )
+    }
+
+    fn step(model: &str, input: &str, output: &str) -> Step {
+        Step {
+            model_name: model.into(),
+            model_version: -1,
+            input_map: [("X".to_string(), input.to_string())].into(),
+            output_map: [("Y".to_string(), output.to_string())].into(),
+        }
+    }
+
+    fn registry() -> Arc<Registry> {
+        let registry = Arc::new(Registry::new());
+        for (name, a, b) in [("double", 2.0, 0.0), ("inc", 1.0, 1.0)] {
+            let s = Scheduler::start(spec(name, "test"), config(), vec![Box::new(Affine(a, b))]).unwrap();
+            registry.insert(ModelVersion::ready(s));
+        }
+        registry
+    }
+
+    #[test]
+    fn steps_run_in_dependency_order_and_a_failure_names_its_step() {
+        let registry = registry();
+        let ensemble = spec("chain", "ensemble");
+        let steps = EnsembleConfig { step: vec![step("inc", "t", "Y"), step("double", "X", "t")] };
+        let plan = Arc::new(EnsemblePlan::check(&ensemble, &steps, &registry).unwrap());
+        let mut instance = EnsembleInstance::new(Arc::downgrade(&registry), plan, ensemble);
+        let mut clock = PhaseClock::new();
+        let out = instance.execute(vec![tensor("X", &[1.0, 5.0])], &mut clock).unwrap();
+        assert_eq!(floats(&out[0]), vec![3.0, 11.0]);
+        let e = instance.execute(vec![tensor("X", &[-1.0])], &mut clock).unwrap_err();
+        assert!(
+            matches!(&e, ServeError::ModelError(m) if m.contains("ensemble 'chain' step 2 (model 'double')")),
+            "{e}"
+        );
+        let double = registry.resolve("double", None).unwrap();
+        assert_eq!(double.stats().unwrap().success.count(), 1);
+        assert_eq!(double.stats().unwrap().fail.count(), 1);
+    }
+
+    #[test]
+    fn graphs_that_cannot_run_are_refused_at_load() {
+        let registry = registry();
+        let ensemble = spec("e", "ensemble");
+        for (steps, says) in [
+            (vec![step("nosuch", "X", "Y")], "step 1 (model 'nosuch')"),
+            (vec![step("double", "X", "Y"), step("inc", "X", "Y")], "already produced"),
+            (vec![step("double", "X", "t")], "ensemble output 'Y' is produced by no step"),
+            (vec![step("double", "u", "t"), step("inc", "t", "u"), step("inc", "t", "Y")], "a cycle"),
+            (vec![step("e", "X", "Y")], "cannot contain itself"),
+        ] {
+            let e = EnsemblePlan::check(&ensemble, &EnsembleConfig { step: steps }, &registry).unwrap_err();
+            assert!(e.contains(says), "{says}: {e}");
+        }
+    }
+}

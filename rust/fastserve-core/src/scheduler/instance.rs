@@ -53,7 +53,9 @@ pub struct PhaseClock {
 }
 
 impl PhaseClock {
-    pub(super) fn new() -> Self {
+    /// A clock started now (the scheduler makes one per batch).
+    #[allow(clippy::new_without_default)]
+    pub fn new() -> Self {
         Self { start: Instant::now(), infer_start: None, infer_end: None }
     }
 
