@@ -182,11 +182,8 @@ def test_unload_drains_and_forgets_the_model() -> None:
 def test_embedded_repository_loading(tmp_path: Path) -> None:
     server = Server(http_port=0)
     statuses = server.load_repository(EXAMPLES)
-    assert {(s.name, s.version, s.ready) for s in statuses} == {
-        ("mlp", 1, True),
-        ("echo", 1, True),
-        ("textgen", 1, True),
-    }
+    models = {"mlp", "echo", "textgen", "preprocess", "postprocess", "classify", "mlp_top"}
+    assert {(s.name, s.version, s.ready) for s in statuses} == {(m, 1, True) for m in models}
     with server:
         r = infer_json(
             f"http://127.0.0.1:{server.http_port}",
@@ -210,3 +207,23 @@ def test_invalid_declarations_are_rejected() -> None:
     with pytest.raises(TypeError, match="no execute"):
         server._core.add_model("m", 1, "python", [("X", "FP32", [1])], [("Y", "FP32", [1])], [object()])
     assert fastserve.__version__
+
+
+def test_a_server_never_started_is_collected_and_finalizes_its_models() -> None:
+    # The models' threads need the GIL to finalize; dropping the server must not hold it meanwhile.
+    import gc
+
+    finalized = []
+
+    class Model:
+        def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {"Y": inputs["X"]}
+
+        def finalize(self) -> None:
+            finalized.append(True)
+
+    server = Server(http_port=0)
+    server.add_model("m", Model(), inputs=[Tensor("X", "FP32", [1])], outputs=[Tensor("Y", "FP32", [1])])
+    del server
+    gc.collect()
+    assert finalized == [True]

@@ -77,7 +77,7 @@ def infer_mlp(address: str, model: str, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     ("config", "reason"),
     [
-        ('backend = "tensorflow"', "backend must be one of onnxruntime, openvino, python, got 'tensorflow'"),
+        ('backend = "tensorflow"', "backend must be one of onnxruntime, openvino, python, ensemble, got 'tensorflow'"),
         ("[instance_group]\ngpus = [0]", '[instance_group] gpus needs kind = "gpu"'),
         ('[instance_group]\nkind = "gpu"\ngpus = [-1]', "[instance_group] gpus must be a list of integers >= 0"),
         ('[instance_group]\nkind = "gpu"\ngpus = []', "gpus must list at least one device id, each once"),

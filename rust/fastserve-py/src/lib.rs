@@ -61,6 +61,15 @@ struct CoreServer {
     private_paths: std::sync::RwLock<Vec<String>>,
 }
 
+/// A server dropped by Python's garbage collector (never started, or not stopped) still stops its
+/// model threads: with the GIL released, since they take it to finalize their instances.
+impl Drop for CoreServer {
+    fn drop(&mut self) {
+        let server = &self.server;
+        Python::attach(|py| py.detach(|| server.stop()));
+    }
+}
+
 #[pymethods]
 impl CoreServer {
     /// `options`: the [`ServerOptions`] keys (`server_options()` lists them); unknown keys and bad
