@@ -42,8 +42,13 @@ impl Instance for Recorder {
 }
 
 fn config(strategy: &str, idle_us: u64) -> SequenceConfig {
+    with_direct(strategy, idle_us, serde_json::json!({}))
+}
+
+fn with_direct(strategy: &str, idle_us: u64, direct: serde_json::Value) -> SequenceConfig {
     serde_json::from_value(serde_json::json!({
         "strategy": strategy,
+        "direct": direct,
         "max_sequence_idle_microseconds": idle_us,
         "control_input": [
             {"name": "START", "control": [{"kind": "CONTROL_SEQUENCE_START", "int32_false_true": [0, 1]}]},
@@ -56,12 +61,13 @@ fn config(strategy: &str, idle_us: u64) -> SequenceConfig {
 
 type Seen = crossbeam_channel::Receiver<(Vec<i32>, Vec<i32>, Vec<i32>)>;
 
-fn start(
-    strategy: &str,
-    instances: usize,
-    idle_us: u64,
-    gated: bool,
-) -> (Arc<Scheduler>, Seen, crossbeam_channel::Sender<()>) {
+type Started = (Arc<Scheduler>, Seen, crossbeam_channel::Sender<()>);
+
+fn start(strategy: &str, instances: usize, idle_us: u64, gated: bool) -> Started {
+    start_with(config(strategy, idle_us), instances, gated)
+}
+
+fn start_with(sequence: SequenceConfig, instances: usize, gated: bool) -> Started {
     let spec = Arc::new(ModelSpec {
         name: "acc".into(),
         version: 1,
@@ -83,7 +89,7 @@ fn start(
         plan::BatchPolicy { max_batch_size: 4, max_queue_delay: Duration::ZERO, preferred_batch_sizes: vec![] },
         100,
     );
-    cfg.sequence = Some(config(strategy, idle_us));
+    cfg.sequence = Some(sequence);
     (Scheduler::start(spec, cfg, instances).unwrap(), seen, gate_tx)
 }
 
@@ -152,4 +158,16 @@ async fn an_idle_sequence_is_released_and_a_late_request_is_refused() {
     }
     let late = submit(&s, 7, 1, false, false).await.unwrap();
     assert!(matches!(&late, Err(ServeError::BadRequest(m)) if m.contains("not active")), "{late:?}");
+}
+
+#[tokio::test]
+async fn direct_waits_for_its_minimum_slot_utilization() {
+    let direct = serde_json::json!({"max_queue_delay_microseconds": 3_600_000_000u64, "minimum_slot_utilization": 1.0});
+    let (s, seen, _gate) = start_with(with_direct("direct", 1_000_000, direct), 1, false);
+    let replies: Vec<_> = (1..=4).map(|seq| submit(&s, seq, seq as i32, true, true)).collect();
+    // Nothing runs until all four slots have a request (the delay is an hour): one full batch.
+    assert_eq!(seen.recv_timeout(Duration::from_secs(60)).unwrap(), (vec![1; 4], vec![1; 4], vec![1, 2, 3, 4]));
+    for (i, reply) in replies.into_iter().enumerate() {
+        assert_eq!(sum(reply).await, i as i32 + 1);
+    }
 }

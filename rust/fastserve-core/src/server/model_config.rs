@@ -147,7 +147,10 @@ fn sequence_batching(s: &SequenceConfig) -> ModelSequenceBatching {
         ControlKind::CorrId => control::Kind::ControlSequenceCorrid,
     };
     let strategy = match s.strategy {
-        Strategy::Direct => StrategyChoice::Direct(model_sequence_batching::StrategyDirect::default()),
+        Strategy::Direct => StrategyChoice::Direct(model_sequence_batching::StrategyDirect {
+            max_queue_delay_microseconds: s.direct.max_queue_delay_microseconds,
+            minimum_slot_utilization: s.direct.minimum_slot_utilization,
+        }),
         Strategy::Oldest => StrategyChoice::Oldest(model_sequence_batching::StrategyOldest {
             max_candidate_sequences: i32::try_from(s.oldest.max_candidate_sequences).unwrap_or(i32::MAX),
             preferred_batch_size: s

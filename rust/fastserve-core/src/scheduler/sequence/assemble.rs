@@ -238,6 +238,8 @@ mod tests {
             max_candidates: 8,
             preferred: vec![],
             max_queue_delay: Duration::ZERO,
+            direct_delay: Duration::ZERO,
+            min_slot_utilization: 0.0,
             controls: vec![
                 ControlSpec {
                     input: "START".into(),

@@ -317,7 +317,13 @@ impl SequenceBatcher {
                 continue;
             }
             let chosen = match self.plan.strategy {
-                Strategy::Direct => self.direct_rows(seat, books),
+                Strategy::Direct => match self.direct_rows(now, seat, books, closing) {
+                    Ok(rows) => rows,
+                    Err(at) => {
+                        due = Some(due.map_or(at, |d: Instant| d.min(at)));
+                        continue;
+                    }
+                },
                 Strategy::Oldest => match self.oldest_rows(now, books, closing) {
                     Ok(rows) => rows,
                     Err(at) => {
@@ -334,8 +340,16 @@ impl SequenceBatcher {
         due
     }
 
-    /// Direct: one row per slot of the instance, up to its last slot with a request ready.
-    fn direct_rows(&self, seat: usize, books: &Books) -> Vec<Option<SequenceId>> {
+    /// Direct: one row per slot of the instance, up to its last slot with a request ready;
+    /// Err(when) while fewer than `minimum_slot_utilization` of the slots are ready and the
+    /// oldest ready request may still wait.
+    fn direct_rows(
+        &self,
+        now: Instant,
+        seat: usize,
+        books: &Books,
+        closing: bool,
+    ) -> Result<Vec<Option<SequenceId>>, Instant> {
         let mut template: Option<&Job> = None;
         let mut rows: Vec<Option<SequenceId>> = books.slots[seat]
             .iter()
@@ -355,7 +369,13 @@ impl SequenceBatcher {
         while rows.last().is_some_and(Option::is_none) {
             rows.pop();
         }
-        rows
+        let ready = rows.iter().flatten().filter_map(|id| books.sequences.get(id)?.pending.front());
+        let oldest = ready.map(|job| job.enqueued).min();
+        let share = rows.iter().flatten().count() as f32 / books.slots[seat].len().max(1) as f32;
+        match oldest.and_then(|at| at.checked_add(self.plan.direct_delay)) {
+            Some(end) if !closing && share < self.plan.min_slot_utilization && now < end => Err(end),
+            _ => Ok(rows),
+        }
     }
 
     /// Oldest: the candidates' oldest ready requests, one per sequence, oldest first, up to the

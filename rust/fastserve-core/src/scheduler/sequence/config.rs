@@ -16,6 +16,7 @@ pub struct SequenceConfig {
     pub max_sequence_idle_microseconds: u64,
     /// `direct` (each sequence owns a batch slot of one instance) or `oldest`.
     pub strategy: Strategy,
+    pub direct: Direct,
     pub oldest: Oldest,
     pub control_input: Vec<ControlInput>,
     pub state: Vec<State>,
@@ -31,6 +32,7 @@ impl Default for SequenceConfig {
         Self {
             max_sequence_idle_microseconds: 1_000_000,
             strategy: Strategy::Direct,
+            direct: Direct::default(),
             oldest: Oldest::default(),
             control_input: Vec::new(),
             state: Vec::new(),
@@ -43,6 +45,16 @@ impl Default for SequenceConfig {
 pub enum Strategy {
     Direct,
     Oldest,
+}
+
+/// `[sequence_batching.direct]`: how long an instance's batch may wait for more of its slots.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Direct {
+    /// How long the oldest ready request may wait for the batch to reach the utilization below.
+    pub max_queue_delay_microseconds: u64,
+    /// The share of an instance's slots (0 to 1) with a request ready before a batch is sent at once.
+    pub minimum_slot_utilization: f32,
 }
 
 /// `[sequence_batching.oldest]`: batches formed from the oldest requests of the candidate
@@ -153,6 +165,9 @@ pub struct SequencePlan {
     pub max_candidates: usize,
     pub preferred: Vec<usize>,
     pub max_queue_delay: Duration,
+    /// Direct: the queue delay and slot share above.
+    pub direct_delay: Duration,
+    pub min_slot_utilization: f32,
     pub controls: Vec<ControlSpec>,
     pub states: Vec<StateSpec>,
 }
@@ -182,6 +197,13 @@ impl SequenceConfig {
         }
         if o.max_queue_delay_microseconds > 3_600_000_000 {
             return Err(format!("{at}.oldest.max_queue_delay_microseconds must be at most 3600000000"));
+        }
+        let d = &self.direct;
+        if d.max_queue_delay_microseconds > 3_600_000_000 {
+            return Err(format!("{at}.direct.max_queue_delay_microseconds must be at most 3600000000"));
+        }
+        if !(0.0..=1.0).contains(&d.minimum_slot_utilization) {
+            return Err(format!("{at}.direct.minimum_slot_utilization must be between 0 and 1"));
         }
         let mut taken: Vec<&str> = spec.inputs.iter().map(|t| t.name.as_str()).collect();
         let mut controls = Vec::new();
@@ -240,6 +262,8 @@ impl SequenceConfig {
             max_candidates: o.max_candidate_sequences,
             preferred: o.preferred_batch_size.clone(),
             max_queue_delay: Duration::from_micros(o.max_queue_delay_microseconds),
+            direct_delay: Duration::from_micros(d.max_queue_delay_microseconds),
+            min_slot_utilization: d.minimum_slot_utilization,
             controls,
             states,
         })
