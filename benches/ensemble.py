@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -57,7 +56,7 @@ ROOT = BENCHES.parent
 # percentile helpers streaming.py's; each exists once.
 if str(BENCHES) not in sys.path:
     sys.path.insert(0, str(BENCHES))
-from run import Server, fastserve_cmd, fmt, http_json, log, machine  # noqa: E402
+from run import Server, fastserve_cmd, fmt, http_json, log, machine, resolve_timing, stop_on_sigterm  # noqa: E402
 from streaming import cpu_s, percentile_ms  # noqa: E402
 
 EXAMPLES = ROOT / "examples" / "models"
@@ -424,29 +423,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the random RAW rows (0)")
     p.add_argument("--out", type=Path, default=BENCHES / "results", help="output directory")
     a = p.parse_args(argv)
-    a.duration_s = a.duration_s if a.duration_s is not None else (1.0 if a.quick else 5.0)
-    a.warmup_s = a.warmup_s if a.warmup_s is not None else (0.3 if a.quick else 1.0)
-    a.concurrency = [int(c) for c in a.concurrency.split(",") if c]
+    resolve_timing(p, a)
     a.protocols = [x for x in a.protocols.split(",") if x]
     for x in a.protocols:
         if x not in PROTOCOLS:
             p.error(f"unknown protocol {x}")
     if not a.protocols or not a.concurrency:
         p.error("at least one protocol and one concurrency level")
-    if any(c < 1 or c > 1024 for c in a.concurrency) or not (0 < a.duration_s <= 120) or a.warmup_s < 0:
-        p.error("concurrency must be 1..1024, --duration-s 0..120 and --warmup-s at least 0")
     return a
-
-
-def _interrupted(*_: object) -> None:
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    # SIGTERM ends the run like Ctrl-C, so the `finally` block stops the server.
-    signal.signal(signal.SIGTERM, _interrupted)
+    stop_on_sigterm()
     conditions = {"start": machine()}
     with started() as server:
         log(f"fastserve up at {server.url} (gRPC {server.grpc_url})")

@@ -620,11 +620,24 @@ def _interrupted(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a run like Ctrl-C, so the `finally` blocks stop every server it started."""
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
+def resolve_timing(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """The harnesses' shared --quick, --duration-s, --warmup-s and --concurrency (a list) handling."""
+    a.duration_s = a.duration_s if a.duration_s is not None else (1.0 if a.quick else 5.0)
+    a.warmup_s = a.warmup_s if a.warmup_s is not None else (0.3 if a.quick else 1.0)
+    a.concurrency = [int(c) for c in a.concurrency.split(",") if c]
+    if any(c < 1 or c > 1024 for c in a.concurrency) or not (0 < a.duration_s <= 120) or a.warmup_s < 0:
+        p.error("concurrency must be 1..1024, --duration-s 0..120 and --warmup-s at least 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    # SIGTERM ends the run like Ctrl-C, so the `finally` blocks stop every server.
-    signal.signal(signal.SIGTERM, _interrupted)
+    stop_on_sigterm()
     conditions = {"start": machine()}
     loadgen = args.loadgen or (loadgen_path() if args.skip_build else build_loadgen())
     if not loadgen.exists():

@@ -50,7 +50,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import signal
 import struct
 import sys
 import tempfile
@@ -64,7 +63,7 @@ BENCHES = Path(__file__).resolve().parent
 # run.py's, the CPU and percentile helpers streaming.py's; each exists once.
 if str(BENCHES) not in sys.path:
     sys.path.insert(0, str(BENCHES))
-from run import Server, fastserve_cmd, fmt, http_json, log, machine, stats_delta  # noqa: E402
+from run import Server, fastserve_cmd, fmt, http_json, log, machine, resolve_timing, stats_delta, stop_on_sigterm  # noqa: E402
 from streaming import cpu_s, percentile_ms  # noqa: E402
 
 DIRECT = "direct"
@@ -457,9 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ",".join(MODELS))
     p.add_argument("--out", type=Path, default=BENCHES / "results", help="output directory")
     a = p.parse_args(argv)
-    a.duration_s = a.duration_s if a.duration_s is not None else (1.0 if a.quick else 5.0)
-    a.warmup_s = a.warmup_s if a.warmup_s is not None else (0.3 if a.quick else 1.0)
-    a.concurrency = [int(c) for c in a.concurrency.split(",") if c]
+    resolve_timing(p, a)
     a.protocols = [x for x in a.protocols.split(",") if x]
     a.models = [x for x in a.models.split(",") if x]
     for x in a.protocols:
@@ -468,22 +465,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for x in a.models:
         if x not in MODELS:
             p.error(f"unknown model {x}")
-    if any(c < 1 or c > 1024 for c in a.concurrency) or not (0 < a.duration_s <= 120) or a.warmup_s < 0:
-        p.error("concurrency must be 1..1024, --duration-s 0..120 and --warmup-s at least 0")
     if not (1 <= a.steps <= 100_000):
         p.error("--steps must be 1..100000")
     return a
 
 
-def _interrupted(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    # SIGTERM ends the run like Ctrl-C, so the `finally` blocks stop the server.
-    signal.signal(signal.SIGTERM, _interrupted)
+    stop_on_sigterm()
     conditions = {"start": machine()}
     with tempfile.TemporaryDirectory(prefix="fastserve-seq-bench-") as tmp:
         repo = write_repository(Path(tmp))

@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import struct
 import sys
 import time
@@ -56,7 +55,7 @@ ROOT = BENCHES.parent
 if str(BENCHES) not in sys.path:
     sys.path.insert(0, str(BENCHES))
 from baseline_fastapi_stream import load_textgen  # noqa: E402
-from run import Server, fastserve_cmd, fmt, free_port, log, machine  # noqa: E402
+from run import Server, fastserve_cmd, fmt, free_port, log, machine, resolve_timing, stop_on_sigterm  # noqa: E402
 
 EXAMPLES = ROOT / "examples" / "models"
 MODEL = "textgen"
@@ -411,9 +410,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated: " + ",".join(SERVERS))
     p.add_argument("--out", type=Path, default=BENCHES / "results", help="output directory")
     a = p.parse_args(argv)
-    a.duration_s = a.duration_s if a.duration_s is not None else (1.0 if a.quick else 5.0)
-    a.warmup_s = a.warmup_s if a.warmup_s is not None else (0.3 if a.quick else 1.0)
-    a.concurrency = [int(c) for c in a.concurrency.split(",") if c]
+    resolve_timing(p, a)
     a.protocols = [x for x in a.protocols.split(",") if x]
     a.servers = [x for x in a.servers.split(",") if x]
     for x in a.protocols:
@@ -422,22 +419,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for x in a.servers:
         if x not in SERVERS:
             p.error(f"unknown server {x}")
-    if any(c < 1 or c > 1024 for c in a.concurrency) or not (0 < a.duration_s <= 120) or a.warmup_s < 0:
-        p.error("concurrency must be 1..1024, --duration-s 0..120 and --warmup-s at least 0")
     if not (1 <= a.tokens <= 4096):
         p.error("--tokens must be 1..4096")
     return a
 
 
-def _interrupted(*_: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t0 = time.monotonic()
-    # SIGTERM ends the run like Ctrl-C, so the `finally` blocks stop every server.
-    signal.signal(signal.SIGTERM, _interrupted)
+    stop_on_sigterm()
     conditions = {"start": machine()}
     with ExitStack() as stack:
         servers: dict[str, Server] = {}

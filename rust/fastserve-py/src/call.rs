@@ -8,12 +8,16 @@ use fastserve_core::scheduler::calls::{self, CallContext};
 use fastserve_core::ServeError;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::PyDict;
 
 use crate::convert::NumpyCache;
 
 /// The server whose models `fastserve.infer` reaches: the one created last that still exists.
 static CURRENT: RwLock<Option<Weak<Registry>>> = RwLock::new(None);
+
+/// NumPy's dtypes and constructors, looked up at the first call rather than at every one.
+static NUMPY: PyOnceLock<NumpyCache> = PyOnceLock::new();
 
 pub fn set_current(registry: &Arc<Registry>) {
     *CURRENT.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(registry));
@@ -47,7 +51,7 @@ pub fn infer<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let registry = current()
         .ok_or_else(|| PyRuntimeError::new_err("fastserve.infer: no fastserve server is running in this process"))?;
-    let numpy = NumpyCache::new(py)?;
+    let numpy = NUMPY.get_or_try_init(py, || NumpyCache::new(py))?;
     let tensors = numpy
         .outputs_from_dict(inputs)
         .map_err(|e| PyValueError::new_err(format!("fastserve.infer('{model}') inputs: {e}")))?;
