@@ -24,19 +24,31 @@ def fp32(shape: list[int], n: int | None = None, name: str = "INPUT0", datatype:
 
 
 CASES = [
-    ("wrong shape", {"inputs": [fp32([2, 63])]}, "input 'INPUT0': expected shape [-1,64], got [2,63]"),
-    ("wrong rank", {"inputs": [fp32([64])]}, "input 'INPUT0': expected shape [-1,64], got [64]"),
+    (
+        "wrong shape",
+        {"inputs": [fp32([2, 63])]},
+        "unexpected shape for input 'INPUT0' for model 'mlp'. Expected [-1,64], got [2,63]",
+    ),
+    (
+        "wrong rank",
+        {"inputs": [fp32([64])]},
+        "unexpected shape for input 'INPUT0' for model 'mlp'. Expected [-1,64], got [64]",
+    ),
     (
         "wrong datatype",
         {"inputs": [fp32([1, 64], datatype="INT32")]},
-        "input 'INPUT0': expected datatype FP32, got INT32",
+        "inference input 'INPUT0' data-type is 'INT32', but model 'mlp' expects 'FP32'",
     ),
     ("element count", {"inputs": [fp32([1, 64], n=63)]}, "input 'INPUT0': shape needs 64 elements, data has 63"),
     ("too many elements", {"inputs": [fp32([1, 64], n=65)]}, "input 'INPUT0': data has more than the 64 elements"),
-    ("wrong name", {"inputs": [fp32([1, 64], name="X")]}, "unexpected input 'X' for model 'mlp'"),
-    ("missing input", {"inputs": []}, "missing input 'INPUT0' for model 'mlp'"),
-    ("unknown output", {"inputs": [fp32([1, 64])], "outputs": [{"name": "NOPE"}]}, "unknown output 'NOPE'"),
-    ("batch too large", {"inputs": [fp32([65, 64])]}, "batch size 65 exceeds max_batch_size 64 of model 'mlp'"),
+    ("wrong name", {"inputs": [fp32([1, 64], name="X")]}, "unexpected inference input 'X' for model 'mlp'"),
+    ("missing input", {"inputs": []}, "Got input(s) [], but missing required input(s) ['INPUT0']"),
+    (
+        "unknown output",
+        {"inputs": [fp32([1, 64])], "outputs": [{"name": "NOPE"}]},
+        "unexpected inference output 'NOPE' for model 'mlp'",
+    ),
+    ("batch too large", {"inputs": [fp32([65, 64])]}, "inference request batch-size must be <= 64 for 'mlp'"),
     ("unknown datatype", {"inputs": [fp32([1, 64], datatype="FLOAT")]}, "input 'INPUT0': unknown datatype 'FLOAT'"),
     ("negative dim", {"inputs": [fp32([1, 64]) | {"shape": [-1, 64]}]}, "negative dimension"),
     ("string for number", {"inputs": [fp32([1, 1]) | {"data": ["a"]}]}, "expected a number for FP32, got a string"),

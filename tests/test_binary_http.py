@@ -246,4 +246,4 @@ def test_errors_stay_readable_when_compression_was_asked_for(example_server: Ser
     with pytest.raises(InferenceServerException) as e:
         client.infer("mlp", [inp], request_compression_algorithm="gzip", response_compression_algorithm="gzip")
     assert e.value.status() == "400"
-    assert "input 'INPUT0': expected shape [-1,64], got [1,63]" in e.value.message()
+    assert "unexpected shape for input 'INPUT0' for model 'mlp'. Expected [-1,64], got [1,63]" in e.value.message()

@@ -159,8 +159,8 @@ def test_stream_answers_every_request_and_survives_errors(example_server: Server
         client.stop_stream()
     errors = sorted(str(error) for result, error in got if error is not None)
     assert len(errors) == 2
-    assert "input 'INPUT0': expected shape [-1,64], got [1,63]" in errors[0]
-    assert "unknown model 'no_such_model'" in errors[1]
+    assert "Request for unknown model: 'no_such_model' is not found" in errors[0]
+    assert "unexpected shape for input 'INPUT0' for model 'mlp'. Expected [-1,64], got [1,63]" in errors[1]
     results = {r.get_response().id: r.as_numpy("OUTPUT0") for r, error in got if error is None}
     assert results.keys() == xs.keys()
     session = mlp_session()
@@ -189,12 +189,24 @@ def extra_input() -> list[grpcclient.InferInput]:
 @pytest.mark.parametrize(
     ("model", "version", "inputs", "code", "message"),
     [
-        ("mlp", "", wrong_dtype, "INVALID_ARGUMENT", "input 'INPUT0': expected datatype FP32, got FP64"),
-        ("mlp", "", wrong_shape, "INVALID_ARGUMENT", "input 'INPUT0': expected shape [-1,64], got [2,63]"),
-        ("mlp", "", list, "INVALID_ARGUMENT", "missing input 'INPUT0' for model 'mlp'"),
-        ("mlp", "", extra_input, "INVALID_ARGUMENT", "unexpected input 'EXTRA'"),
-        ("no_such_model", "", wrong_shape, "NOT_FOUND", "unknown model 'no_such_model'"),
-        ("mlp", "9", wrong_shape, "NOT_FOUND", "model 'mlp' has no version '9'"),
+        (
+            "mlp",
+            "",
+            wrong_dtype,
+            "INVALID_ARGUMENT",
+            "inference input 'INPUT0' data-type is 'FP64', but model 'mlp' expects 'FP32'",
+        ),
+        (
+            "mlp",
+            "",
+            wrong_shape,
+            "INVALID_ARGUMENT",
+            "unexpected shape for input 'INPUT0' for model 'mlp'. Expected [-1,64], got [2,63]",
+        ),
+        ("mlp", "", list, "INVALID_ARGUMENT", "missing required input(s) ['INPUT0']"),
+        ("mlp", "", extra_input, "INVALID_ARGUMENT", "unexpected inference input 'EXTRA'"),
+        ("no_such_model", "", wrong_shape, "NOT_FOUND", "Request for unknown model: 'no_such_model' is not found"),
+        ("mlp", "9", wrong_shape, "NOT_FOUND", "Request for unknown model: 'mlp' version 9 is not found"),
     ],
 )
 def test_bad_requests_get_the_mapped_status(

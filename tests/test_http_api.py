@@ -49,7 +49,7 @@ def test_model_ready_with_and_without_version(example_server: ServerProcess) -> 
     assert requests.get(f"{url}/v2/models/mlp/versions/1/ready", timeout=10).status_code == 200
     r = requests.get(f"{url}/v2/models/mlp/versions/7/ready", timeout=10)
     assert r.status_code == 404
-    assert r.json() == {"error": "model 'mlp' has no version '7'"}
+    assert r.json() == {"error": "Request for unknown model: 'mlp' version 7 is not found"}
 
 
 def test_unknown_model_is_404_everywhere(example_server: ServerProcess) -> None:
@@ -61,7 +61,7 @@ def test_unknown_model_is_404_everywhere(example_server: ServerProcess) -> None:
     ]:
         r = requests.request(method, url + path, json={"inputs": []}, timeout=10)
         assert r.status_code == 404, path
-        assert r.json() == {"error": "unknown model 'nope'"}
+        assert r.json() == {"error": "Request for unknown model: 'nope' is not found"}
 
 
 def test_infer_json_matches_onnxruntime(example_server: ServerProcess) -> None:

@@ -242,7 +242,7 @@ def test_labels_route_exactly(start_server, tmp_path: Path) -> None:
     assert requests.get(f"{server.url}/v2/models/m/labels/canary/ready", timeout=10).status_code == 200
     assert requests.get(f"{server.url}/v2/models/m/labels/canary", timeout=10).json()["versions"] == ["2"]
     r = requests.get(f"{server.url}/v2/models/m/labels/beta/ready", timeout=10)
-    assert r.status_code == 404 and r.json() == {"error": "model 'm' has no version 'beta'"}
+    assert r.status_code == 404 and r.json() == {"error": "Request for unknown model: 'm' version beta is not found"}
 
 
 def test_weights_split_traffic_within_statistical_tolerance(start_server, tmp_path: Path) -> None:
@@ -332,7 +332,7 @@ def test_repository_control_and_labels_over_grpc(start_server, tmp_path: Path) -
         return int(result.as_numpy("V")[0, 0])
 
     assert version_of("stable") == 1 and version_of("canary") == 2 and version_of("1") == 1
-    with pytest.raises(Exception, match="no version 'beta'"):
+    with pytest.raises(Exception, match="'m' version beta is not found"):
         version_of("beta")
 
 

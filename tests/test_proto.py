@@ -1,5 +1,6 @@
-"""protos/grpc_predict_v2.proto stays wire-compatible with the clients: every message, field number,
-type, enum value and RPC we declare matches the descriptors shipped with tritonclient.grpc."""
+"""protos/grpc_predict_v2.proto and the Triton model_config.proto it imports stay wire-compatible with
+the clients: every message, field number, type, enum value and RPC we declare matches the descriptors
+shipped with tritonclient.grpc."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from tritonclient.grpc import service_pb2
 from conftest import ROOT
 
 PROTO = ROOT / "protos" / "grpc_predict_v2.proto"
-OPEN = re.compile(r"^(message|enum|oneof|service)\s+(\w+)\s*\{(\})?$")
+MODEL_CONFIG = ROOT / "protos" / "model_config.proto"
+# Triton's file opens some blocks with the brace on the next line.
+OPEN = re.compile(r"^(message|enum|oneof|service)\s+(\w+)\s*(\{)?(\})?$")
 FIELD = re.compile(r"^(repeated\s+)?(map<[^>]+>|[\w.]+)\s+(\w+)\s*=\s*(\d+);$")
 ENUM_VALUE = re.compile(r"^(\w+)\s*=\s*(\d+);$")
 RPC = re.compile(r"^rpc\s+(\w+)\((stream\s+)?(\w+)\)\s+returns\s+\((stream\s+)?(\w+)\)")
@@ -34,10 +37,10 @@ def parse(text: str) -> tuple[list[tuple], list[tuple], list[tuple]]:
     stack: list[tuple[str, str]] = []
     for raw in text.splitlines():
         line = raw.split("//")[0].strip()
-        if not line or line.startswith(("syntax", "package")):
+        if not line or line == "{" or line.startswith(("syntax", "package", "import")):
             continue
         if m := OPEN.match(line):
-            if not m.group(3):  # `message X {}` opens and closes at once
+            if not m.group(4):  # `message X {}` opens and closes at once
                 stack.append((m.group(1), m.group(2)))
             continue
         if line == "}":
@@ -59,11 +62,13 @@ def parse(text: str) -> tuple[list[tuple], list[tuple], list[tuple]]:
 
 def test_proto_matches_the_clients_descriptors() -> None:
     text = PROTO.read_text()
-    assert "package inference;" in text
+    assert "package inference;" in text and 'import "model_config.proto";' in text
     pool = service_pb2.DESCRIPTOR.pool
     fields, values, rpcs = parse(text)
-    # DataType (15 values), ModelQueuePolicy.TimeoutAction (2), ModelSequenceBatching.Control.Kind (4).
-    assert len(fields) >= 155 and len(values) == 21 and len(rpcs) == 20
+    config_fields, values, config_rpcs = parse(MODEL_CONFIG.read_text())
+    assert len(fields) >= 100 and len(config_fields) >= 150 and len(values) >= 35 and len(rpcs) == 20
+    assert not config_rpcs
+    fields += config_fields
     for message, name, type_, number, repeated in fields:
         theirs = pool.FindMessageTypeByName(f"inference.{message}").fields_by_name[name]
         assert theirs.number == number, (message, name)

@@ -95,7 +95,7 @@ def test_load_failures_are_reported_and_others_serve(start_server, repo: Path, m
     assert reason in meta.json()["error"]
     r = infer_json(server.url, model, x_input([[1, 1]]))
     assert r.status_code == 503
-    assert r.json()["error"].startswith(f"model '{model}' version 1 is not ready: ")
+    assert r.json()["error"].startswith(f"Request for unknown model: '{model}' version 1 is not at ready state: ")
     assert reason in server.log()
     assert str(repo) not in r.json()["error"], "errors must not reveal filesystem paths"
     # Strict readiness, as Triton: the server is not ready while a model failed.

@@ -232,7 +232,7 @@ def test_generate_answers_once_and_errors_are_http_errors(served) -> None:
     for path, body, status, says in [
         ("/v2/models/count/generate_stream", {"NOPE": 1}, 400, "unexpected field 'NOPE'"),
         ("/v2/models/count/generate_stream", {"N": "x"}, 400, "N"),
-        ("/v2/models/count/generate_stream", {}, 400, "missing input 'N'"),
+        ("/v2/models/count/generate_stream", {}, 400, "missing required input(s) ['N']"),
         ("/v2/models/nosuch/generate_stream", {"N": 1}, 404, "nosuch"),
         ("/v2/models/count/versions/9/generate", {"N": 1}, 404, "9"),
     ]:

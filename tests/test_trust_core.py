@@ -365,5 +365,5 @@ def test_readiness_says_which_models_are_not_ready(tmp_path: Path, start_server)
     ready = requests.get(f"{server.url}/v2/health/ready", timeout=GUARD_S)
     assert ready.status_code == 400
     error = ready.json()["error"]
-    assert "model 'broken' version 1 is not ready" in error and "missing dependency" in error, error
+    assert "'broken' version 1 is not at ready state" in error and "missing dependency" in error, error
     assert "good" not in error

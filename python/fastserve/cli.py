@@ -161,6 +161,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "inference token",
     )
     _env_defaults(serve, os.environ if environ is None else environ)
+    convert = sub.add_parser(
+        "convert-config",
+        help="print the config.toml equivalent of a Triton model's config.pbtxt",
+        description="Prints the config.toml that says what MODEL_DIR/config.pbtxt (Triton's model configuration) "
+        "says, so a model can move over; fastserve also loads config.pbtxt as it is.",
+    )
+    convert.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a model directory with config.pbtxt")
     return parser
 
 
@@ -268,11 +275,31 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_config(model_dir: Path) -> int:
+    """Prints the config.toml of a config.pbtxt; what fastserve does not honor fails with exit 1."""
+    from .config import ConfigError
+    from .pbtxt import convert
+
+    path = model_dir / "config.pbtxt"
+    try:
+        converted = convert(path.read_text(encoding="utf-8"), model_dir.resolve().name)
+    except (OSError, UnicodeDecodeError, ConfigError) as e:
+        sys.stderr.write(f"fastserve convert-config: {e}\n")
+        return 1
+    header = f"# config.toml converted from {path} by fastserve convert-config\n"
+    if converted.warnings:
+        header += "# Performance-only fields with no effect in fastserve: " + ", ".join(converted.warnings) + "\n"
+    sys.stdout.write(header + "\n" + converted.toml)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "convert-config":
+        return convert_config(args.model_dir)
     # `fastserve` alone: what it can do.
     parser.print_help()
     return 0

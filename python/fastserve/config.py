@@ -7,6 +7,7 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ RANGES: dict[str, Range] = {
 
 # An integer as protobuf's JSON mapping may write it (Triton's config JSON quotes 64-bit ints).
 QUOTED_INT = re.compile(r"-?[0-9]+")
+MODEL_FILENAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,254}")
+
+log = logging.getLogger("fastserve.config")
 
 
 class ConfigError(ValueError):
@@ -171,6 +175,8 @@ class ModelConfig:
     outputs: list[Tensor] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    # Triton's key: the model file in each version directory instead of model.onnx / model.xml / model.py.
+    default_model_filename: str | None = None
 
 
 def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
@@ -418,6 +424,11 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     cfg.inputs = _tensors(table.pop("input", []), "input")
     cfg.outputs = _tensors(table.pop("output", []), "output")
     cfg.parameters = dict(_take(table, "parameters", dict, "", {}))
+    cfg.default_model_filename = _take(table, "default_model_filename", str, "")
+    name = cfg.default_model_filename
+    # A plain file name of the version directory: never a path to load from elsewhere.
+    if name is not None and (not MODEL_FILENAME.fullmatch(name) or name in (".", "..")):
+        raise ConfigError(f"default_model_filename must be a file name without a directory, got {name!r}")
     _no_leftovers(table, "")
     return cfg
 
@@ -447,13 +458,31 @@ def ranges_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_config(model_dir: Path) -> ModelConfig:
-    """Reads ``model_dir/config.toml``; a missing file means all defaults."""
-    path = model_dir / "config.toml"
-    if not path.is_file():
-        return ModelConfig()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config.toml is not valid TOML: {e}") from None
-    return parse_config(data)
+CONFIG_FILES = ("config.toml", "config.pbtxt")
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """The model's configuration table: ``config.toml``, else Triton's ``config.pbtxt`` converted
+    to the same table; neither means all defaults."""
+    toml_file, triton_file = model_dir / "config.toml", model_dir / "config.pbtxt"
+    if toml_file.is_file():
+        if triton_file.is_file():
+            log.info("model '%s': config.toml and config.pbtxt both exist; config.toml is used", model_dir.name)
+        text = toml_file.read_bytes().decode("utf-8", "replace")
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config.toml is not valid TOML: {e}") from None
+    if triton_file.is_file():
+        from . import pbtxt
+
+        text = triton_file.read_bytes().decode("utf-8", "replace")
+        converted = pbtxt.convert(text, model_dir.name)
+        if converted.warnings:
+            log.warning(
+                "model '%s': config.pbtxt sets fields that only tune performance and have no effect in fastserve: %s",
+                model_dir.name,
+                ", ".join(converted.warnings),
+            )
+        return converted.table
+    return {}

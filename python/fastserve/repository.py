@@ -34,13 +34,17 @@ from .backends import (
     release_version,
     set_module,
 )
-from .config import I64_MAX, ConfigError, ModelConfig, check_batch_sizes, parse_config, sequence_tensors
+from .config import (
+    CONFIG_FILES,
+    I64_MAX,
+    ConfigError,
+    ModelConfig,
+    check_batch_sizes,
+    parse_config,
+    read_config,
+    sequence_tensors,
+)
 from .warmup import run_warmup
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 # Ensembles run this many requests at once unless [instance_group] count says otherwise.
 ENSEMBLE_INSTANCES = 8
@@ -152,16 +156,6 @@ def version_fingerprint(path: Path) -> str:
     """Changes whenever a file of the version directory is added, removed or rewritten."""
     files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     return _digest(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    file = path / "config.toml"
-    if not file.is_file():
-        return {}
-    try:
-        return tomllib.loads(file.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config.toml is not valid TOML: {e}") from None
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +303,7 @@ class ModelRepository:
 
     def _is_ensemble(self, name: str) -> bool:
         try:
-            return _read_config(self._dir(name)).get("backend") == "ensemble"
+            return read_config(self._dir(name)).get("backend") == "ensemble"
         except Exception:  # an unreadable config fails in load() with its reason
             return False
 
@@ -331,12 +325,11 @@ class ModelRepository:
     def _transact(
         self, name: str, path: Path, current: _Loaded, override: dict[str, Any] | None, retry: bool
     ) -> list[VersionStatus]:
-        config_file = path / "config.toml"
-        text = config_file.read_bytes().decode("utf-8", "replace") if config_file.is_file() else ""
-        digest = _digest([text, json.dumps(override, sort_keys=True, default=str)])
+        texts = [(path / f).read_bytes().decode("utf-8", "replace") for f in CONFIG_FILES if (path / f).is_file()]
+        digest = _digest([*texts, json.dumps(override, sort_keys=True, default=str)])
         dirs = version_dirs(path, bare_is_version_1=self.single is not None)
         try:
-            config = parse_config(_merge(_read_config(path), override or {}))
+            config = parse_config(_merge(read_config(path), override or {}))
         except ConfigError as e:
             attempt = _digest(["config", digest])
             return self._abort(name, current, attempt, retry, {v: str(e) for v in (list(dirs) or [1])})

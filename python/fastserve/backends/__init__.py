@@ -10,6 +10,7 @@ import ctypes
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..tensor import Tensor
@@ -39,6 +40,10 @@ class LoadContext:
     model_dir: Any  # pathlib.Path
     version_dir: Any  # pathlib.Path
     config: Any  # fastserve.config.ModelConfig
+
+    def model_file(self, default: str) -> Any:
+        """The version's model file: ``default_model_filename`` (Triton's key), else ``default``."""
+        return self.version_dir / (self.config.default_model_filename or default)
 
     def initialize_args(self, instance_index: int, device_id: int | None = None) -> dict[str, Any]:
         """The dict a Python model's ``initialize`` receives."""
@@ -145,8 +150,11 @@ def check_gpus(gpus: list[int], who: str) -> None:
         )
 
 
-def detect_backend(version_dir: Any) -> str | None:
-    """The backend a version's files imply, when config.toml does not say."""
+def detect_backend(version_dir: Any, filename: str | None = None) -> str | None:
+    """The backend a version's files (or ``default_model_filename``) imply, when config.toml does not say."""
+    if filename is not None:
+        suffixes = {".py": "python", ".xml": "openvino", ".onnx": "onnxruntime"}
+        return suffixes.get(Path(filename).suffix) if (version_dir / filename).is_file() else None
     if (version_dir / "model.py").is_file():
         return "python"
     if (version_dir / "model.xml").is_file():
@@ -157,7 +165,7 @@ def detect_backend(version_dir: Any) -> str | None:
 
 
 def load_version(ctx: LoadContext) -> LoadedModel:
-    backend = ctx.config.backend or detect_backend(ctx.version_dir)
+    backend = ctx.config.backend or detect_backend(ctx.version_dir, ctx.config.default_model_filename)
     if backend is None:
         raise LoadError(
             "no model file found (expected model.onnx, model.xml or model.py) and config.toml sets no backend"

@@ -184,9 +184,9 @@ def load(ctx: LoadContext) -> LoadedModel:
     import onnxruntime as ort
 
     cfg = ctx.config
-    path = ctx.version_dir / "model.onnx"
+    path = ctx.model_file("model.onnx")
     if not path.is_file():
-        raise LoadError("model.onnx not found in the version directory")
+        raise LoadError(f"{path.name} not found in the version directory")
     tensorrt = _parameters(ctx)
     kind = cfg.instance_group.kind
     placements = cfg.instance_group.placements()

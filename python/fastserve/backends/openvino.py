@@ -51,14 +51,17 @@ class OpenVinoInstance:
 
 
 def _model_file(ctx: LoadContext) -> Any:
-    xml = ctx.version_dir / "model.xml"
-    if xml.is_file():
+    named = ctx.config.default_model_filename
+    xml = ctx.model_file("model.xml")
+    if xml.suffix == ".xml" and xml.is_file():
         if not xml.with_suffix(".bin").is_file():
-            raise LoadError("model.xml found without its weights file model.bin")
+            raise LoadError(f"{xml.name} found without its weights file {xml.with_suffix('.bin').name}")
         return xml
-    onnx = ctx.version_dir / "model.onnx"
-    if onnx.is_file():
+    onnx = ctx.model_file("model.onnx")
+    if onnx.suffix == ".onnx" and onnx.is_file():
         return onnx
+    if named is not None:
+        raise LoadError(f"default_model_filename '{named}' (an .xml with its .bin, or an .onnx) not found")
     raise LoadError("openvino models need model.xml (+ model.bin) or model.onnx in the version directory")
 
 

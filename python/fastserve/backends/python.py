@@ -20,9 +20,9 @@ log = logging.getLogger("fastserve.backends.python")
 
 
 def _import(ctx: LoadContext) -> ModuleType:
-    path = ctx.version_dir / "model.py"
+    path = ctx.model_file("model.py")
     if not path.is_file():
-        raise LoadError("model.py not found in the version directory")
+        raise LoadError(f"{path.name} not found in the version directory")
     # A unique module name per model version, so versions never share module state.
     name = module_name(ctx.name, ctx.version)
     spec = importlib.util.spec_from_file_location(name, path)

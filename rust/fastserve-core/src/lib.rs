@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod http;
 pub mod observe;
 pub mod options;
+pub mod pbtxt;
 pub mod pipeline;
 pub mod proto;
 pub mod registry;

@@ -51,7 +51,11 @@ impl ModelVersion {
             },
             VersionState::Failed(reason) => reason.clone(),
         };
-        Err(ServeError::unavailable(format!("model '{}' version {} is not ready: {reason}", self.name, self.version)))
+        // Triton's wording, with why after it.
+        Err(ServeError::unavailable(format!(
+            "Request for unknown model: '{}' version {} is not at ready state: {reason}",
+            self.name, self.version
+        )))
     }
 
     /// The statistics of a loaded version (broken or not), None for a failed load.
@@ -235,16 +239,13 @@ impl Registry {
     }
 
     pub fn model(&self, name: &str) -> Result<Arc<ModelEntry>> {
-        self.models.load().get(name).cloned().ok_or_else(|| ServeError::not_found(format!("unknown model '{name}'")))
+        self.models.load().get(name).cloned().ok_or_else(|| unknown_model(name))
     }
 
     /// Replaces a model's labels and weights; takes effect for the next request.
     pub fn set_routing(&self, name: &str, routing: Routing) -> Result<()> {
         self.update(|models| {
-            let mut entry = models
-                .get(name)
-                .map(|e| ModelEntry::clone(e))
-                .ok_or_else(|| ServeError::not_found(format!("unknown model '{name}'")))?;
+            let mut entry = models.get(name).map(|e| ModelEntry::clone(e)).ok_or_else(|| unknown_model(name))?;
             entry.routing = routing;
             models.insert(name.to_string(), Arc::new(entry));
             Ok(())
@@ -264,8 +265,10 @@ impl Registry {
             Some(v) => entry.named(v),
         };
         found.cloned().ok_or_else(|| match version {
-            Some(v) if !v.is_empty() => ServeError::not_found(format!("model '{name}' has no version '{v}'")),
-            _ => ServeError::not_found(format!("model '{name}' has no versions")),
+            Some(v) if !v.is_empty() => {
+                ServeError::not_found(format!("Request for unknown model: '{name}' version {v} is not found"))
+            }
+            _ => ServeError::not_found(format!("Request for unknown model: '{name}' has no available versions")),
         })
     }
 
@@ -320,6 +323,11 @@ impl Registry {
         let all = self.update(std::mem::take);
         all.values().flat_map(|entry| entry.versions.values()).map(|v| v.shutdown(deadline)).sum()
     }
+}
+
+/// Triton's wording: clients and scripts match on it.
+fn unknown_model(name: &str) -> ServeError {
+    ServeError::not_found(format!("Request for unknown model: '{name}' is not found"))
 }
 
 #[cfg(test)]
@@ -409,7 +417,7 @@ mod tests {
         assert!(matches!(r.resolve("m", Some("x")), Err(ServeError::NotFound(_))));
         assert!(matches!(r.resolve("nope", None), Err(ServeError::NotFound(_))));
         let err = r.resolve("m", None).unwrap().scheduler().err().unwrap();
-        assert_eq!(err.to_string(), "model 'm' version 3 is not ready: bad config");
+        assert_eq!(err.to_string(), "Request for unknown model: 'm' version 3 is not at ready state: bad config");
         assert!(!r.all_ready());
         assert_eq!(r.remove("m", Some(3)), 1);
         assert_eq!(r.resolve("m", None).unwrap().version, 1);

@@ -45,6 +45,13 @@ pub struct ValidatedRequest {
     pub rows: usize,
 }
 
+/// Triton's hint after a shape error on a batching model.
+const BATCH_NOTE: &str =
+    "NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension to be \
+                          prepended to each input shape. If you want to specify the full shape including the batch \
+                          dim in your input dims config, try setting max_batch_size to zero. See the model \
+                          configuration docs for more info on max_batch_size.";
+
 fn shape_str(shape: impl IntoIterator<Item = i64>) -> String {
     let parts: Vec<String> = shape.into_iter().map(|d| d.to_string()).collect();
     format!("[{}]", parts.join(","))
@@ -70,13 +77,15 @@ impl ModelSpec {
     }
 
     /// Checks names, datatypes, shapes and batch size; returns the inputs in declared order.
+    /// Errors use Triton's wording (clients and scripts match on it), with its request id prefix.
     pub fn validate(&self, request: &mut InferRequest) -> Result<ValidatedRequest> {
+        let tag =
+            format!("[request id: {}] ", request.id.as_deref().filter(|id| !id.is_empty()).unwrap_or("<id_unknown>"));
         for (i, t) in request.inputs.iter().enumerate() {
             if !self.inputs.iter().any(|s| s.name == t.name) {
-                let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
                 return Err(ServeError::bad_request(format!(
-                    "unexpected input '{}' for model '{}' (inputs are {:?})",
-                    t.name, self.name, known
+                    "unexpected inference input '{}' for model '{}'",
+                    t.name, self.name
                 )));
             }
             if request.inputs[..i].iter().any(|o| o.name == t.name) {
@@ -85,22 +94,39 @@ impl ModelSpec {
         }
         for o in &request.outputs {
             if self.output(&o.name).is_none() {
-                let known: Vec<&str> = self.outputs.iter().map(|s| s.name.as_str()).collect();
                 return Err(ServeError::bad_request(format!(
-                    "unknown output '{}' requested from model '{}' (outputs are {:?})",
-                    o.name, self.name, known
+                    "unexpected inference output '{}' for model '{}'",
+                    o.name, self.name
                 )));
             }
+        }
+        let missing: Vec<String> = self
+            .inputs
+            .iter()
+            .filter(|s| !request.inputs.iter().any(|t| t.name == s.name))
+            .map(|s| format!("'{}'", s.name))
+            .collect();
+        if !missing.is_empty() {
+            let got: Vec<String> = request.inputs.iter().map(|t| format!("'{}'", t.name)).collect();
+            return Err(ServeError::bad_request(format!(
+                "{tag}expected {} inputs but got {} inputs for model '{}'. Got input(s) [{}], but missing required \
+                 input(s) [{}]. Please provide all required input(s).",
+                self.inputs.len(),
+                request.inputs.len(),
+                self.name,
+                got.join(","),
+                missing.join(",")
+            )));
         }
         let mut given = std::mem::take(&mut request.inputs);
         let mut inputs = Vec::with_capacity(self.inputs.len());
         let mut rows: Option<usize> = None;
         for spec in &self.inputs {
-            let pos = given.iter().position(|t| t.name == spec.name).ok_or_else(|| {
-                ServeError::bad_request(format!("missing input '{}' for model '{}'", spec.name, self.name))
-            })?;
+            let Some(pos) = given.iter().position(|t| t.name == spec.name) else {
+                return Err(ServeError::Internal(format!("input '{}' vanished", spec.name)));
+            };
             let t = given.swap_remove(pos);
-            self.check_input(spec, &t)?;
+            self.check_input(spec, &t, &tag)?;
             if self.batching() {
                 let r = t.shape[0];
                 match rows {
@@ -122,28 +148,30 @@ impl ModelSpec {
             }
             if rows > self.max_batch_size {
                 return Err(ServeError::bad_request(format!(
-                    "batch size {} exceeds max_batch_size {} of model '{}'",
-                    rows, self.max_batch_size, self.name
+                    "{tag}inference request batch-size must be <= {} for '{}'",
+                    self.max_batch_size, self.name
                 )));
             }
         }
         Ok(ValidatedRequest { inputs, rows })
     }
 
-    fn check_input(&self, spec: &TensorSpec, t: &Tensor) -> Result<()> {
+    fn check_input(&self, spec: &TensorSpec, t: &Tensor, tag: &str) -> Result<()> {
         if t.datatype != spec.datatype {
             return Err(ServeError::bad_request(format!(
-                "input '{}': expected datatype {}, got {}",
-                spec.name, spec.datatype, t.datatype
+                "{tag}inference input '{}' data-type is '{}', but model '{}' expects '{}'",
+                spec.name, t.datatype, self.name, spec.datatype
             )));
         }
         let expected = self.full_dims(spec);
         let matches =
             expected.len() == t.shape.len() && expected.iter().zip(&t.shape).all(|(&e, &g)| e < 0 || e as usize == g);
         if !matches {
+            let note = if self.batching() { BATCH_NOTE } else { "" };
             return Err(ServeError::bad_request(format!(
-                "input '{}': expected shape {}, got {}",
+                "{tag}unexpected shape for input '{}' for model '{}'. Expected {}, got {}. {note}",
                 spec.name,
+                self.name,
                 shape_str(expected),
                 shape_str(t.shape.iter().map(|&d| d as i64))
             )));
@@ -265,17 +293,20 @@ mod tests {
         let cases = [
             (
                 vec![tensor("A", DataType::Fp32, vec![1, 2, 3]), tensor("B", DataType::Int32, vec![1, 1])],
-                "input 'A': expected shape [-1,-1,4], got [1,2,3]",
+                "unexpected shape for input 'A' for model 'm'. Expected [-1,-1,4], got [1,2,3]",
             ),
             (
                 vec![tensor("A", DataType::Fp64, vec![1, 2, 4]), tensor("B", DataType::Int32, vec![1, 1])],
-                "input 'A': expected datatype FP32, got FP64",
+                "inference input 'A' data-type is 'FP64', but model 'm' expects 'FP32'",
             ),
-            (vec![tensor("A", DataType::Fp32, vec![1, 2, 4])], "missing input 'B'"),
-            (vec![tensor("C", DataType::Fp32, vec![1])], "unexpected input 'C'"),
+            (
+                vec![tensor("A", DataType::Fp32, vec![1, 2, 4])],
+                "Got input(s) ['A'], but missing required input(s) ['B']",
+            ),
+            (vec![tensor("C", DataType::Fp32, vec![1])], "unexpected inference input 'C'"),
             (
                 vec![tensor("A", DataType::Fp32, vec![9, 2, 4]), tensor("B", DataType::Int32, vec![9, 1])],
-                "batch size 9 exceeds max_batch_size 8",
+                "[request id: <id_unknown>] inference request batch-size must be <= 8 for 'm'",
             ),
             (
                 vec![tensor("A", DataType::Fp32, vec![2, 2, 4]), tensor("B", DataType::Int32, vec![3, 1])],
@@ -293,7 +324,11 @@ mod tests {
     fn unknown_requested_output_is_rejected() {
         let mut r = request(vec![tensor("A", DataType::Fp32, vec![1, 1, 4]), tensor("B", DataType::Int32, vec![1, 1])]);
         r.outputs.push(RequestedOutput { name: "Z".into(), ..Default::default() });
-        assert!(spec(8).validate(&mut r).unwrap_err().to_string().contains("unknown output 'Z'"));
+        assert!(spec(8)
+            .validate(&mut r)
+            .unwrap_err()
+            .to_string()
+            .contains("unexpected inference output 'Z' for model 'm'"));
     }
 
     #[test]

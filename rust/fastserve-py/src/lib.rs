@@ -327,6 +327,24 @@ fn check_model_options(options: &Bound<'_, PyAny>) -> PyResult<()> {
     options.build().map(|_| ()).map_err(PyValueError::new_err)
 }
 
+/// The serialized `FileDescriptorSet` of Triton's `model_config.proto`: protobuf's Python
+/// implementation parses `config.pbtxt` against it.
+#[pyfunction]
+fn model_config_descriptors(py: Python<'_>) -> Bound<'_, pyo3::types::PyBytes> {
+    pyo3::types::PyBytes::new(py, fastserve_core::pbtxt::descriptors())
+}
+
+/// An encoded Triton `ModelConfig` (a parsed `config.pbtxt`) as `config.toml` says it: the table as
+/// JSON, the same as TOML text, and the performance-only fields that have no effect. ValueError
+/// names every field fastserve does not honor.
+#[pyfunction]
+fn convert_triton_config(encoded: &[u8], model: &str) -> PyResult<(String, String, Vec<String>)> {
+    let converted = fastserve_core::pbtxt::convert(encoded, model).map_err(PyValueError::new_err)?;
+    let toml = converted.to_toml().map_err(PyValueError::new_err)?;
+    let json = serde_json::Value::Object(converted.table).to_string();
+    Ok((json, toml, converted.warnings))
+}
+
 /// Every V2 datatype with its NumPy dtype name, from the core's one datatype table.
 #[pyfunction]
 fn datatypes() -> Vec<(&'static str, &'static str)> {
@@ -339,6 +357,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(call::infer, m)?)?;
     m.add_function(wrap_pyfunction!(call::call_context, m)?)?;
     m.add_function(wrap_pyfunction!(check_model_options, m)?)?;
+    m.add_function(wrap_pyfunction!(model_config_descriptors, m)?)?;
+    m.add_function(wrap_pyfunction!(convert_triton_config, m)?)?;
     m.add_class::<CoreServer>()?;
     m.add_function(wrap_pyfunction!(server_options, m)?)?;
     m.add_function(wrap_pyfunction!(model_options, m)?)?;

@@ -33,12 +33,22 @@ pub fn build(state: &ServerState, name: &str, version: Option<&str>) -> Result<M
         input: spec
             .inputs
             .iter()
-            .map(|t| ModelInput { name: t.name.clone(), data_type: config_type(t), dims: t.dims.clone() })
+            .map(|t| ModelInput {
+                name: t.name.clone(),
+                data_type: config_type(t),
+                dims: t.dims.clone(),
+                ..Default::default()
+            })
             .collect(),
         output: spec
             .outputs
             .iter()
-            .map(|t| ModelOutput { name: t.name.clone(), data_type: config_type(t), dims: t.dims.clone() })
+            .map(|t| ModelOutput {
+                name: t.name.clone(),
+                data_type: config_type(t),
+                dims: t.dims.clone(),
+                ..Default::default()
+            })
             .collect(),
         scheduling_choice: if let Some(ensemble) = &config.ensemble {
             Some(model_config::SchedulingChoice::EnsembleScheduling(ModelEnsembling {
@@ -50,8 +60,10 @@ pub fn build(state: &ServerState, name: &str, version: Option<&str>) -> Result<M
                         model_version: s.model_version,
                         input_map: s.input_map.clone().into_iter().collect(),
                         output_map: s.output_map.clone().into_iter().collect(),
+                        ..Default::default()
                     })
                     .collect(),
+                ..Default::default()
             }))
         } else if let Some(sequence) = &config.sequence {
             Some(model_config::SchedulingChoice::SequenceBatching(sequence_batching(sequence)))
@@ -69,10 +81,12 @@ pub fn build(state: &ServerState, name: &str, version: Option<&str>) -> Result<M
                         allow_timeout_override: true,
                         max_queue_size: u32::try_from(config.max_queue_size).unwrap_or(u32::MAX),
                     }),
+                    ..Default::default()
                 })
             })
         },
         model_transaction_policy: Some(ModelTransactionPolicy { decoupled: spec.decoupled }),
+        ..Default::default()
     })
 }
 
@@ -202,8 +216,10 @@ fn sequence_batching(s: &SequenceConfig) -> ModelSequenceBatching {
                         .is_none()
                         .then_some(model_sequence_batching::initial_state::StateData::ZeroData(true)),
                 }],
+                ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -221,11 +221,9 @@ impl ServerState {
         for v in versions {
             match &v.state {
                 VersionState::Ready(s) => entries.push((v.name.clone(), v.version, s.stats().clone())),
-                VersionState::Failed(reason) if version.is_some() => {
-                    return Err(ServeError::unavailable(format!(
-                        "model '{}' version {} is not ready: {reason}",
-                        v.name, v.version
-                    )))
+                // The 503 an inference request would get.
+                VersionState::Failed(_) if version.is_some() => {
+                    v.scheduler()?;
                 }
                 VersionState::Failed(_) => {}
             }
