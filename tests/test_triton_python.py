@@ -238,6 +238,33 @@ STREAM_MODEL = """
                 tpb_shared.after_final[request_id] = str(e)
 """
 
+# Sends responses from its own thread until a send raises (its client went away), and records that.
+ENDLESS_MODEL = """
+    import threading
+
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    import tpb_shared
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            for request in requests:
+                threading.Thread(target=self.respond, args=(request,)).start()
+
+        def respond(self, request):
+            sender = request.get_response_sender()
+            i = 0
+            while True:
+                try:
+                    sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([i], dtype=np.int32))]))
+                except pb_utils.TritonModelException as e:
+                    tpb_shared.cancelled.append((str(e), request.is_cancelled(), i))
+                    return
+                i += 1
+"""
+
 BLS_CONFIG = """
     backend = "python"
     max_batch_size = 0
@@ -281,6 +308,77 @@ BLS_MODEL = """
 """
 
 
+SEQUENCE_CONFIG = """
+    backend = "python"
+    max_batch_size = 2
+    [sequence_batching]
+    max_sequence_idle_microseconds = 600000000
+    [[input]]
+    name = "X"
+    datatype = "INT32"
+    dims = [1]
+    [[output]]
+    name = "SUM"
+    datatype = "INT32"
+    dims = [1]
+    [[output]]
+    name = "FLAGS"
+    datatype = "INT32"
+    dims = [1]
+"""
+
+# A running sum per correlation id, reset by the START flag and dropped at END.
+SEQUENCE_MODEL = """
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            self.sums = {}
+
+        def execute(self, requests):
+            responses = []
+            for request in requests:
+                key, flags = request.correlation_id(), request.flags()
+                if flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START:
+                    self.sums[key] = 0
+                x = pb_utils.get_input_tensor_by_name(request, "X").as_numpy()
+                self.sums[key] += int(x[0, 0])
+                total = np.array([[self.sums[key]]], dtype=np.int32)
+                if flags & pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END:
+                    del self.sums[key]
+                flags_out = np.array([[flags]], dtype=np.int32)
+                responses.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("SUM", total), pb_utils.Tensor("FLAGS", flags_out)
+                ]))
+            return responses
+"""
+
+# BLS from an async def execute: await InferenceRequest.async_exec().
+ASYNC_BLS_MODEL = """
+    import asyncio
+
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        async def execute(self, requests):
+            calls = []
+            for request in requests:
+                a = pb_utils.get_input_tensor_by_name(request, "A").as_numpy()
+                call = pb_utils.InferenceRequest(
+                    model_name="add_sub",
+                    requested_output_names=["OUTPUT1"],
+                    inputs=[pb_utils.Tensor("INPUT0", a), pb_utils.Tensor("INPUT1", a * 3)],
+                )
+                calls.append(call.async_exec())
+            answers = await asyncio.gather(*calls)
+            differences = [pb_utils.get_output_tensor_by_name(r, "OUTPUT1").as_numpy() for r in answers]
+            return [pb_utils.InferenceResponse([pb_utils.Tensor("SUM", d)]) for d in differences]
+"""
+
+
 @pytest.fixture(scope="module")
 def shared() -> Iterator[types.ModuleType]:
     """State the test and the models share: ``import tpb_shared`` in model.py."""
@@ -289,6 +387,7 @@ def shared() -> Iterator[types.ModuleType]:
     module.batches = []  # type: ignore[attr-defined]
     module.finalized = []  # type: ignore[attr-defined]
     module.after_final = {}  # type: ignore[attr-defined]
+    module.cancelled = []  # type: ignore[attr-defined]
     module.hold = threading.Event()  # type: ignore[attr-defined]
     module.gate = threading.Event()  # type: ignore[attr-defined]
     sys.modules["tpb_shared"] = module
@@ -303,7 +402,10 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(root, "batched", BATCHED_CONFIG, BATCHED_MODEL)
     write_model(root, "text", TEXT_CONFIG, TEXT_MODEL)
     write_model(root, "stream", STREAM_CONFIG, STREAM_MODEL)
+    write_model(root, "endless", STREAM_CONFIG, ENDLESS_MODEL)
     write_model(root, "bls", BLS_CONFIG, BLS_MODEL)
+    write_model(root, "async_bls", BLS_CONFIG, ASYNC_BLS_MODEL)
+    write_model(root, "sequence", SEQUENCE_CONFIG, SEQUENCE_MODEL)
     return root
 
 
@@ -459,6 +561,16 @@ def test_a_decoupled_models_sender_streams_over_http_generate_stream(server: Ser
     assert [e["OUT"] for e in events] == [0, 1, 2]
 
 
+def test_a_client_that_goes_away_cancels_the_sender(server: Server, shared: types.ModuleType) -> None:
+    url = f"http://127.0.0.1:{server.http_port}/v2/models/endless/generate_stream"
+    with requests.post(url, json={"N": 0}, stream=True, timeout=HANG_GUARD_S) as r:
+        first = next(line for line in r.iter_lines() if line.startswith(b"data: "))
+        assert json.loads(first[len(b"data: ") :])["OUT"] == 0
+    # The connection is closed: the server stops taking responses and the model's next send raises.
+    message, cancelled, _ = wait_until(lambda: shared.cancelled and shared.cancelled[0], what="the send to fail")
+    assert "cancelled" in message and cancelled
+
+
 def test_bls_exec_calls_another_model_in_process(server: Server) -> None:
     a = np.array([1, 2, 3, 4], dtype=np.float32)
     result = http(server).infer("bls", [fp32_input(httpclient, "A", a)])
@@ -467,8 +579,120 @@ def test_bls_exec_calls_another_model_in_process(server: Server) -> None:
         http(server).infer("bls", [fp32_input(httpclient, "A", a)], parameters={"target": "nowhere"})
 
 
+def test_bls_async_exec_from_an_async_execute(server: Server) -> None:
+    a = np.array([1, 2, 3, 4], dtype=np.float32)
+    result = grpc(server).infer("async_bls", [fp32_input(grpcclient, "A", a)])
+    np.testing.assert_array_equal(result.as_numpy("SUM"), a - 3 * a)
+
+
+def test_sequences_show_their_correlation_id_and_flags(server: Server) -> None:
+    client = http(server)
+
+    def step(sequence_id: int | str, value: int, start: bool = False, end: bool = False) -> tuple[int, int]:
+        x = httpclient.InferInput("X", [1, 1], "INT32")
+        x.set_data_from_numpy(np.array([[value]], dtype=np.int32))
+        r = client.infer("sequence", [x], sequence_id=sequence_id, sequence_start=start, sequence_end=end)
+        return int(r.as_numpy("SUM")[0, 0]), int(r.as_numpy("FLAGS")[0, 0])
+
+    assert step(42, 1, start=True) == (1, 1)
+    assert step("user-a", 10, start=True) == (10, 1)
+    assert step(42, 2) == (3, 0)
+    assert step("user-a", 5, end=True) == (15, 2)
+    assert step(42, 3, end=True) == (6, 2)
+
+
 def test_finalize_runs_at_unload(server: Server, shared: types.ModuleType) -> None:
     assert "add_sub" not in shared.finalized
     server.unload_model("add_sub")
     assert shared.finalized == ["add_sub"]
     assert server.load_model("add_sub")[0].ready
+
+
+LOGGING_MODEL = """
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            pb_utils.Logger.log_warn(f"{args['model_name']} says hello through pb_utils.Logger")
+
+        def execute(self, requests):
+            return [pb_utils.InferenceResponse([request.inputs()[0]]) for request in requests]
+"""
+
+
+def test_the_fastserve_command_serves_triton_models_and_logs_through_pb_utils(start_server, tmp_path: Path) -> None:
+    config = 'backend = "python"\nmax_batch_size = 4\n'
+    config += (
+        '[[input]]\nname = "Y"\ndatatype = "FP32"\ndims = [2]\n[[output]]\nname = "Y"\ndatatype = "FP32"\ndims = [2]\n'
+    )
+    write_model(tmp_path, "echo", config, LOGGING_MODEL)
+    server = start_server(tmp_path)
+    server.wait_for_log("echo says hello through pb_utils.Logger")
+    client = httpclient.InferenceServerClient(server.address)
+    y = np.arange(4, dtype=np.float32).reshape(2, 2)
+    np.testing.assert_array_equal(client.infer("echo", [fp32_input(httpclient, "Y", y)]).as_numpy("Y"), y)
+
+
+def test_bytes_tensors_serialize_as_triton_does() -> None:
+    from fastserve import triton_python_backend_utils as pb_utils
+
+    items = np.array([b"a", b"", "\u00e9"], dtype=np.object_)
+    encoded = pb_utils.serialize_byte_tensor(items)
+    assert encoded is not None and encoded.dtype == np.uint8
+    assert encoded.tobytes() == b"\x01\x00\x00\x00a" + b"\x00" * 4 + b"\x02\x00\x00\x00\xc3\xa9"
+    assert pb_utils.deserialize_bytes_tensor(encoded.tobytes()).tolist() == [b"a", b"", "\u00e9".encode()]
+    with pytest.raises(pb_utils.TritonModelException, match="past the end"):
+        pb_utils.deserialize_bytes_tensor(b"\x09\x00\x00\x00ab")
+    assert pb_utils.triton_string_to_numpy("TYPE_FP16") is np.float16
+    assert pb_utils.numpy_to_triton_type(np.float32) == 11
+    assert pb_utils.triton_to_numpy_type(13) is np.object_
+
+
+def test_tensors_share_memory_through_dlpack() -> None:
+    from fastserve import triton_python_backend_utils as pb_utils
+
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tensor = pb_utils.Tensor("T", array)
+    assert tensor.is_cpu() and tensor.triton_dtype() == 11
+    back = pb_utils.Tensor.from_dlpack("U", tensor.to_dlpack())
+    assert back.name() == "U" and np.shares_memory(back.as_numpy(), array)
+    np.testing.assert_array_equal(back.as_numpy(), array)
+    with pytest.raises(pb_utils.TritonModelException, match="BYTES"):
+        pb_utils.Tensor("S", np.array([b"x"], dtype=np.object_)).to_dlpack()
+    with pytest.raises(pb_utils.TritonModelException, match=r"use np\.object_ for BYTES"):
+        pb_utils.Tensor("S", np.array(["x"]))
+
+
+def test_a_sender_waits_for_the_server_only_once_execute_returned() -> None:
+    from fastserve import triton_python_backend_utils as pb_utils
+
+    def response(i: int) -> pb_utils.InferenceResponse:
+        return pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([i], dtype=np.int32))])
+
+    limit = pb_utils.InferenceResponseSender.PENDING_RESPONSES
+    sender = pb_utils.InferenceResponseSender()
+    # While execute runs nobody takes responses yet, so sends never wait.
+    for i in range(limit + 5):
+        sender.send(response(i))
+    drained = sender._responses()
+    first = next(drained)  # execute returned: the server takes responses
+    assert int(first["OUT"][0]) == 0
+
+    def send_more() -> None:
+        for i in range(limit + 5, 3 * limit):
+            sender.send(response(i))
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    more = threading.Thread(target=send_more)
+    more.start()
+    # The backlog from execute drains below the limit before the thread may add more, and the
+    # thread then waits with the limit reached.
+    rest = [int(next(drained)["OUT"][0]) for _ in range(limit + 4)]
+    wait_until(lambda: len(sender._pending) == limit, what="the sender to fill up to its limit")
+    assert more.is_alive(), "the thread waits for the server to take responses"
+    rest += [int(r["OUT"][0]) for r in drained]
+    more.join(timeout=HANG_GUARD_S)
+    assert rest == list(range(1, 3 * limit))
+    with pytest.raises(pb_utils.TritonModelException, match="closed"):
+        sender.send(response(0))

@@ -19,8 +19,8 @@ import json
 import logging
 import struct
 import threading
+from collections import deque
 from collections.abc import Generator, Iterable, Mapping, Sequence
-from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -259,44 +259,66 @@ class InferenceResponseSender:
     """Sends a decoupled request's responses (``request.get_response_sender()``), from any thread
     and after ``execute`` returned. ``flags=TRITONSERVER_RESPONSE_COMPLETE_FINAL`` ends the
     request (with or without a last response); the sender is closed afterwards, and also once the
-    client went away: later sends raise ``TritonModelException``."""
+    client went away: later sends raise ``TritonModelException``.
+
+    Once ``execute`` returned, ``send`` waits while ``PENDING_RESPONSES`` responses are not yet taken
+    by the server (a slow client), so memory stays bounded; while ``execute`` runs, sends never
+    wait (the server starts taking responses when it returns, so waiting could never end)."""
+
+    PENDING_RESPONSES = 16
 
     def __init__(self) -> None:
-        self._queue: SimpleQueue[tuple[InferenceResponse | None, int]] = SimpleQueue()
-        self._lock = threading.Lock()
+        self._pending: deque[tuple[InferenceResponse | None, int]] = deque()
+        self._changed = threading.Condition()
         self._closed = False
         self._cancelled = False
+        # The server takes responses (execute returned).
+        self._draining = False
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
         if response is not None and not isinstance(response, InferenceResponse):
             raise TritonModelException(f"send() takes an InferenceResponse or None, not {type(response).__name__}")
         if response is None and not flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
             raise TritonModelException("send() without a response must carry TRITONSERVER_RESPONSE_COMPLETE_FINAL")
-        with self._lock:
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._closed or not self._draining or len(self._pending) < self.PENDING_RESPONSES
+            )
             if self._cancelled:
                 raise TritonModelException("Unable to send response: the request was cancelled (its client went away)")
             if self._closed:
                 raise TritonModelException("Unable to send response. Response sender has been closed.")
             if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
                 self._closed = True
-            self._queue.put((response, flags))
+            self._pending.append((response, flags))
+            self._changed.notify_all()
 
     def is_cancelled(self) -> bool:
         """True once the request's client went away (the model may stop early)."""
         return self._cancelled
 
     def _cancel(self) -> None:
-        with self._lock:
+        with self._changed:
             if not self._closed:
                 self._cancelled = True
             self._closed = True
+            self._changed.notify_all()
+
+    def _next(self) -> tuple[InferenceResponse | None, int]:
+        with self._changed:
+            self._changed.wait_for(lambda: bool(self._pending))
+            item = self._pending.popleft()
+            self._changed.notify_all()
+            return item
 
     def _responses(self) -> Generator[dict[str, np.ndarray], None, None]:
         """Each response's outputs as a dict until the final flag; an error response raises. Closing
         this generator (the client went away) cancels the sender."""
+        with self._changed:
+            self._draining = True
         try:
             while True:
-                response, flags = self._queue.get()
+                response, flags = self._next()
                 if response is not None:
                     if response.has_error():
                         error = response.error()

@@ -128,7 +128,11 @@ class TritonModel:
         sender = pb_utils.InferenceResponseSender()
         request = _request(inputs, info)
         request._sender = sender
-        returned = self._call_execute([request])
+        try:
+            returned = self._call_execute([request])
+        except BaseException:
+            sender._cancel()  # the model's threads that still send get an error, not a silent drop
+            raise
         if returned is not None and not (isinstance(returned, (list, tuple)) and not any(returned)):
             sender._cancel()
             raise pb_utils.TritonModelException(
