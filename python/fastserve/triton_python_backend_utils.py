@@ -448,12 +448,18 @@ class InferenceRequest:
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
     """The request's input ``name``, or None."""
-    return next((t for t in inference_request.inputs() if t.name() == name), None)
+    for tensor in inference_request.inputs():
+        if tensor._name == name:
+            return tensor
+    return None
 
 
 def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
     """The response's output ``name``, or None."""
-    return next((t for t in inference_response.output_tensors() if t.name() == name), None)
+    for tensor in inference_response.output_tensors():
+        if tensor._name == name:
+            return tensor
+    return None
 
 
 def get_input_config_by_name(model_config: Mapping[str, Any], name: str) -> dict[str, Any] | None:
@@ -502,3 +508,26 @@ def _parameters_json(parameters: Mapping[str, Any] | str | None) -> str:
 
 def _outputs_dict(response: InferenceResponse) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+
+def _received(
+    inputs: Mapping[str, np.ndarray],
+    request_id: str,
+    parameters: str,
+    outputs: list[str],
+    correlation_id: int | str,
+    flags: int,
+    sender: InferenceResponseSender | None = None,
+) -> InferenceRequest:
+    """A request as the server hands it to ``execute``: built without the checks the model's own
+    requests get (the server's arrays and JSON are known to be valid), as this runs per request."""
+    tensors = []
+    for name, array in inputs.items():
+        tensor = Tensor.__new__(Tensor)
+        tensor._name, tensor._array = name, array
+        tensors.append(tensor)
+    request = InferenceRequest.__new__(InferenceRequest)
+    request._model_name, request._outputs, request._inputs = "", outputs, tensors
+    request._id, request._correlation_id, request._version = request_id, correlation_id, -1
+    request._flags, request._timeout, request._parameters, request._sender = flags, 0, parameters, sender
+    return request

@@ -126,8 +126,7 @@ class TritonModel:
         """A decoupled request: ``execute`` gets it with a response sender and returns None; the
         returned generator yields each response the model sends until the final flag."""
         sender = pb_utils.InferenceResponseSender()
-        request = _request(inputs, info)
-        request._sender = sender
+        request = _request(inputs, info, sender)
         try:
             returned = self._call_execute([request])
         except BaseException:
@@ -156,17 +155,11 @@ class TritonModel:
             finalize()
 
 
-def _request(inputs: dict[str, np.ndarray], info: RequestInfo) -> pb_utils.InferenceRequest:
+def _request(
+    inputs: dict[str, np.ndarray], info: RequestInfo, sender: pb_utils.InferenceResponseSender | None = None
+) -> pb_utils.InferenceRequest:
     request_id, parameters, outputs, correlation_id, flags = info
-    tensors = [pb_utils.Tensor(name, array) for name, array in inputs.items()]
-    return pb_utils.InferenceRequest(
-        requested_output_names=outputs,
-        inputs=tensors,
-        request_id=request_id,
-        correlation_id=correlation_id,
-        flags=flags,
-        parameters=parameters,
-    )
+    return pb_utils._received(inputs, request_id, parameters, outputs, correlation_id, flags, sender)
 
 
 def _answer(response: Any) -> Any:
@@ -175,4 +168,4 @@ def _answer(response: Any) -> Any:
     error = response.error()
     if error is not None:
         return error.message()
-    return {t.name(): t.as_numpy() for t in response.output_tensors()}
+    return {t._name: t._array for t in response.output_tensors()}
