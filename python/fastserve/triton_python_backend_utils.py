@@ -332,8 +332,8 @@ class InferenceResponseSender:
 
 class InferenceRequest:
     """A request: as received in ``execute`` (one per client request, with its own tensors), or
-    built by the model to call another model of the server (BLS) with ``exec()`` /
-    ``await async_exec()``."""
+    built by the model to call another model of the server (BLS) with ``request.exec()`` /
+    ``await request.async_exec()``."""
 
     def __init__(
         self,
@@ -427,10 +427,11 @@ class InferenceRequest:
     def _call(self, decoupled: bool) -> tuple[str, dict[str, np.ndarray], int | None, dict[str, Any]]:
         if decoupled:
             raise TritonModelException(
-                "exec(decoupled=True) is not supported by fastserve: an in-process call gets one response"
+                "InferenceRequest.exec(decoupled=True) is not supported by fastserve: "
+                "an in-process call gets one response"
             )
         if not self._model_name:
-            raise TritonModelException("exec() needs InferenceRequest(model_name=...)")
+            raise TritonModelException("InferenceRequest.exec() needs InferenceRequest(model_name=...)")
         parameters: dict[str, Any] = json.loads(self._parameters)
         if self._timeout > 0:
             parameters["timeout"] = self._timeout
