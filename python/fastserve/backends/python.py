@@ -1,5 +1,6 @@
 """Python models: ``model.py`` defines ``class Model`` with ``execute`` (and optional
-``initialize``/``finalize``), as described in the README's Python model API."""
+``initialize``/``finalize``), as described in the README's Python model API, or Triton's
+``class TritonPythonModel`` (run by ``triton_python.TritonModel``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from . import LoadContext, LoadedModel, LoadError, check_gpus, finalize_instances, module_name, set_module
+from . import (
+    LoadContext,
+    LoadedModel,
+    LoadError,
+    check_gpus,
+    finalize_instances,
+    module_name,
+    set_module,
+    triton_python,
+)
 
 log = logging.getLogger("fastserve.backends.python")
 
@@ -30,6 +40,7 @@ def _import(ctx: LoadContext) -> ModuleType:
         raise LoadError("model.py cannot be imported")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    triton_python.install_utils()
     try:
         spec.loader.exec_module(module)
     except KeyboardInterrupt:
@@ -146,8 +157,11 @@ def _instances(ctx: LoadContext, module: ModuleType, cupy: Any) -> list[Any]:
     """One ``Model()`` per placement, initialized; those already made are finalized when a later
     one fails, as an unload would."""
     model_class = getattr(module, "Model", None)
+    triton_class = getattr(module, "TritonPythonModel", None)
+    if not isinstance(model_class, type) and isinstance(triton_class, type):
+        return _triton_instances(ctx, triton_class)
     if not isinstance(model_class, type):
-        raise LoadError("model.py must define a class named Model")
+        raise LoadError("model.py must define a class named Model (or Triton's TritonPythonModel)")
     instances: list[Any] = []
     try:
         for index, device_id in enumerate(ctx.config.instance_group.placements()):
@@ -176,3 +190,38 @@ def _instance(ctx: LoadContext, model_class: type, index: int, device_id: int | 
         log.exception("initializing model '%s' version %s failed", ctx.name, ctx.version)
         raise LoadError(f"Model() or initialize() raised {type(e).__name__}: {e}") from None
     return model
+
+
+def _triton_instances(ctx: LoadContext, model_class: type) -> list[Any]:
+    """One ``TritonPythonModel()`` per placement, initialized with Triton's ``args``; those
+    already made are finalized when a later one fails."""
+    cfg = ctx.config
+    if cfg.device == "gpu":
+        raise LoadError(
+            'device = "gpu" applies to class Model; a TritonPythonModel gets host (NumPy) tensors, '
+            'placed with [instance_group] kind = "gpu"'
+        )
+    label = f"model '{ctx.name}' version {ctx.version}"
+    instances: list[Any] = []
+    try:
+        for index, device_id in enumerate(cfg.instance_group.placements()):
+            args = triton_python.initialize_args(
+                ctx.name, ctx.version, ctx.model_dir, cfg, index, device_id, cfg.max_batch_size or 0
+            )
+            try:
+                model = model_class()
+                if not callable(getattr(model, "execute", None)):
+                    raise LoadError("class TritonPythonModel has no execute(requests) method")
+                initialize = getattr(model, "initialize", None)
+                if callable(initialize):
+                    initialize(args)
+            except (LoadError, KeyboardInterrupt):
+                raise
+            except BaseException as e:  # sys.exit() in initialize fails this model, not the server
+                log.exception("initializing model '%s' version %s failed", ctx.name, ctx.version)
+                raise LoadError(f"TritonPythonModel() or initialize() raised {type(e).__name__}: {e}") from None
+            instances.append(triton_python.TritonModel(model, label))
+    except BaseException:
+        finalize_instances(instances)
+        raise
+    return instances

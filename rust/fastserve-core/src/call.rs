@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Result, ServeError};
 use crate::registry::Registry;
-use crate::request::{InferRequest, Parameters};
+use crate::request::{InferRequest, Parameters, RequestInfo};
 use crate::scheduler::calls::{self, CallContext};
 use crate::scheduler::QueueOptions;
 use crate::tensor::Tensor;
@@ -39,6 +39,7 @@ pub fn infer(
         sequence,
         callers: context.chain.clone(),
         deadline: context.deadline,
+        info: scheduler.wants_request_info().then(|| std::sync::Arc::new(RequestInfo::of(&request))),
         ..request.queue_options(None)?
     };
     let validated = scheduler.spec().validate(&mut request)?;

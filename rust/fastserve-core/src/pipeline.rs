@@ -17,7 +17,7 @@ use crate::error::{Result, ServeError};
 use crate::observe::transport::Protocol;
 use crate::registry::ModelVersion;
 use crate::request::{
-    check_request_id, Executed, InferRequest, InferResponse, Reply, ResponseOutput, MAX_REQUEST_ID_BYTES,
+    check_request_id, Executed, InferRequest, InferResponse, Reply, RequestInfo, ResponseOutput, MAX_REQUEST_ID_BYTES,
 };
 use crate::scheduler::{QueueOptions, Scheduler, StreamReceiver};
 use crate::server::state::ServerState;
@@ -218,7 +218,8 @@ impl<'a> Call<'a> {
         let scheduler = mv.scheduler()?;
         let spec = scheduler.spec().clone();
         let sequence = request.check_supported(&spec.name, scheduler.config().sequence.is_some())?;
-        let options = QueueOptions { sequence, ..request.queue_options(self.target.deadline)? };
+        let info = scheduler.wants_request_info().then(|| Arc::new(RequestInfo::of(&request)));
+        let options = QueueOptions { sequence, info, ..request.queue_options(self.target.deadline)? };
         let validated = spec.validate(&mut request)?;
         let responses = if spec.decoupled {
             let rx = scheduler.submit_stream(validated, options)?;

@@ -1,6 +1,7 @@
 //! Decoded inference requests and responses, independent of the wire format: what the front ends
 //! decode into, what the scheduler answers, and what the front ends encode.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -34,6 +35,49 @@ pub struct QueueOptions {
     pub sequence: Option<SequenceTag>,
     /// Models whose `execute` waits on this request (an in-process call's chain of callers).
     pub callers: Vec<String>,
+    /// What the model is shown of the request besides its tensors; only set for models whose
+    /// instances take requests one by one (Triton Python models).
+    pub info: Option<Arc<RequestInfo>>,
+}
+
+/// A request as a model that answers requests one by one sees it, besides its tensors (Triton
+/// Python models read it through `pb_utils.InferenceRequest`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestInfo {
+    pub id: Option<String>,
+    pub parameters: Parameters,
+    /// The outputs the client asked for, by name (empty: every output).
+    pub outputs: Vec<String>,
+}
+
+/// Parameters the server acts on itself (queueing, sequences, encodings), never shown to a model
+/// as the request's own, as Triton's front ends consume them.
+const SERVER_PARAMETERS: [&str; 8] = [
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+    "priority",
+    "timeout",
+    "binary_data_output",
+    "triton_enable_empty_final_response",
+    "routing_key",
+];
+
+impl RequestInfo {
+    /// What a model is shown of `request`: its id, the outputs it asked for, and its parameters
+    /// but those the server acts on.
+    pub fn of(request: &InferRequest) -> Self {
+        let parameters = request
+            .parameters
+            .iter()
+            .filter(|(k, _)| !SERVER_PARAMETERS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()));
+        Self {
+            id: request.id.clone(),
+            parameters: parameters.collect(),
+            outputs: request.outputs.iter().map(|o| o.name.clone()).collect(),
+        }
+    }
 }
 
 /// A sequence's correlation id: `sequence_id` as an unsigned integer or a string, as Triton's.

@@ -1,14 +1,19 @@
 //! A Python object with `execute(inputs) -> outputs` as a model instance of the Rust scheduler.
 //! For a decoupled model `execute` is a generator (or an async generator): each `yield` is one
-//! response, taken with the GIL and handed over without it.
+//! response, taken with the GIL and handed over without it. An object with
+//! `execute_requests(inputs, infos)` (the Triton Python-model adapter) takes a batch's requests
+//! one by one instead: a list of per-request input dicts in, a list of per-request output dicts or
+//! error messages out; its decoupled form is `execute_stream(inputs, info)`.
 
 use std::sync::Arc;
 
-use fastserve_core::scheduler::{Instance, PhaseClock};
+use fastserve_core::request::{RequestInfo, SequenceId, SequenceTag};
+use fastserve_core::scheduler::{execute_concatenated, Instance, ModelRequest, PerRequest, PhaseClock};
+use fastserve_core::spec::ModelSpec;
 use fastserve_core::{ServeError, Tensor};
 use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::convert::NumpyCache;
 
@@ -20,7 +25,13 @@ pub struct PyInstance {
     private_paths: Arc<Vec<String>>,
     /// The event loop async generators run on, made at the first one.
     event_loop: Option<Py<PyAny>>,
+    /// The model takes a batch's requests one by one (`execute_requests`, `execute_stream`).
+    per_request: bool,
 }
+
+/// Triton's request flags for a request's place in its sequence.
+const SEQUENCE_START: u32 = 1;
+const SEQUENCE_END: u32 = 2;
 
 /// What a decoupled model's `execute` returned.
 enum Produced {
@@ -37,7 +48,8 @@ impl PyInstance {
                 "{label}: the model object has no execute() method"
             )));
         }
-        Ok(Self { model, label, numpy: NumpyCache::new(py)?, private_paths, event_loop: None })
+        let per_request = model.bind(py).hasattr("execute_requests")?;
+        Ok(Self { model, label, numpy: NumpyCache::new(py)?, private_paths, event_loop: None, per_request })
     }
 
     fn public(&self, message: String) -> String {
@@ -60,13 +72,64 @@ impl PyInstance {
         self.event_loop.as_ref().map(|l| l.bind(py).clone()).ok_or_else(|| ServeError::Internal("no event loop".into()))
     }
 
-    /// Calls `execute` and tells what it returned.
-    fn begin(&mut self, py: Python<'_>, inputs: Vec<Tensor>) -> Result<Produced, ServeError> {
+    /// What a per-request model is shown of a request besides its inputs: `(request_id,
+    /// parameters as JSON, requested output names, correlation id, flags)`, as Triton's
+    /// `InferenceRequest` answers them (an empty id, `{}`, 0 when absent).
+    fn info<'py>(
+        &self,
+        py: Python<'py>,
+        info: Option<&RequestInfo>,
+        sequence: Option<&SequenceTag>,
+    ) -> Result<Bound<'py, PyTuple>, ServeError> {
+        let id = info.and_then(|i| i.id.as_deref()).unwrap_or("");
+        let parameters = match info {
+            Some(i) => serde_json::to_string(&i.parameters)
+                .map_err(|e| ServeError::Internal(format!("cannot encode request parameters: {e}")))?,
+            None => "{}".to_string(),
+        };
+        let outputs = info.map(|i| i.outputs.as_slice()).unwrap_or_default();
+        let flags =
+            sequence.map_or(0, |t| (if t.start { SEQUENCE_START } else { 0 }) | (if t.end { SEQUENCE_END } else { 0 }));
+        let build = || -> PyResult<Bound<'py, PyTuple>> {
+            let correlation = match sequence.map(|t| &t.id) {
+                None => 0u64.into_pyobject(py)?.into_any(),
+                Some(SequenceId::Number(n)) => n.into_pyobject(py)?.into_any(),
+                Some(SequenceId::Text(t)) => PyString::new(py, t).into_any(),
+            };
+            PyTuple::new(
+                py,
+                [
+                    PyString::new(py, id).into_any(),
+                    PyString::new(py, &parameters).into_any(),
+                    PyList::new(py, outputs)?.into_any(),
+                    correlation,
+                    flags.into_pyobject(py)?.into_any(),
+                ],
+            )
+        };
+        build().map_err(|e| ServeError::Internal(format!("cannot build the request's info: {e}")))
+    }
+
+    /// Calls `execute` (with `info`: the per-request model's `execute_stream`) and tells what it
+    /// returned.
+    fn begin(
+        &mut self,
+        py: Python<'_>,
+        inputs: Vec<Tensor>,
+        info: Option<(Option<&RequestInfo>, Option<&SequenceTag>)>,
+    ) -> Result<Produced, ServeError> {
         let args = self
             .numpy
             .inputs_to_dict(py, inputs)
             .map_err(|e| ServeError::Internal(format!("cannot build model inputs: {e}")))?;
-        let result = self.model.bind(py).call_method1("execute", (args,)).map_err(|e| self.raised(&e))?;
+        let result = match info {
+            None => self.model.bind(py).call_method1("execute", (args,)),
+            Some((info, sequence)) => {
+                let info = self.info(py, info, sequence)?;
+                self.model.bind(py).call_method1("execute_stream", (args, info))
+            }
+        };
+        let result = result.map_err(|e| self.raised(&e))?;
         if result.is_instance_of::<PyDict>() {
             return Ok(Produced::One(self.numpy.outputs_from_dict(&result)?));
         }
@@ -147,6 +210,43 @@ impl Instance for PyInstance {
         })
     }
 
+    /// One GIL acquisition per batch: a list of per-request input dicts (zero-copy, as
+    /// `execute`'s) and their infos in, a list of per-request output dicts or error messages out.
+    fn execute_requests(
+        &mut self,
+        spec: &ModelSpec,
+        requests: Vec<ModelRequest>,
+        clock: &mut PhaseClock,
+    ) -> Result<PerRequest, ServeError> {
+        if !self.per_request {
+            return execute_concatenated(self, spec, requests, clock);
+        }
+        let count = requests.len();
+        Python::attach(|py| {
+            let built = |e: PyErr| ServeError::Internal(format!("cannot build model inputs: {e}"));
+            let (inputs, infos) = (PyList::empty(py), PyList::empty(py));
+            for r in requests {
+                infos.append(self.info(py, r.info.as_deref(), r.sequence.as_ref())?).map_err(built)?;
+                inputs.append(self.numpy.inputs_to_dict(py, r.inputs).map_err(built)?).map_err(built)?;
+            }
+            clock.infer_started();
+            let result = self.model.bind(py).call_method1("execute_requests", (inputs, infos));
+            clock.infer_finished();
+            let result = result.map_err(|e| self.raised(&e))?;
+            let not_a_list =
+                |_| ServeError::ModelError(format!("{}: execute_requests() must return a list", self.label));
+            let list = result.cast::<PyList>().map_err(not_a_list)?;
+            let mut answers = Vec::with_capacity(count);
+            for item in list.iter() {
+                answers.push(match item.cast::<PyString>() {
+                    Ok(message) => Err(ServeError::ModelError(self.public(format!("{}: {message}", self.label)))),
+                    Err(_) => self.numpy.outputs_from_dict(&item),
+                });
+            }
+            Ok(answers)
+        })
+    }
+
     /// The GIL is held to start the generator and to take each response, never while `emit`
     /// waits for a slow reader.
     fn execute_stream(
@@ -155,8 +255,40 @@ impl Instance for PyInstance {
         clock: &mut PhaseClock,
         emit: &mut dyn FnMut(Vec<Tensor>) -> Result<(), ServeError>,
     ) -> Result<(), ServeError> {
+        self.stream(inputs, None, clock, emit)
+    }
+
+    fn execute_stream_request(
+        &mut self,
+        request: ModelRequest,
+        clock: &mut PhaseClock,
+        emit: &mut dyn FnMut(Vec<Tensor>) -> Result<(), ServeError>,
+    ) -> Result<(), ServeError> {
+        if !self.per_request {
+            return self.stream(request.inputs, None, clock, emit);
+        }
+        let info = Some((request.info.as_deref(), request.sequence.as_ref()));
+        self.stream(request.inputs, info, clock, emit)
+    }
+
+    fn per_request(&self) -> bool {
+        self.per_request
+    }
+}
+
+impl PyInstance {
+    /// Starts a decoupled request (`info`: a per-request model's) and hands each response to
+    /// `emit`; the GIL is held to start the generator and to take each response, never while
+    /// `emit` waits for a slow reader.
+    fn stream(
+        &mut self,
+        inputs: Vec<Tensor>,
+        info: Option<(Option<&RequestInfo>, Option<&SequenceTag>)>,
+        clock: &mut PhaseClock,
+        emit: &mut dyn FnMut(Vec<Tensor>) -> Result<(), ServeError>,
+    ) -> Result<(), ServeError> {
         clock.infer_started();
-        let produced = Python::attach(|py| self.begin(py, inputs))?;
+        let produced = Python::attach(|py| self.begin(py, inputs, info))?;
         if let Produced::One(outputs) = produced {
             clock.infer_finished();
             return emit(outputs);

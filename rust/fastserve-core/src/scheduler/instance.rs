@@ -17,15 +17,50 @@ use super::sequence::assemble::take_states;
 use super::watchdog::{self, Replies, Watch};
 use crate::error::{Result, ServeError};
 use crate::observe::stats::{ModelStats, Phases, ResponseTiming};
-use crate::request::{Executed, Reply};
+use crate::request::{Executed, Reply, RequestInfo, SequenceTag};
 use crate::spec::ModelSpec;
 use crate::tensor::Tensor;
+
+/// One request of a batch, as an instance that answers a batch's requests one by one gets it.
+#[derive(Debug, Default)]
+pub struct ModelRequest {
+    pub inputs: Vec<Tensor>,
+    /// Its rows: the batch dimension of its inputs (1 for a model without batching).
+    pub rows: usize,
+    /// What else the model is shown of it (set when [`Instance::per_request`] is true).
+    pub info: Option<Arc<RequestInfo>>,
+    /// Its place in its sequence (models with sequence batching).
+    pub sequence: Option<SequenceTag>,
+}
+
+/// Each request's own answer within a batch that ran: its outputs, or why it alone failed.
+pub type PerRequest = Vec<Result<Vec<Tensor>>>;
 
 /// A loaded copy of a model. Each instance is driven by one thread, so it needs no locking.
 pub trait Instance: Send + 'static {
     /// Runs one batch (batch dimension first when the model batches) and returns every output.
     /// Marking `clock` splits the time into input conversion, the model itself, and output reading.
     fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>>;
+
+    /// True when the instance takes a batch's requests one by one ([`Instance::execute_requests`]
+    /// overridden) and wants each request's [`RequestInfo`]; the scheduler then checks each
+    /// request's outputs on their own, and one request's failure leaves the others answered.
+    fn per_request(&self) -> bool {
+        false
+    }
+
+    /// Runs a batch of requests and answers each: in order, one answer per request. An `Err`
+    /// fails the whole batch. The default concatenates the requests along the batch dimension,
+    /// runs [`Instance::execute`] once, checks the outputs against `spec` and splits them back
+    /// into each request's rows.
+    fn execute_requests(
+        &mut self,
+        spec: &ModelSpec,
+        requests: Vec<ModelRequest>,
+        clock: &mut PhaseClock,
+    ) -> Result<PerRequest> {
+        execute_concatenated(self, spec, requests, clock)
+    }
 
     /// Runs one request of a decoupled model, handing each response to `emit` in order as it is
     /// produced. An error from `emit` (the client went away, or the response is invalid) means
@@ -39,6 +74,42 @@ pub trait Instance: Send + 'static {
         let outputs = self.execute(inputs, clock)?;
         emit(outputs)
     }
+
+    /// [`Instance::execute_stream`] for an instance that is shown the request's info and
+    /// sequence too ([`Instance::per_request`]); the default passes only the inputs on.
+    fn execute_stream_request(
+        &mut self,
+        request: ModelRequest,
+        clock: &mut PhaseClock,
+        emit: &mut dyn FnMut(Vec<Tensor>) -> Result<()>,
+    ) -> Result<()> {
+        self.execute_stream(request.inputs, clock, emit)
+    }
+}
+
+/// [`Instance::execute_requests`]'s default, for an instance that overrides it but still runs
+/// some batches whole: the requests concatenated along the batch dimension, one
+/// [`Instance::execute`], the outputs checked against `spec` and split back into each request's
+/// rows.
+pub fn execute_concatenated<I: Instance + ?Sized>(
+    instance: &mut I,
+    spec: &ModelSpec,
+    mut requests: Vec<ModelRequest>,
+    clock: &mut PhaseClock,
+) -> Result<PerRequest> {
+    let rows: Vec<usize> = requests.iter().map(|r| r.rows).collect();
+    let total = rows.iter().sum();
+    let inputs = match requests.len() {
+        1 => requests.pop().map(|r| r.inputs).unwrap_or_default(),
+        _ => {
+            let refs: Vec<&[Tensor]> = requests.iter().map(|r| r.inputs.as_slice()).collect();
+            concat_inputs(&refs)?
+        }
+    };
+    let outputs = instance.execute(inputs, clock)?;
+    spec.check_outputs(&outputs, total)?;
+    let split = if rows.len() == 1 { vec![outputs] } else { split_outputs(&outputs, &rows)? };
+    Ok(split.into_iter().map(Ok).collect())
 }
 
 /// Creates a fresh instance for a seat (the index among the version's instances), to replace
@@ -261,41 +332,38 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
     let (spec, stats) = (&*seats.spec, &*seats.stats);
     let mut clock = PhaseClock::new();
     let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
-    let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
-    let total: usize = rows.iter().sum();
-    let tags: Vec<_> = jobs.iter().map(|j| j.sequence.as_ref().map(|t| t.id.clone())).collect();
+    let total: usize = jobs.iter().map(|j| j.rows).sum();
     let callers: Vec<Vec<String>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.callers)).collect();
-    let (mut per_job, replies): (Vec<Vec<Tensor>>, Vec<_>) = jobs.into_iter().map(|j| (j.inputs, j.reply)).unzip();
+    let (requests, replies): (Vec<ModelRequest>, Vec<_>) = jobs
+        .into_iter()
+        .map(|j| (ModelRequest { inputs: j.inputs, rows: j.rows, info: j.info, sequence: j.sequence }, j.reply))
+        .unzip();
     let replies = started(seats, id, seat, replies);
     let deadline = seats.execution_timeout.and_then(|t| Instant::now().checked_add(t));
     let _calls = super::calls::enter(&spec.name, callers.iter().flatten(), deadline);
-    let result = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Vec<Tensor>>> {
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<PerRequest> {
         if let Some(batch) = sequence {
-            return run_sequence(instance, spec, batch, &tags, &mut clock);
+            return run_sequence(instance, spec, batch, requests, &mut clock);
         }
-        let inputs = if per_job.len() == 1 {
-            per_job.pop().unwrap_or_default()
-        } else {
-            let refs: Vec<&[Tensor]> = per_job.iter().map(Vec::as_slice).collect();
-            concat_inputs(&refs)?
-        };
-        let outputs = instance.execute(inputs, &mut clock)?;
-        spec.check_outputs(&outputs, total)?;
-        if rows.len() == 1 {
-            Ok(vec![outputs])
-        } else {
-            split_outputs(&outputs, &rows)
+        if !instance.per_request() {
+            return instance.execute_requests(spec, requests, &mut clock);
         }
+        let rows: Vec<usize> = requests.iter().map(|r| r.rows).collect();
+        let results = instance.execute_requests(spec, requests, &mut clock)?;
+        answered_each(spec, results, &rows)
     }))
     .unwrap_or_else(|_| Err(panicked(spec)));
     let Some(replies) = finished(seats, id, &replies) else { return false };
     let phases = clock.phases(Instant::now());
     match result {
-        Ok(outputs) => {
+        Ok(results) => {
             stats.record_batch(total, &waits, phases);
-            stats.record_responses(replies.len());
-            for ((reply, outputs), queue) in replies.into_iter().zip(outputs).zip(waits) {
-                let _ = reply.send(Ok(Executed { outputs, queue, phases, batch_size: total }));
+            stats.record_responses(results.iter().filter(|r| r.is_ok()).count());
+            for ((reply, result), queue) in replies.into_iter().zip(results).zip(waits) {
+                if let Err(e) = &result {
+                    tracing::debug!(model = %spec.name, version = spec.version, error = %e, "request failed");
+                }
+                let _ = reply.send(result.map(|outputs| Executed { outputs, queue, phases, batch_size: total }));
             }
         }
         Err(e) => {
@@ -306,6 +374,24 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
         }
     }
     true
+}
+
+/// Checks a per-request instance's answers: one per request, each request's outputs against the
+/// model's declared outputs for its own rows (a bad one fails only its request).
+fn answered_each(spec: &ModelSpec, results: PerRequest, rows: &[usize]) -> Result<PerRequest> {
+    if results.len() != rows.len() {
+        return Err(ServeError::ModelError(format!(
+            "model '{}' answered {} of a batch's {} requests",
+            spec.name,
+            results.len(),
+            rows.len()
+        )));
+    }
+    Ok(results
+        .into_iter()
+        .zip(rows)
+        .map(|(result, &rows)| result.and_then(|outputs| spec.check_outputs(&outputs, rows).map(|()| outputs)))
+        .collect())
 }
 
 /// Registers a batch as running (for the watchdog and a bounded shutdown); returns its reply slots.
@@ -368,7 +454,8 @@ fn run_stream(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, 
                 sent += 1;
                 Ok(())
             };
-            catch_unwind(AssertUnwindSafe(|| instance.execute_stream(job.inputs, &mut clock, &mut emit)))
+            let request = ModelRequest { inputs: job.inputs, rows, info: job.info, sequence: job.sequence };
+            catch_unwind(AssertUnwindSafe(|| instance.execute_stream_request(request, &mut clock, &mut emit)))
                 .unwrap_or_else(|_| Err(panicked(spec)))
         }
     };
@@ -443,27 +530,80 @@ impl StreamSender {
 
 /// Executes a sequence batch: the assembled inputs go to the model, each row's new state is
 /// stored for its sequence, and each request gets its row's outputs (empty slots are dropped).
+/// An instance that takes requests one by one gets each filled row as its own request instead.
 fn run_sequence(
     instance: &mut dyn Instance,
     spec: &ModelSpec,
     batch: SequenceBatch,
-    sequences: &[Option<crate::request::SequenceId>],
+    requests: Vec<ModelRequest>,
     clock: &mut PhaseClock,
-) -> Result<Vec<Vec<Tensor>>> {
+) -> Result<PerRequest> {
+    if instance.per_request() {
+        return run_sequence_per_request(instance, spec, batch, requests, clock);
+    }
     let rows = batch.rows.len();
     let mut outputs = instance.execute(batch.inputs, clock)?;
     let states = take_states(&batch.plan, spec.batching(), rows, &mut outputs, &spec.name)?;
     spec.check_outputs(&outputs, rows)?;
     let per_row = if spec.batching() { split_outputs(&outputs, &vec![1; rows])? } else { vec![outputs] };
-    let mut per_job: Vec<Vec<Tensor>> = vec![Vec::new(); sequences.len()];
+    let mut per_job: PerRequest = (0..requests.len()).map(|_| Ok(Vec::new())).collect();
     let mut store = lock(&batch.states);
     for ((row, outputs), state) in batch.rows.iter().zip(per_row).zip(states) {
         let Some(job) = *row else { continue };
-        if let Some(Some(id)) = sequences.get(job) {
-            store.insert(id.clone(), state);
+        if let Some(Some(tag)) = requests.get(job).map(|r| &r.sequence) {
+            store.insert(tag.id.clone(), state);
         }
         if let Some(slot) = per_job.get_mut(job) {
-            *slot = outputs;
+            *slot = Ok(outputs);
+        }
+    }
+    Ok(per_job)
+}
+
+/// A sequence batch for an instance that takes requests one by one: each filled row (its control
+/// and state inputs included) is one request; each answer's state outputs are stored for its
+/// sequence and the rest checked as that request's outputs. A request that failed keeps its
+/// sequence's previous state.
+fn run_sequence_per_request(
+    instance: &mut dyn Instance,
+    spec: &ModelSpec,
+    batch: SequenceBatch,
+    mut requests: Vec<ModelRequest>,
+    clock: &mut PhaseClock,
+) -> Result<PerRequest> {
+    let rows = batch.rows.len();
+    let per_row = if spec.batching() { split_outputs(&batch.inputs, &vec![1; rows])? } else { vec![batch.inputs] };
+    let mut order = Vec::with_capacity(requests.len());
+    let mut run = Vec::with_capacity(requests.len());
+    for (row, inputs) in batch.rows.iter().zip(per_row) {
+        let Some(job) = *row else { continue };
+        let Some(request) = requests.get_mut(job) else { continue };
+        order.push(job);
+        run.push(ModelRequest { inputs, rows: 1, info: request.info.take(), sequence: request.sequence.clone() });
+    }
+    let tags: Vec<Option<SequenceTag>> = run.iter().map(|r| r.sequence.clone()).collect();
+    let results = instance.execute_requests(spec, run, clock)?;
+    if results.len() != order.len() {
+        return Err(ServeError::ModelError(format!(
+            "model '{}' answered {} of a batch's {} requests",
+            spec.name,
+            results.len(),
+            order.len()
+        )));
+    }
+    let mut per_job: PerRequest = (0..requests.len()).map(|_| Ok(Vec::new())).collect();
+    let mut store = lock(&batch.states);
+    for ((job, result), tag) in order.into_iter().zip(results).zip(tags) {
+        let answer = result.and_then(|mut outputs| {
+            let state = take_states(&batch.plan, spec.batching(), 1, &mut outputs, &spec.name)?;
+            spec.check_outputs(&outputs, 1)?;
+            if let (Some(tag), Some(state)) = (tag, state.into_iter().next()) {
+                store.insert(tag.id, state);
+            }
+            Ok(outputs)
+        });
+        if let Some(slot) = per_job.get_mut(job) {
+            *slot = answer;
         }
     }
     Ok(per_job)

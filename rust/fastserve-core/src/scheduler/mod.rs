@@ -9,6 +9,8 @@ mod batcher;
 pub mod calls;
 mod instance;
 pub mod options;
+#[cfg(test)]
+mod per_request_tests;
 pub mod plan;
 mod queue;
 pub mod sequence;
@@ -26,8 +28,8 @@ use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
 
 use self::batcher::Batcher;
+pub use self::instance::{execute_concatenated, Instance, InstanceFactory, ModelRequest, PerRequest, PhaseClock};
 use self::instance::{lock, spawn, InstanceThreads, Replacer, Seats, Worker};
-pub use self::instance::{Instance, InstanceFactory, PhaseClock};
 pub use self::options::ModelOptions;
 use self::plan::BatchPolicy;
 pub use self::queue::QueueOptions;
@@ -106,6 +108,9 @@ pub struct Scheduler {
     seats: Arc<Seats>,
     /// Says why the version cannot serve right now (an ensemble whose step is unavailable).
     readiness: OnceLock<Readiness>,
+    /// Its instances take a batch's requests one by one and are shown each request's
+    /// [`crate::request::RequestInfo`].
+    per_request: bool,
 }
 
 /// A check of whether a version can serve now: None when it can, else why not.
@@ -131,6 +136,7 @@ impl Scheduler {
         if instances.is_empty() {
             return Err(ServeError::Internal(format!("model '{}' has no instances", spec.name)));
         }
+        let per_request = instances.iter().any(|i| i.per_request());
         let sequence_plan = match &config.sequence {
             Some(s) => Some(Arc::new(s.plan(&spec).map_err(ServeError::bad_request)?)),
             None => None,
@@ -226,6 +232,7 @@ impl Scheduler {
             supervisors: Mutex::new(supervisors),
             seats,
             readiness: OnceLock::new(),
+            per_request,
         }))
     }
 
@@ -249,6 +256,12 @@ impl Scheduler {
 
     pub fn spec(&self) -> &Arc<ModelSpec> {
         &self.spec
+    }
+
+    /// Whether requests should carry their [`crate::request::RequestInfo`] (the instances take
+    /// them one by one and show it to the model); building it costs a copy of the parameters.
+    pub fn wants_request_info(&self) -> bool {
+        self.per_request
     }
 
     pub fn stats(&self) -> &Arc<ModelStats> {
@@ -327,6 +340,7 @@ impl Scheduler {
             responses,
             sequence: options.sequence,
             callers: options.callers,
+            info: options.info,
             enqueued,
             level,
             expires,

@@ -11,7 +11,7 @@ use super::plan::Batchable;
 use crate::error::ServeError;
 use crate::observe::stats::ModelStats;
 pub use crate::request::QueueOptions;
-use crate::request::{Reply, SequenceTag};
+use crate::request::{Reply, RequestInfo, SequenceTag};
 use crate::tensor::Tensor;
 
 /// Why a queued request may expire.
@@ -38,6 +38,8 @@ pub(super) struct Job {
     pub(super) sequence: Option<SequenceTag>,
     /// Models whose `execute` waits on this request (in-process calls).
     pub(super) callers: Vec<String>,
+    /// What the model is shown of the request (models that take requests one by one).
+    pub(super) info: Option<std::sync::Arc<RequestInfo>>,
     pub(super) enqueued: Instant,
     /// 1 is served first.
     pub(super) level: u64,
