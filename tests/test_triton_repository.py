@@ -100,6 +100,106 @@ output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 10 ] } ]
 instance_group [ { kind: KIND_CPU } ]
 """
 
+# Triton's python_backend example, as its users have it.
+ADD_SUB_PBTXT = """
+name: "add_sub"
+backend: "python"
+input [
+  { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "INPUT1" data_type: TYPE_FP32 dims: [ 4 ] }
+]
+output [
+  { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ 4 ] },
+  { name: "OUTPUT1" data_type: TYPE_FP32 dims: [ 4 ] }
+]
+instance_group [ { kind: KIND_CPU } ]
+"""
+
+ADD_SUB_TOML = """
+backend = "python"
+[[input]]
+name = "INPUT0"
+datatype = "FP32"
+dims = [4]
+[[input]]
+name = "INPUT1"
+datatype = "FP32"
+dims = [4]
+[[output]]
+name = "OUTPUT0"
+datatype = "FP32"
+dims = [4]
+[[output]]
+name = "OUTPUT1"
+datatype = "FP32"
+dims = [4]
+"""
+
+ADD_SUB_MODEL = """
+import json
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = model_config = json.loads(args["model_config"])
+        output0_config = pb_utils.get_output_config_by_name(model_config, "OUTPUT0")
+        output1_config = pb_utils.get_output_config_by_name(model_config, "OUTPUT1")
+        self.output0_dtype = pb_utils.triton_string_to_numpy(output0_config["data_type"])
+        self.output1_dtype = pb_utils.triton_string_to_numpy(output1_config["data_type"])
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            in_0 = pb_utils.get_input_tensor_by_name(request, "INPUT0")
+            in_1 = pb_utils.get_input_tensor_by_name(request, "INPUT1")
+            out_0, out_1 = (in_0.as_numpy() + in_1.as_numpy(), in_0.as_numpy() - in_1.as_numpy())
+            out_tensor_0 = pb_utils.Tensor("OUTPUT0", out_0.astype(self.output0_dtype))
+            out_tensor_1 = pb_utils.Tensor("OUTPUT1", out_1.astype(self.output1_dtype))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out_tensor_0, out_tensor_1]))
+        return responses
+"""
+
+SCALE_PBTXT = """
+backend: "python"
+max_batch_size: 16
+input [ { name: "X" data_type: TYPE_FP32 dims: [ 64 ] } ]
+output [ { name: "Y" data_type: TYPE_FP32 dims: [ 64 ] } ]
+dynamic_batching { }
+"""
+
+SCALE_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(r, "X").as_numpy() * 2)])
+            for r in requests
+        ]
+"""
+
+# A Python step feeding the ONNX model, all in Triton's format.
+PIPELINE_PBTXT = """
+platform: "ensemble"
+max_batch_size: 16
+input [ { name: "X", data_type: TYPE_FP32, dims: [ 64 ] } ]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ 10 ] } ]
+ensemble_scheduling {
+  step [
+    { model_name: "scale" model_version: -1 input_map { key: "X" value: "X" } output_map { key: "Y" value: "SCALED" } },
+    {
+      model_name: "mlp_triton"
+      model_version: -1
+      input_map { key: "INPUT0" value: "SCALED" }
+      output_map { key: "OUTPUT0" value: "Y" }
+    }
+  ]
+}
+"""
+
 UNSUPPORTED_PBTXT = """
 platform: "onnxruntime_onnx"
 max_batch_size: 16
@@ -136,12 +236,21 @@ def toml_model(repo: Path, name: str, config: str) -> Path:
     return model_dir
 
 
+def python_model(model_dir: Path, model_py: str) -> None:
+    (model_dir / "1" / "model.onnx").unlink(missing_ok=True)
+    (model_dir / "1" / "model.py").write_text(model_py)
+
+
 @pytest.fixture(scope="module")
 def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("triton_repo")
     triton_model(repo, "mlp_triton", ONNX_PBTXT)
     toml_model(repo, "mlp_toml", ONNX_TOML)
     triton_model(repo, "mlp_chain", ENSEMBLE_PBTXT, model_file=None)
+    python_model(triton_model(repo, "add_sub", ADD_SUB_PBTXT, model_file=None), ADD_SUB_MODEL)
+    python_model(toml_model(repo, "add_sub_toml", ADD_SUB_TOML), ADD_SUB_MODEL)
+    python_model(triton_model(repo, "scale", SCALE_PBTXT, model_file=None), SCALE_MODEL)
+    triton_model(repo, "pipeline", PIPELINE_PBTXT, model_file=None)
     triton_model(repo, "unsupported", UNSUPPORTED_PBTXT)
     triton_model(repo, "tuned", TUNED_PBTXT)
     # Both files: config.toml wins (its max_batch_size differs from the pbtxt's).
@@ -201,6 +310,30 @@ def test_an_ensemble_in_triton_format_runs_its_steps(server) -> None:
     config = httpclient.InferenceServerClient(server.address).get_model_config("mlp_chain")
     assert config["platform"] == "ensemble"
     assert config["ensemble_scheduling"]["step"][0]["model_name"] == "mlp_triton"
+
+
+def test_a_python_backend_model_in_triton_format_answers_as_its_twin(server) -> None:
+    x0, x1 = np.arange(4, dtype=np.float32), np.full(4, 0.5, np.float32)
+    for client, module in ((httpclient.InferenceServerClient(server.address), httpclient),
+                           (grpcclient.InferenceServerClient(server.grpc_address), grpcclient)):  # fmt: skip
+        answers = []
+        for model in ("add_sub", "add_sub_toml"):
+            inputs = [module.InferInput("INPUT0", [4], "FP32"), module.InferInput("INPUT1", [4], "FP32")]
+            inputs[0].set_data_from_numpy(x0)
+            inputs[1].set_data_from_numpy(x1)
+            result = client.infer(model, inputs)
+            answers.append((result.as_numpy("OUTPUT0"), result.as_numpy("OUTPUT1")))
+        np.testing.assert_array_equal(answers[0][0], x0 + x1)
+        np.testing.assert_array_equal(answers[0][1], x0 - x1)
+        np.testing.assert_array_equal(answers[0], answers[1])
+    http = httpclient.InferenceServerClient(server.address)
+    assert http.get_model_metadata("add_sub")["inputs"] == http.get_model_metadata("add_sub_toml")["inputs"]
+
+
+def test_an_ensemble_of_a_python_step_and_an_onnx_step_in_triton_format(server) -> None:
+    x = np.random.default_rng(6).standard_normal((4, 64)).astype(np.float32)
+    y = infer_http(server.address, "pipeline", x, name="X", output="Y")
+    np.testing.assert_array_equal(y, infer_http(server.address, "mlp_toml", x * 2))
 
 
 def test_every_field_fastserve_does_not_honor_is_named_in_the_load_error(server) -> None:
