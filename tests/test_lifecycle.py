@@ -130,7 +130,10 @@ def test_a_broken_new_version_leaves_the_serving_one(start_server, tmp_path: Pat
     add_version(model, 2, "raise ImportError('broken build')\n")
     r = requests.post(f"{server.url}/v2/repository/models/m/load", timeout=60)
     assert r.status_code == 400
-    assert "failed to load model 'm' version 2: model.py raised ImportError: broken build" in r.json()["error"]
+    assert (
+        "load failed for model 'm': version 2 is at UNAVAILABLE state: model.py raised ImportError: broken build"
+        in r.json()["error"]
+    )
     assert served_by(ask(server.url, "m")) == 1, "requests without a version stay on the ready version"
     # The failed version is not registered beside the serving one (a failed version makes the
     # server unready, which would take a serving replica out of its load balancer); the index says why.

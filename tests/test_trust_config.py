@@ -154,7 +154,7 @@ def test_out_of_range_overrides_are_400_and_the_server_serves_on(start_server, t
     ]:
         r = requests.post(load, json={"parameters": {"config": json.dumps(override)}}, timeout=60)
         assert r.status_code == 400, override
-        assert r.json()["error"].startswith("failed to load model 'good' version 1: "), r.text
+        assert r.json()["error"].startswith("load failed for model 'good': version 1 is at UNAVAILABLE state: "), r.text
         assert message in r.json()["error"]
         assert infer_good(server.url) == 200
     assert server.proc.poll() is None

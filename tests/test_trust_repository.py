@@ -105,7 +105,10 @@ def test_a_broken_new_version_does_not_unload_the_serving_one(start_server, tmp_
 
     r = load(server)
     assert r.status_code == 400
-    assert "failed to load model 'm' version 2: model.py raised ImportError: x" in r.json()["error"]
+    assert (
+        "load failed for model 'm': version 2 is at UNAVAILABLE state: model.py raised ImportError: x"
+        in r.json()["error"]
+    )
     assert ready(server, "/v2/models/m/ready") == 200
     assert ready(server, "/v2/health/ready") == 200, "a failed new version does not make the server unready"
     assert served_by(ask(server.url)) == 1
@@ -144,7 +147,7 @@ def test_one_failed_version_aborts_the_whole_load_and_finalizes_what_it_built(st
 
     r = load(server)
     assert r.status_code == 400
-    assert "version 3: model.py raised ImportError: x" in r.json()["error"]
+    assert "version 3 is at UNAVAILABLE state: model.py raised ImportError: x" in r.json()["error"]
     assert marker.read_text() == "2\n", "version 2 was built, then finalized when version 3 failed"
     assert ready(server, "/v2/models/m/versions/2/ready") == 404, "nothing of the failed load is served"
     assert served_by(ask(server.url)) == 1
@@ -159,7 +162,7 @@ def test_a_failed_override_keeps_serving_and_is_not_remembered(start_server, tmp
 
     r = load(server, config={"max_batch_size": -5})
     assert r.status_code == 400
-    assert "failed to load model 'm' version 1: max_batch_size must be >= 0 and <= 1048576, got -5" in r.json()["error"]
+    assert "version 1 is at UNAVAILABLE state: max_batch_size must be >= 0 and <= 1048576, got -5" in r.json()["error"]
     assert served_by(ask(server.url)) == 1
     assert load_failures(server, "m", "1") == 1
 

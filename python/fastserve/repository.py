@@ -313,7 +313,11 @@ class ModelRepository:
         """Loads or reloads ``name`` as one transaction (see the class). With ``retry=False``
         (polling) an attempt that failed is retried only once files or config change."""
         with self._change:
-            path = self._dir(name)
+            try:
+                path = self._dir(name)
+            except LookupError as e:
+                # Triton's wording, then why.
+                raise LookupError(f"failed to load '{name}', failed to poll from model repository: {e}") from None
             current = self._loaded.get(name) or _Loaded(config_digest="")
             if keep_override:
                 override = current.override
@@ -588,9 +592,9 @@ class RepositoryApi:
         statuses = self.repository.load(name, override)
         failed = [s for s in statuses if not s.ready]
         if failed:
-            raise ValueError(
-                "; ".join(f"failed to load model '{s.name}' version {s.version}: {s.reason}" for s in failed)
-            )
+            # Triton's wording: one line per failed version.
+            lines = (f"version {s.version} is at UNAVAILABLE state: {s.reason};" for s in failed)
+            raise ValueError("\n".join(f"load failed for model '{name}': {line}" for line in lines))
 
     def unload(self, name: str, parameters_json: str) -> None:
         self.repository.unload(name)
