@@ -437,7 +437,7 @@ async fn shared_memory(
                 byte_size: u64,
             }
             // Refused before the body is read when the extension is off.
-            shm.status(None)?;
+            shm.check_enabled()?;
             let body = req.read_body(&state.limits).await?;
             check_json_depth(&body, state.limits.max_json_depth)?;
             let r: Register = serde_json::from_slice(&body)

@@ -54,7 +54,8 @@ impl SharedMemory {
         self.regions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn check_enabled(&self) -> Result<()> {
+    /// Refuses the extension's APIs (UNSUPPORTED) when the server runs without it.
+    pub fn check_enabled(&self) -> Result<()> {
         if self.enabled {
             return Ok(());
         }
@@ -186,6 +187,32 @@ mod tests {
         assert!(matches!(shm.unregister(None), Err(ServeError::Unsupported(_))));
         let err = shm.region("input 'X'", "r").unwrap_err();
         assert!(matches!(&err, ServeError::BadRequest(m) if m.contains("--no-shared-memory")), "{err}");
+    }
+
+    #[test]
+    fn names_are_unique_and_the_table_is_bounded() {
+        use rustix::{fs::Mode, shm as posix};
+        let key = format!("/fastserve-test-table-{}", std::process::id());
+        let fd =
+            posix::open(key.as_str(), posix::OFlags::CREATE | posix::OFlags::RDWR, Mode::RUSR | Mode::WUSR).unwrap();
+        rustix::fs::ftruncate(&fd, 16).unwrap();
+        let shm = SharedMemory::new(true);
+        for i in 0..MAX_REGIONS {
+            shm.register(&format!("r{i}"), &key, 0, 16).unwrap();
+        }
+        let err = shm.register("r0", &key, 0, 16).unwrap_err();
+        assert_eq!(err, ServeError::bad_request("shared memory region 'r0' already in manager"));
+        let err = shm.register("one-more", &key, 0, 16).unwrap_err().to_string();
+        assert!(err.contains("256 regions are registered"), "{err}");
+        let held = shm.region("input 'X'", "r1").unwrap();
+        shm.unregister(Some("r1")).unwrap();
+        assert!(shm.region("input 'X'", "r1").is_err());
+        // A request still holding the region reads on.
+        assert_eq!(held.read(held.slot("input 'X'", 0, 16, false).unwrap()).unwrap().len(), 16);
+        shm.register("one-more", &key, 0, 16).unwrap();
+        shm.unregister(None).unwrap();
+        assert_eq!(shm.status(None).unwrap(), vec![]);
+        posix::unlink(key.as_str()).unwrap();
     }
 
     #[test]
