@@ -146,11 +146,17 @@ const SHM_OFFSET: &str = "shared_memory_offset";
 const SHM_BYTE_SIZE: &str = "shared_memory_byte_size";
 
 impl SharedMemoryRef {
-    /// The location a tensor's parameters give (`what` names the tensor in messages, e.g.
-    /// "input 'X'"); None when they name no region. An offset or size without a region, a region
-    /// without a size, or a value of the wrong type is refused rather than ignored.
-    pub fn from_parameters(what: &str, parameters: Option<&Parameters>) -> Result<Option<Self>> {
-        let Some(p) = parameters else { return Ok(None) };
+    /// Whether a parameter name belongs to this extension (cheap: most tensors have none).
+    pub fn is_parameter(name: &str) -> bool {
+        name.starts_with("shared_memory_")
+    }
+
+    /// The location the parameters of `kind` ("input" or "output") `name` give; None when they
+    /// name no region. An offset or size without a region, a region without a size, or a value of
+    /// the wrong type is refused rather than ignored.
+    pub fn from_parameters(kind: &str, name: &str, parameters: Option<&Parameters>) -> Result<Option<Self>> {
+        let Some(p) = parameters.filter(|p| p.keys().any(|k| Self::is_parameter(k))) else { return Ok(None) };
+        let what = format!("{kind} '{name}'");
         let number = |key: &str| -> Result<Option<u64>> {
             match p.get(key) {
                 None | Some(Value::Null) => Ok(None),

@@ -27,8 +27,7 @@ pub fn decode_request(request: ModelInferRequest, limits: &Limits) -> Result<Inf
     limits.admit_shapes(inputs.iter().map(|i| i.shape.as_slice()))?;
     let mut placed = Vec::with_capacity(inputs.len());
     for input in inputs {
-        let at =
-            SharedMemoryRef::from_parameters(&format!("input '{}'", input.name), Some(&to_json(&input.parameters)))?;
+        let at = SharedMemoryRef::from_parameters("input", &input.name, shm_parameters(&input.parameters).as_ref())?;
         placed.push((input, at));
     }
     let in_body = placed.iter().filter(|(_, at)| at.is_none()).count();
@@ -51,8 +50,8 @@ pub fn decode_request(request: ModelInferRequest, limits: &Limits) -> Result<Inf
     let outputs = outputs
         .into_iter()
         .map(|o| {
-            let what = format!("output '{}'", o.name);
-            let shared_memory = SharedMemoryRef::from_parameters(&what, Some(&to_json(&o.parameters)))?;
+            let shared_memory =
+                SharedMemoryRef::from_parameters("output", &o.name, shm_parameters(&o.parameters).as_ref())?;
             Ok(RequestedOutput { name: o.name, binary: false, shared_memory })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -177,6 +176,12 @@ pub fn encode_response(response: InferResponse) -> ModelInferResponse {
         raw_output_contents: raw,
         ..Default::default()
     }
+}
+
+/// A tensor's parameters as the JSON path carries them, only when it has shared-memory ones (the
+/// common tensor has none, and costs no conversion).
+fn shm_parameters(parameters: &HashMap<String, InferParameter>) -> Option<Parameters> {
+    parameters.keys().any(|k| SharedMemoryRef::is_parameter(k)).then(|| to_json(parameters))
 }
 
 /// Request or tensor parameters as the JSON path carries them.

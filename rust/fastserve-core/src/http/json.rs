@@ -85,8 +85,7 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>, limits: &Lim
     let mut inputs = Vec::with_capacity(wire.inputs.len());
     let mut shared_memory_inputs = Vec::new();
     for input in wire.inputs {
-        let what = format!("input '{}'", input.name);
-        match SharedMemoryRef::from_parameters(&what, input.parameters.as_ref())? {
+        match SharedMemoryRef::from_parameters("input", &input.name, input.parameters.as_ref())? {
             Some(at) => shared_memory_inputs.push(shared_memory_input(input, at)?),
             None => inputs.push(decode_input(input, &mut binary)?),
         }
@@ -113,11 +112,11 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>, limits: &Lim
                     )))
                 }
             };
-            let what = format!("output '{}'", o.name);
-            let shared_memory = SharedMemoryRef::from_parameters(&what, o.parameters.as_ref())?;
+            let shared_memory = SharedMemoryRef::from_parameters("output", &o.name, o.parameters.as_ref())?;
             if shared_memory.is_some() && binary == Some(true) {
                 return Err(ServeError::bad_request(format!(
-                    "{what}: parameters 'shared_memory_region' and 'binary_data' = true exclude each other"
+                    "output '{}': parameters 'shared_memory_region' and 'binary_data' = true exclude each other",
+                    o.name
                 )));
             }
             Ok(RequestedOutput { name: o.name, binary: binary.unwrap_or(default_binary), shared_memory })
