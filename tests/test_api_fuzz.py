@@ -40,6 +40,11 @@ def test_openapi_covers_every_route() -> None:
         "/v2/repository/index",
         "/v2/repository/models/{model}/load",
         "/v2/repository/models/{model}/unload",
+        "/v2/systemsharedmemory/status",
+        "/v2/systemsharedmemory/region/{region}/status",
+        "/v2/systemsharedmemory/region/{region}/register",
+        "/v2/systemsharedmemory/unregister",
+        "/v2/systemsharedmemory/region/{region}/unregister",
     ):
         assert route in paths, route
     assert spec["components"]["schemas"]["Error"]["properties"] == {"error": {"type": "string"}}

@@ -277,12 +277,6 @@ def test_unsupported_rpcs_say_so(example_server: ServerProcess) -> None:
             "disabled",
         ),
         (
-            s.SystemSharedMemoryStatus,
-            service_pb2.SystemSharedMemoryStatusRequest(),
-            grpc.StatusCode.UNIMPLEMENTED,
-            "shared memory",
-        ),
-        (
             s.CudaSharedMemoryRegister,
             service_pb2.CudaSharedMemoryRegisterRequest(),
             grpc.StatusCode.UNIMPLEMENTED,

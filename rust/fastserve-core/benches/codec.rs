@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use fastserve_core::http::json::{encode_infer_response, parse_infer_request};
-use fastserve_core::request::{InferResponse, ResponseOutput};
+use fastserve_core::request::{Delivery, InferResponse, ResponseOutput};
 use fastserve_core::server::state::Limits;
 use fastserve_core::{DataType, Tensor, TensorData};
 
@@ -45,7 +45,7 @@ fn response(rows: usize, binary: bool) -> InferResponse {
         model_name: "mlp".into(),
         model_version: "1".into(),
         id: None,
-        outputs: vec![ResponseOutput { tensor: t, binary }],
+        outputs: vec![ResponseOutput { tensor: t, delivery: Delivery::binary(binary) }],
     }
 }
 

@@ -30,6 +30,10 @@ pub enum ServeError {
     /// The operation is switched off (e.g. the repository API in control mode `none`).
     #[error("{0}")]
     Forbidden(String),
+    /// A protocol extension this server does not implement or was started without (CUDA shared
+    /// memory, system shared memory with `--no-shared-memory`), as Triton's UNSUPPORTED.
+    #[error("{0}")]
+    Unsupported(String),
     /// The request waited in the queue past its timeout and was dropped before it ran.
     #[error("{0}")]
     QueueTimeout(String),
@@ -78,6 +82,7 @@ impl ServeError {
             Self::RequestTimeout(m) => Self::RequestTimeout(with(m)),
             Self::Unauthorized(m) => Self::Unauthorized(with(m)),
             Self::Forbidden(m) => Self::Forbidden(with(m)),
+            Self::Unsupported(m) => Self::Unsupported(with(m)),
             Self::QueueTimeout(m) => Self::QueueTimeout(with(m)),
             Self::DeadlineExceeded(m) => Self::DeadlineExceeded(with(m)),
             Self::ExecutionTimeout(m) => Self::ExecutionTimeout(with(m)),
@@ -101,6 +106,7 @@ impl ServeError {
             Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
             Self::ModelError(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // nginx's "client closed request": only ever seen in access logs.
             Self::Cancelled(_) => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
@@ -120,6 +126,7 @@ impl ServeError {
             Self::RequestTimeout(_) => tonic::Code::DeadlineExceeded,
             Self::Unauthorized(_) => tonic::Code::Unauthenticated,
             Self::Forbidden(_) => tonic::Code::PermissionDenied,
+            Self::Unsupported(_) => tonic::Code::Unimplemented,
             Self::ModelError(_) | Self::Internal(_) => tonic::Code::Internal,
             Self::Cancelled(_) => tonic::Code::Cancelled,
         }
@@ -134,6 +141,7 @@ impl ServeError {
             Self::RequestTimeout(_) => "request_timeout",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
+            Self::Unsupported(_) => "unsupported",
             Self::QueueFull(_) => "queue_full",
             Self::QueueTimeout(_) | Self::DeadlineExceeded(_) => "timeout",
             Self::ExecutionTimeout(_) => "execution_timeout",
@@ -167,6 +175,7 @@ mod tests {
         assert_eq!(ServeError::QueueTimeout("x".into()).http_status(), 503);
         assert_eq!(ServeError::ExecutionTimeout("x".into()).http_status(), 503);
         assert_eq!(ServeError::DeadlineExceeded("x".into()).http_status(), 504);
+        assert_eq!(ServeError::Unsupported("x".into()).http_status(), 501);
     }
 
     #[test]
@@ -187,6 +196,7 @@ mod tests {
             (ServeError::ExecutionTimeout("x".into()), Code::Unavailable),
             (ServeError::DeadlineExceeded("x".into()), Code::DeadlineExceeded),
             (ServeError::Cancelled("x".into()), Code::Cancelled),
+            (ServeError::Unsupported("x".into()), Code::Unimplemented),
         ];
         for (e, code) in cases {
             assert_eq!(e.grpc_code(), code, "{e:?}");

@@ -19,6 +19,7 @@ pub mod registry;
 pub mod request;
 pub mod scheduler;
 pub mod server;
+pub mod shm;
 pub mod spec;
 pub mod tensor;
 

@@ -17,10 +17,12 @@ use crate::error::{Result, ServeError};
 use crate::observe::transport::Protocol;
 use crate::registry::ModelVersion;
 use crate::request::{
-    check_request_id, Executed, InferRequest, InferResponse, Reply, RequestInfo, ResponseOutput, MAX_REQUEST_ID_BYTES,
+    check_request_id, Delivery, Executed, InferRequest, InferResponse, Reply, RequestInfo, ResponseOutput,
+    MAX_REQUEST_ID_BYTES,
 };
 use crate::scheduler::{QueueOptions, Scheduler, StreamReceiver};
 use crate::server::state::ServerState;
+use crate::shm::placement::{self, OutputSlots};
 
 /// What a front end knows of a call before its request is decoded: where it goes and what its
 /// transport says (headers or gRPC metadata).
@@ -66,6 +68,8 @@ struct Running {
     responses: Responses,
     request: InferRequest,
     spec: Arc<crate::spec::ModelSpec>,
+    /// Outputs the request placed in shared memory.
+    slots: OutputSlots,
     /// Responses handed out so far.
     sent: usize,
 }
@@ -220,6 +224,8 @@ impl<'a> Call<'a> {
         let sequence = request.check_supported(&spec.name, scheduler.config().sequence.is_some())?;
         let info = scheduler.wants_request_info().then(|| Arc::new(RequestInfo::of(&request)));
         let options = QueueOptions { sequence, info, ..request.queue_options(self.target.deadline)? };
+        // Inputs in shared memory become ordinary tensors (copied) before anything checks them.
+        let slots = placement::place(&self.state.shared_memory, &mut request, self.state.limits.max_body_bytes)?;
         let validated = spec.validate(&mut request)?;
         let responses = if spec.decoupled {
             let rx = scheduler.submit_stream(validated, options)?;
@@ -228,7 +234,7 @@ impl<'a> Call<'a> {
             let reply = scheduler.submit_with(validated, options)?;
             Responses::One(Some(Pending { scheduler: scheduler.clone(), reply, answered: false }))
         };
-        self.running = Some(Running { responses, request, spec, sent: 0 });
+        self.running = Some(Running { responses, request, spec, slots, sent: 0 });
         Ok(())
     }
 
@@ -265,11 +271,16 @@ impl<'a> Call<'a> {
         };
         running.sent += 1;
         let request = &running.request;
+        let mut outputs = select_outputs(request, outputs);
+        if let Err(e) = running.slots.deliver(&mut outputs) {
+            self.running = None;
+            return Some(Err(e));
+        }
         Some(Ok(InferResponse {
             model_name: running.spec.name.clone(),
             model_version: running.spec.version.to_string(),
             id: request.id.clone(),
-            outputs: select_outputs(request, outputs),
+            outputs,
         }))
     }
 
@@ -317,7 +328,10 @@ impl<'a> Call<'a> {
 fn select_outputs(request: &InferRequest, outputs: Vec<crate::tensor::Tensor>) -> Vec<ResponseOutput> {
     let default_binary = request.binary_outputs_by_default();
     if request.outputs.is_empty() {
-        return outputs.into_iter().map(|tensor| ResponseOutput { tensor, binary: default_binary }).collect();
+        return outputs
+            .into_iter()
+            .map(|tensor| ResponseOutput { tensor, delivery: Delivery::binary(default_binary) })
+            .collect();
     }
     let mut all: Vec<Option<_>> = outputs.into_iter().map(Some).collect();
     request
@@ -325,7 +339,7 @@ fn select_outputs(request: &InferRequest, outputs: Vec<crate::tensor::Tensor>) -
         .iter()
         .filter_map(|o| {
             let slot = all.iter_mut().find(|t| t.as_ref().is_some_and(|t| t.name == o.name))?;
-            slot.take().map(|tensor| ResponseOutput { tensor, binary: o.binary })
+            slot.take().map(|tensor| ResponseOutput { tensor, delivery: Delivery::binary(o.binary) })
         })
         .collect()
 }

@@ -8,7 +8,8 @@ use serde_json::{Map, Value};
 
 use crate::error::{Result, ServeError};
 use crate::observe::stats::Phases;
-use crate::tensor::Tensor;
+use crate::tensor::datatype::DataType;
+use crate::tensor::{element_count, Tensor};
 
 /// A request's answer: the model's outputs for its own rows, and how it was served.
 #[derive(Debug)]
@@ -133,6 +134,8 @@ pub struct RequestedOutput {
     pub name: String,
     /// Binary tensor extension: return this output's data after the JSON header.
     pub binary: bool,
+    /// Shared-memory extension: write this output's data into a registered region instead.
+    pub shared_memory: Option<SharedMemoryRef>,
 }
 
 #[derive(Debug, Default)]
@@ -140,8 +143,106 @@ pub struct InferRequest {
     pub id: Option<String>,
     pub parameters: Parameters,
     pub inputs: Vec<Tensor>,
+    /// Inputs whose data is in a registered shared-memory region: read (copied) into `inputs`
+    /// when the request starts, by the request path both protocols share.
+    pub shared_memory_inputs: Vec<SharedMemoryInput>,
     /// Empty means every output, in the model's declared order.
     pub outputs: Vec<RequestedOutput>,
+}
+
+/// A tensor's name, datatype and concrete shape as a request declares them, checked the same way
+/// for every protocol before any of its data is looked at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputHeader {
+    pub name: String,
+    pub datatype: DataType,
+    pub shape: Vec<usize>,
+    /// Elements the shape holds (it did not overflow).
+    pub elements: usize,
+}
+
+impl InputHeader {
+    pub fn parse(name: String, datatype: &str, shape: &[i64]) -> Result<Self> {
+        let datatype = DataType::parse(datatype)
+            .ok_or_else(|| ServeError::bad_request(format!("input '{name}': unknown datatype '{datatype}'")))?;
+        let dims = shape.iter().map(|&d| usize::try_from(d)).collect::<std::result::Result<Vec<usize>, _>>().map_err(
+            |_| ServeError::bad_request(format!("input '{name}': shape {shape:?} has a negative dimension")),
+        )?;
+        let elements = element_count(&dims)
+            .ok_or_else(|| ServeError::bad_request(format!("input '{name}': shape {shape:?} is too large")))?;
+        Ok(Self { name, datatype, shape: dims, elements })
+    }
+}
+
+/// Where a tensor's data lies in a registered shared-memory region (Triton's shared-memory
+/// extension): the tensor parameters `shared_memory_region`, `shared_memory_offset` (optional,
+/// default 0) and `shared_memory_byte_size`. The offset is relative to the region's start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SharedMemoryRef {
+    pub region: String,
+    pub offset: u64,
+    pub byte_size: u64,
+}
+
+/// The tensor parameters of the shared-memory extension.
+const SHM_REGION: &str = "shared_memory_region";
+const SHM_OFFSET: &str = "shared_memory_offset";
+const SHM_BYTE_SIZE: &str = "shared_memory_byte_size";
+
+impl SharedMemoryRef {
+    /// Whether a parameter name belongs to this extension (cheap: most tensors have none).
+    pub fn is_parameter(name: &str) -> bool {
+        name.starts_with("shared_memory_")
+    }
+
+    /// The location the parameters of `kind` ("input" or "output") `name` give; None when they
+    /// name no region. An offset or size without a region, a region without a size, or a value of
+    /// the wrong type is refused rather than ignored.
+    pub fn from_parameters(kind: &str, name: &str, parameters: Option<&Parameters>) -> Result<Option<Self>> {
+        let Some(p) = parameters.filter(|p| p.keys().any(|k| Self::is_parameter(k))) else { return Ok(None) };
+        let what = format!("{kind} '{name}'");
+        let number = |key: &str| -> Result<Option<u64>> {
+            match p.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                    ServeError::bad_request(format!(
+                        "{what}: parameter '{key}' must be a non-negative integer, got {v}"
+                    ))
+                }),
+            }
+        };
+        let (offset, byte_size) = (number(SHM_OFFSET)?, number(SHM_BYTE_SIZE)?);
+        let region = match p.get(SHM_REGION) {
+            None | Some(Value::Null) => {
+                if let Some(key) = [(SHM_OFFSET, offset), (SHM_BYTE_SIZE, byte_size)]
+                    .into_iter()
+                    .find_map(|(key, v)| v.is_some().then_some(key))
+                {
+                    return Err(ServeError::bad_request(format!(
+                        "{what}: parameter '{key}' needs parameter '{SHM_REGION}'"
+                    )));
+                }
+                return Ok(None);
+            }
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => {
+                return Err(ServeError::bad_request(format!(
+                    "{what}: parameter '{SHM_REGION}' must be a string, got {v}"
+                )))
+            }
+        };
+        let byte_size = byte_size.ok_or_else(|| {
+            ServeError::bad_request(format!("{what}: parameter '{SHM_REGION}' needs parameter '{SHM_BYTE_SIZE}'"))
+        })?;
+        Ok(Some(Self { region, offset: offset.unwrap_or(0), byte_size }))
+    }
+}
+
+/// An input whose data is in shared memory, not in the request body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedMemoryInput {
+    pub header: InputHeader,
+    pub at: SharedMemoryRef,
 }
 
 impl InferRequest {
@@ -259,7 +360,29 @@ pub struct InferResponse {
 #[derive(Debug)]
 pub struct ResponseOutput {
     pub tensor: Tensor,
-    pub binary: bool,
+    pub delivery: Delivery,
+}
+
+/// How an output's data reaches the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// In the JSON body (HTTP), in `raw_output_contents` (gRPC).
+    Json,
+    /// Binary tensor extension: after the JSON header (HTTP), in `raw_output_contents` (gRPC).
+    Binary,
+    /// Already written into the client's shared-memory region: the response only describes it.
+    SharedMemory,
+}
+
+impl Delivery {
+    /// Binary or JSON, as the binary tensor extension's `binary_data` says.
+    pub fn binary(binary: bool) -> Self {
+        if binary {
+            Self::Binary
+        } else {
+            Self::Json
+        }
+    }
 }
 
 /// How a request was served, for access logs.

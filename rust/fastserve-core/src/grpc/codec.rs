@@ -12,41 +12,72 @@ use crate::proto::infer_parameter::ParameterChoice;
 use crate::proto::model_infer_request::InferInputTensor;
 use crate::proto::model_infer_response::InferOutputTensor;
 use crate::proto::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
-use crate::request::{InferRequest, InferResponse, Parameters, RequestedOutput};
+use crate::request::{
+    Delivery, InferRequest, InferResponse, InputHeader, Parameters, RequestedOutput, SharedMemoryInput, SharedMemoryRef,
+};
 use crate::server::state::Limits;
 use crate::tensor::datatype::DataType;
-use crate::tensor::{element_count, Tensor, TensorData};
+use crate::tensor::{Tensor, TensorData};
 
-/// Decodes a `ModelInferRequest`, checking every count and size against the shapes.
+/// Decodes a `ModelInferRequest`, checking every count and size against the shapes. Inputs in
+/// shared memory take no `raw_input_contents` entry (as tritonclient sends them): the entries
+/// belong, in order, to the other inputs.
 pub fn decode_request(request: ModelInferRequest, limits: &Limits) -> Result<InferRequest> {
     let ModelInferRequest { id, parameters, inputs, outputs, raw_input_contents, .. } = request;
     limits.admit_shapes(inputs.iter().map(|i| i.shape.as_slice()))?;
-    if !raw_input_contents.is_empty() && raw_input_contents.len() != inputs.len() {
+    let mut placed = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let at = SharedMemoryRef::from_parameters("input", &input.name, shm_parameters(&input.parameters).as_ref())?;
+        placed.push((input, at));
+    }
+    let in_body = placed.iter().filter(|(_, at)| at.is_none()).count();
+    if !raw_input_contents.is_empty() && raw_input_contents.len() != in_body {
+        let shm = placed.len() - in_body;
         return Err(ServeError::bad_request(format!(
-            "raw_input_contents has {} entries for {} inputs; send one per input, in input order",
+            "raw_input_contents has {} entries for {in_body} inputs; send one per input, in input order{}",
             raw_input_contents.len(),
-            inputs.len()
+            if shm > 0 { format!(" ({shm} inputs in shared memory take none)") } else { String::new() }
         )));
     }
     let mut raw = raw_input_contents.into_iter();
-    let inputs = inputs.into_iter().map(|input| decode_input(input, raw.next())).collect::<Result<Vec<_>>>()?;
-    let outputs = outputs.into_iter().map(|o| RequestedOutput { name: o.name, binary: false }).collect();
-    Ok(InferRequest { id: (!id.is_empty()).then_some(id), parameters: to_json(parameters), inputs, outputs })
+    let (mut tensors, mut shared_memory_inputs) = (Vec::with_capacity(in_body), Vec::new());
+    for (input, at) in placed {
+        match at {
+            Some(at) => shared_memory_inputs.push(shared_memory_input(input, at)?),
+            None => tensors.push(decode_input(input, raw.next())?),
+        }
+    }
+    let outputs = outputs
+        .into_iter()
+        .map(|o| {
+            let shared_memory =
+                SharedMemoryRef::from_parameters("output", &o.name, shm_parameters(&o.parameters).as_ref())?;
+            Ok(RequestedOutput { name: o.name, binary: false, shared_memory })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(InferRequest {
+        id: (!id.is_empty()).then_some(id),
+        parameters: to_json(&parameters),
+        inputs: tensors,
+        shared_memory_inputs,
+        outputs,
+    })
+}
+
+/// An input in shared memory: its data must not be in `contents` too.
+fn shared_memory_input(input: InferInputTensor, at: SharedMemoryRef) -> Result<SharedMemoryInput> {
+    let InferInputTensor { name, datatype, shape, contents, .. } = input;
+    if contents.is_some_and(|c| c != InferTensorContents::default()) {
+        return Err(ServeError::bad_request(format!(
+            "input '{name}': data given both in contents and in shared memory"
+        )));
+    }
+    Ok(SharedMemoryInput { header: InputHeader::parse(name, &datatype, &shape)?, at })
 }
 
 fn decode_input(input: InferInputTensor, raw: Option<bytes::Bytes>) -> Result<Tensor> {
-    let InferInputTensor { name, datatype, shape, parameters, contents } = input;
-    if parameters.contains_key("shared_memory_region") {
-        return Err(ServeError::bad_request(format!("input '{name}': shared memory is not supported")));
-    }
-    let datatype = DataType::parse(&datatype)
-        .ok_or_else(|| ServeError::bad_request(format!("input '{name}': unknown datatype '{datatype}'")))?;
-    let dims =
-        shape.iter().map(|&d| usize::try_from(d)).collect::<std::result::Result<Vec<usize>, _>>().map_err(|_| {
-            ServeError::bad_request(format!("input '{name}': shape {shape:?} has a negative dimension"))
-        })?;
-    let elements = element_count(&dims)
-        .ok_or_else(|| ServeError::bad_request(format!("input '{name}': shape {shape:?} is too large")))?;
+    let InferInputTensor { name, datatype, shape, contents, .. } = input;
+    let InputHeader { name, datatype, shape: dims, elements } = InputHeader::parse(name, &datatype, &shape)?;
     let data = match (raw, contents) {
         (Some(_), Some(c)) if c != InferTensorContents::default() => {
             return Err(ServeError::bad_request(format!(
@@ -120,6 +151,9 @@ pub fn encode_response(response: InferResponse) -> ModelInferResponse {
     for o in outputs {
         let t = o.tensor;
         raw.push(match &t.data {
+            // Every output has its entry, so tritonclient's index into the list stays right; one
+            // written into shared memory has an empty one, as Triton answers.
+            _ if o.delivery == Delivery::SharedMemory => bytes::Bytes::new(),
             TensorData::Raw(b) => b.clone(),
             TensorData::Strings(_) => {
                 let mut buf = Vec::with_capacity(binary_size(&t));
@@ -144,19 +178,25 @@ pub fn encode_response(response: InferResponse) -> ModelInferResponse {
     }
 }
 
-/// Request parameters as the JSON path carries them.
-fn to_json(parameters: HashMap<String, InferParameter>) -> Parameters {
+/// A tensor's parameters as the JSON path carries them, only when it has shared-memory ones (the
+/// common tensor has none, and costs no conversion).
+fn shm_parameters(parameters: &HashMap<String, InferParameter>) -> Option<Parameters> {
+    parameters.keys().any(|k| SharedMemoryRef::is_parameter(k)).then(|| to_json(parameters))
+}
+
+/// Request or tensor parameters as the JSON path carries them.
+fn to_json(parameters: &HashMap<String, InferParameter>) -> Parameters {
     parameters
-        .into_iter()
+        .iter()
         .filter_map(|(k, p)| {
-            let v = match p.parameter_choice? {
-                ParameterChoice::BoolParam(b) => Value::from(b),
-                ParameterChoice::Int64Param(i) => Value::from(i),
-                ParameterChoice::StringParam(s) => Value::from(s),
-                ParameterChoice::DoubleParam(d) => Value::from(d),
-                ParameterChoice::Uint64Param(u) => Value::from(u),
+            let v = match p.parameter_choice.as_ref()? {
+                ParameterChoice::BoolParam(b) => Value::from(*b),
+                ParameterChoice::Int64Param(i) => Value::from(*i),
+                ParameterChoice::StringParam(s) => Value::from(s.as_str()),
+                ParameterChoice::DoubleParam(d) => Value::from(*d),
+                ParameterChoice::Uint64Param(u) => Value::from(*u),
             };
-            Some((k, v))
+            Some((k.clone(), v))
         })
         .collect()
 }
@@ -323,7 +363,10 @@ mod tests {
             model_name: "m".into(),
             model_version: "3".into(),
             id: Some("7".into()),
-            outputs: vec![ResponseOutput { tensor: x, binary: false }, ResponseOutput { tensor: s, binary: false }],
+            outputs: vec![
+                ResponseOutput { tensor: x, delivery: Delivery::Json },
+                ResponseOutput { tensor: s, delivery: Delivery::Json },
+            ],
         });
         assert_eq!((resp.model_name.as_str(), resp.model_version.as_str(), resp.id.as_str()), ("m", "3", "7"));
         assert_eq!(resp.outputs[0].name, "x");

@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::compression::Coding;
 use crate::error::ServeError;
 use crate::grpc::codec::{decode_request, encode_response};
-use crate::http::ROUTING_KEY;
+use crate::http::{cuda_shared_memory, ROUTING_KEY};
 use crate::observe::logging::request_span;
 use crate::observe::stats::{ModelStats, Timed};
 use crate::observe::transport::Protocol;
@@ -490,44 +490,64 @@ impl GrpcInferenceService for InferenceService {
 
     async fn system_shared_memory_status(
         &self,
-        _: Request<SystemSharedMemoryStatusRequest>,
+        request: Request<SystemSharedMemoryStatusRequest>,
     ) -> GrpcResult<SystemSharedMemoryStatusResponse> {
-        unimplemented("system shared memory")
+        let name = request.into_inner().name;
+        let regions = self
+            .state
+            .shared_memory
+            .status((!name.is_empty()).then_some(name.as_str()))?
+            .into_iter()
+            .map(|r| {
+                let status = system_shared_memory_status_response::RegionStatus {
+                    name: r.name.clone(),
+                    key: r.key,
+                    offset: r.offset,
+                    byte_size: r.byte_size,
+                };
+                (r.name, status)
+            })
+            .collect();
+        Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
     }
 
     async fn system_shared_memory_register(
         &self,
-        _: Request<SystemSharedMemoryRegisterRequest>,
+        request: Request<SystemSharedMemoryRegisterRequest>,
     ) -> GrpcResult<SystemSharedMemoryRegisterResponse> {
-        unimplemented("system shared memory")
+        let r = request.into_inner();
+        self.state.shared_memory.register(&r.name, &r.key, r.offset, r.byte_size)?;
+        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
     }
 
     async fn system_shared_memory_unregister(
         &self,
-        _: Request<SystemSharedMemoryUnregisterRequest>,
+        request: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> GrpcResult<SystemSharedMemoryUnregisterResponse> {
-        unimplemented("system shared memory")
+        let name = request.into_inner().name;
+        self.state.shared_memory.unregister((!name.is_empty()).then_some(name.as_str()))?;
+        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 
     async fn cuda_shared_memory_status(
         &self,
         _: Request<CudaSharedMemoryStatusRequest>,
     ) -> GrpcResult<CudaSharedMemoryStatusResponse> {
-        unimplemented("CUDA shared memory")
+        Err(cuda_shared_memory().into())
     }
 
     async fn cuda_shared_memory_register(
         &self,
         _: Request<CudaSharedMemoryRegisterRequest>,
     ) -> GrpcResult<CudaSharedMemoryRegisterResponse> {
-        unimplemented("CUDA shared memory")
+        Err(cuda_shared_memory().into())
     }
 
     async fn cuda_shared_memory_unregister(
         &self,
         _: Request<CudaSharedMemoryUnregisterRequest>,
     ) -> GrpcResult<CudaSharedMemoryUnregisterResponse> {
-        unimplemented("CUDA shared memory")
+        Err(cuda_shared_memory().into())
     }
 
     async fn trace_setting(&self, _: Request<TraceSettingRequest>) -> GrpcResult<TraceSettingResponse> {

@@ -167,7 +167,7 @@ mod tests {
             model_name: "gen".into(),
             model_version: "1".into(),
             id: None,
-            outputs: vec![ResponseOutput { tensor: text, binary: false }],
+            outputs: vec![ResponseOutput { tensor: text, delivery: crate::request::Delivery::Json }],
         };
         let v = generate_response(&response);
         assert_eq!(v, json!({"model_name": "gen", "model_version": "1", "TEXT": "a"}));

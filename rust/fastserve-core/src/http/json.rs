@@ -14,7 +14,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::{Result, ServeError};
-use crate::request::{InferRequest, InferResponse, Parameters, RequestedOutput};
+use crate::request::{
+    Delivery, InferRequest, InferResponse, InputHeader, Parameters, RequestedOutput, SharedMemoryInput, SharedMemoryRef,
+};
 use crate::server::state::Limits;
 use crate::tensor::datatype::DataType;
 use crate::tensor::{element_count, Tensor, TensorData};
@@ -81,8 +83,12 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>, limits: &Lim
     }
     limits.admit_shapes(wire.inputs.iter().map(|i| i.shape.as_slice()))?;
     let mut inputs = Vec::with_capacity(wire.inputs.len());
+    let mut shared_memory_inputs = Vec::new();
     for input in wire.inputs {
-        inputs.push(decode_input(input, &mut binary)?);
+        match SharedMemoryRef::from_parameters("input", &input.name, input.parameters.as_ref())? {
+            Some(at) => shared_memory_inputs.push(shared_memory_input(input, at)?),
+            None => inputs.push(decode_input(input, &mut binary)?),
+        }
     }
     if !binary.is_empty() {
         return Err(ServeError::bad_request(format!(
@@ -97,8 +103,8 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>, limits: &Lim
         .into_iter()
         .map(|o| {
             let binary = match o.parameters.as_ref().and_then(|p| p.get("binary_data")) {
-                None | Some(Value::Null) => default_binary,
-                Some(Value::Bool(b)) => *b,
+                None | Some(Value::Null) => None,
+                Some(Value::Bool(b)) => Some(*b),
                 Some(_) => {
                     return Err(ServeError::bad_request(format!(
                         "output '{}': parameter 'binary_data' must be a boolean",
@@ -106,10 +112,17 @@ pub fn parse_infer_request(body: &Bytes, header_len: Option<usize>, limits: &Lim
                     )))
                 }
             };
-            Ok(RequestedOutput { name: o.name, binary })
+            let shared_memory = SharedMemoryRef::from_parameters("output", &o.name, o.parameters.as_ref())?;
+            if shared_memory.is_some() && binary == Some(true) {
+                return Err(ServeError::bad_request(format!(
+                    "output '{}': parameters 'shared_memory_region' and 'binary_data' = true exclude each other",
+                    o.name
+                )));
+            }
+            Ok(RequestedOutput { name: o.name, binary: binary.unwrap_or(default_binary), shared_memory })
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(InferRequest { id: wire.id, parameters, inputs, outputs })
+    Ok(InferRequest { id: wire.id, parameters, inputs, shared_memory_inputs, outputs })
 }
 
 /// Refuses JSON nested deeper than `max_depth` arrays and objects. One pass over the bytes with a
@@ -162,17 +175,22 @@ fn check_fits_text(input: &WireInput<'_>) -> Result<()> {
     Ok(())
 }
 
+/// An input in shared memory: its data must not be in the body too.
+fn shared_memory_input(input: WireInput<'_>, at: SharedMemoryRef) -> Result<SharedMemoryInput> {
+    let binary = param_u64(&input.parameters, "binary_data_size")?.is_some();
+    if input.data.is_some() || binary {
+        return Err(ServeError::bad_request(format!(
+            "input '{}': set only one of 'data', parameter 'binary_data_size' and parameter 'shared_memory_region'",
+            input.name
+        )));
+    }
+    Ok(SharedMemoryInput { header: InputHeader::parse(input.name, &input.datatype, &input.shape)?, at })
+}
+
 /// Decodes one input (the request's element limit was checked from all shapes before).
 fn decode_input(input: WireInput<'_>, binary: &mut Bytes) -> Result<Tensor> {
-    let name = input.name;
-    let datatype = DataType::parse(&input.datatype)
-        .ok_or_else(|| ServeError::bad_request(format!("input '{name}': unknown datatype '{}'", input.datatype)))?;
-    let shape =
-        input.shape.iter().map(|&d| usize::try_from(d)).collect::<std::result::Result<Vec<usize>, _>>().map_err(
-            |_| ServeError::bad_request(format!("input '{name}': shape {:?} has a negative dimension", input.shape)),
-        )?;
-    let elements = element_count(&shape)
-        .ok_or_else(|| ServeError::bad_request(format!("input '{name}': shape {:?} is too large", input.shape)))?;
+    let InputHeader { name, datatype, shape, elements } =
+        InputHeader::parse(input.name, &input.datatype, &input.shape)?;
     let binary_size = param_u64(&input.parameters, "binary_data_size")?;
     let data = if let Some(size) = binary_size {
         let size = usize::try_from(size).unwrap_or(usize::MAX);
@@ -564,8 +582,10 @@ pub fn encode_infer_response(resp: &InferResponse) -> (Vec<u8>, Option<usize>) {
             name: &o.tensor.name,
             datatype: o.tensor.datatype.as_str(),
             shape: &o.tensor.shape,
-            parameters: o.binary.then(|| BinarySize { binary_data_size: binary_size(&o.tensor) }),
-            data: (!o.binary).then_some(JsonData(&o.tensor)),
+            // An output written into shared memory is only described, as Triton does.
+            parameters: (o.delivery == Delivery::Binary)
+                .then(|| BinarySize { binary_data_size: binary_size(&o.tensor) }),
+            data: (o.delivery == Delivery::Json).then_some(JsonData(&o.tensor)),
         })
         .collect();
     let wire = WireResponse {
@@ -577,11 +597,11 @@ pub fn encode_infer_response(resp: &InferResponse) -> (Vec<u8>, Option<usize>) {
     let mut body = Vec::with_capacity(256);
     // Serializing plain structs into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut body, &wire);
-    if !resp.outputs.iter().any(|o| o.binary) {
+    if !resp.outputs.iter().any(|o| o.delivery == Delivery::Binary) {
         return (body, None);
     }
     let header_len = body.len();
-    for o in resp.outputs.iter().filter(|o| o.binary) {
+    for o in resp.outputs.iter().filter(|o| o.delivery == Delivery::Binary) {
         put_binary(&mut body, &o.tensor);
     }
     (body, Some(header_len))
@@ -643,7 +663,7 @@ mod tests {
                 model_name: "m".into(),
                 model_version: "1".into(),
                 id: None,
-                outputs: vec![ResponseOutput { tensor: r.inputs[0].clone(), binary: false }],
+                outputs: vec![ResponseOutput { tensor: r.inputs[0].clone(), delivery: Delivery::Json }],
             };
             let (body, header) = encode_infer_response(&resp);
             assert_eq!(header, None);
@@ -728,7 +748,7 @@ mod tests {
             model_name: "m".into(),
             model_version: "1".into(),
             id: None,
-            outputs: vec![ResponseOutput { tensor: r.inputs[0].clone(), binary: true }],
+            outputs: vec![ResponseOutput { tensor: r.inputs[0].clone(), delivery: Delivery::Binary }],
         };
         let (out, header_len) = encode_infer_response(&resp);
         let n = header_len.unwrap();

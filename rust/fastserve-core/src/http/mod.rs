@@ -342,6 +342,8 @@ async fn route(state: &Arc<ServerState>, req: &mut Req) -> Result<Response<Body>
                 _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
             }
         }
+        ["v2", "systemsharedmemory", rest @ ..] => shared_memory(state, &method, &path, rest, req).await,
+        ["v2", "cudasharedmemory", ..] => Err(cuda_shared_memory()),
         ["v2"] | ["v2", "health", "live" | "ready"] => Err(method_not_allowed(&method, &path)),
         _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
     }
@@ -389,6 +391,63 @@ async fn repository_change(state: &ServerState, model: &str, action: &str, req: 
     blocking(move || if load { control.load(&model, &parameters) } else { control.unload(&model, &parameters) })
         .await?;
     Ok(json_response(StatusCode::OK, b"{}".to_vec()))
+}
+
+/// Triton's CUDA shared-memory extension: answered, not left to a 404, so a client learns why.
+pub fn cuda_shared_memory() -> ServeError {
+    ServeError::Unsupported(
+        "CUDA shared memory is not supported: this build has no CUDA IPC; use system shared memory \
+         (/v2/systemsharedmemory, the SystemSharedMemory* RPCs)"
+            .into(),
+    )
+}
+
+/// `/v2/systemsharedmemory[/region/{name}]/status|register|unregister` (Triton's system
+/// shared-memory extension). Region names come percent-decoded, as clients encode them.
+async fn shared_memory(
+    state: &ServerState,
+    method: &Method,
+    path: &str,
+    rest: &[&str],
+    req: &mut Req,
+) -> Result<Response<Body>> {
+    let shm = &state.shared_memory;
+    let (region, action) = match rest {
+        [action] => (None, *action),
+        ["region", name, action] => {
+            let name = percent_encoding::percent_decode_str(name)
+                .decode_utf8()
+                .map_err(|_| ServeError::bad_request("the region name in the path is not UTF-8"))?;
+            (Some(name.into_owned()), *action)
+        }
+        _ => return Err(ServeError::not_found(format!("no route for {method} {path}"))),
+    };
+    match (action, region) {
+        ("status", region) if method == Method::GET => Ok(ok_json(&shm.status(region.as_deref())?)),
+        ("unregister", region) if method == Method::POST => {
+            shm.unregister(region.as_deref())?;
+            Ok(status_only(true))
+        }
+        ("register", Some(region)) if method == Method::POST => {
+            #[derive(serde::Deserialize)]
+            struct Register {
+                key: String,
+                #[serde(default)]
+                offset: u64,
+                byte_size: u64,
+            }
+            // Refused before the body is read when the extension is off.
+            shm.check_enabled()?;
+            let body = req.read_body(&state.limits).await?;
+            check_json_depth(&body, state.limits.max_json_depth)?;
+            let r: Register = serde_json::from_slice(&body)
+                .map_err(|e| ServeError::bad_request(format!("malformed shared memory register request: {e}")))?;
+            shm.register(&region, &r.key, r.offset, r.byte_size)?;
+            Ok(status_only(true))
+        }
+        ("status" | "unregister", _) | ("register", Some(_)) => Err(method_not_allowed(method, path)),
+        _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
+    }
 }
 
 fn method_not_allowed(method: &Method, path: &str) -> ServeError {

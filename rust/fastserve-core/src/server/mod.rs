@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub grpc_response_compression: Option<crate::compression::Coding>,
     /// Serve the repository API on a non-loopback `host` without an admin token.
     pub allow_remote_repository_api: bool,
+    /// Triton's system shared-memory extension (`--no-shared-memory` turns it off).
+    pub shared_memory: bool,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +93,7 @@ impl Server {
         let state = Arc::new(
             ServerState::new(registry, config.limits.clone(), config.access_log)
                 .with_auth(config.auth.clone())
+                .with_shared_memory(config.shared_memory)
                 .guard_repository(&config.host, config.allow_remote_repository_api),
         );
         Self { config, state, running: Mutex::new(None) }

@@ -66,6 +66,8 @@ options! {
         tls_client_ca: Option<PathBuf> = None, group = "security";
         /// serve the repository API on a non-loopback host without an admin token (refused by default)
         allow_remote_repository_api: bool = false, group = "security";
+        /// refuse Triton's system shared-memory extension (registering regions, tensors in shared memory)
+        no_shared_memory: bool = false, group = "security";
     }
 }
 
@@ -224,6 +226,7 @@ impl ServerOptions {
             tls,
             grpc_response_compression,
             allow_remote_repository_api: self.allow_remote_repository_api,
+            shared_memory: !self.no_shared_memory,
         })
     }
 }

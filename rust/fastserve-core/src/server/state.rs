@@ -13,6 +13,7 @@ use crate::server::auth::Auth;
 use crate::server::listener::ConnectionLimit;
 pub use crate::server::options::{Limits, JSON_DEPTH_CEILING, MIN_HEADER_BYTES};
 use crate::server::repository::RepositoryControl;
+use crate::shm::SharedMemory;
 
 /// Whether `host` names only the local machine (an IP loopback address or `localhost`).
 pub fn is_loopback(host: &str) -> bool {
@@ -22,13 +23,15 @@ pub fn is_loopback(host: &str) -> bool {
 
 /// Protocol extensions this server implements, as advertised in server metadata.
 pub const EXTENSIONS: &[&str] = &["binary_tensor_data", "model_repository", "statistics", "generate"];
+/// Advertised too unless the server runs with `--no-shared-memory`.
+pub const SHARED_MEMORY_EXTENSION: &str = "system_shared_memory";
 
 /// V2 server metadata, the same over HTTP and gRPC.
 #[derive(Debug, Serialize)]
 pub struct ServerMetadata {
     pub name: &'static str,
     pub version: &'static str,
-    pub extensions: &'static [&'static str],
+    pub extensions: Vec<&'static str>,
 }
 
 /// V2 model metadata, the same over HTTP and gRPC.
@@ -59,6 +62,8 @@ pub struct ServerState {
     pub auth: Auth,
     /// Open client connections over every listener, at most `limits.max_connections`.
     pub connections: Arc<ConnectionLimit>,
+    /// Registered system shared-memory regions.
+    pub shared_memory: SharedMemory,
     serving: AtomicBool,
     draining: AtomicBool,
     /// Set while the models given at startup load: live, not yet ready.
@@ -77,6 +82,7 @@ impl ServerState {
             transport: Arc::default(),
             access_log,
             auth: Auth::default(),
+            shared_memory: SharedMemory::new(true),
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             starting: AtomicBool::new(false),
@@ -89,6 +95,12 @@ impl ServerState {
     /// loopback address, unless `allow_remote` (`--allow-remote-repository-api`).
     pub fn guard_repository(mut self, host: &str, allow_remote: bool) -> Self {
         self.remote_repository_ok = allow_remote || is_loopback(host);
+        self
+    }
+
+    /// Serves the system shared-memory extension, or refuses it (`--no-shared-memory`).
+    pub fn with_shared_memory(mut self, enabled: bool) -> Self {
+        self.shared_memory = SharedMemory::new(enabled);
         self
     }
 
@@ -170,7 +182,11 @@ impl ServerState {
     }
 
     pub fn server_metadata(&self) -> ServerMetadata {
-        ServerMetadata { name: "fastserve", version: env!("CARGO_PKG_VERSION"), extensions: EXTENSIONS }
+        let mut extensions = EXTENSIONS.to_vec();
+        if self.shared_memory.enabled() {
+            extensions.push(SHARED_MEMORY_EXTENSION);
+        }
+        ServerMetadata { name: "fastserve", version: env!("CARGO_PKG_VERSION"), extensions }
     }
 
     /// V2 model metadata. `all_versions` lists every version of the model (a request without one).
