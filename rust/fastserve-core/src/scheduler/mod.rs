@@ -742,10 +742,12 @@ mod tests {
         cfg.default_queue_timeout = Some(Duration::from_millis(1));
         let inst = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: None };
         let s = Scheduler::start(spec(0), cfg, vec![Box::new(inst)]).unwrap();
-        let first = s.submit(request(&[0.0])).unwrap();
+        let own = QueueOptions { timeout: Some(Duration::from_secs(3600)), ..Default::default() };
+        // The first request sets its own timeout too: on a loaded machine 1 ms may pass before
+        // it reaches the instance, and it must run to hold the instance.
+        let first = s.submit_with(request(&[0.0]), own.clone()).unwrap();
         seen.recv().unwrap();
         let defaulted = s.submit(request(&[1.0])).unwrap();
-        let own = QueueOptions { timeout: Some(Duration::from_secs(3600)), ..Default::default() };
         let overridden = s.submit_with(request(&[2.0]), own).unwrap();
         assert!(matches!(defaulted.await.unwrap().unwrap_err(), ServeError::QueueTimeout(_)));
         gate_tx.send(()).unwrap();
