@@ -205,7 +205,9 @@ def test_invalid_declarations_are_rejected() -> None:
         Tensor("X", "FLOAT32")
     server = Server(http_port=0)
     with pytest.raises(TypeError, match="no execute"):
-        server._core.add_model("m", 1, "python", [("X", "FP32", [1])], [("Y", "FP32", [1])], [object()])
+        server._core.add_model(
+            "m", 1, "python", [("X", "FP32", [1], None, False)], [("Y", "FP32", [1], None, False)], [object()]
+        )
     assert fastserve.__version__
 
 

@@ -200,6 +200,46 @@ ensemble_scheduling {
 }
 """
 
+# Clients send 8x8 images; the ONNX model takes rows of 64 (Triton's reshape).
+SQUARE_PBTXT = """
+platform: "onnxruntime_onnx"
+max_batch_size: 16
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 8, 8 ], reshape: { shape: [ 64 ] } } ]
+output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 2, 5 ], reshape: { shape: [ 10 ] } } ]
+model_warmup [ {
+  batch_size: 2
+  inputs { key: "INPUT0" value: { data_type: TYPE_FP32, dims: [ 8, 8 ], zero_data: true } }
+} ]
+"""
+
+# B may be left out; the model sees a scalar per row for A (reshape to []).
+OPTIONAL_PBTXT = """
+backend: "python"
+max_batch_size: 8
+input [
+  { name: "A", data_type: TYPE_FP32, dims: [ 1 ], reshape: { shape: [ ] } },
+  { name: "B", data_type: TYPE_FP32, dims: [ 1 ], optional: true }
+]
+output [ { name: "Y", data_type: TYPE_FP32, dims: [ 1 ] } ]
+"""
+
+OPTIONAL_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            a = pb_utils.get_input_tensor_by_name(request, "A").as_numpy()
+            assert a.ndim == 1, a.shape  # rows only: A reaches the model reshaped to []
+            b = pb_utils.get_input_tensor_by_name(request, "B")
+            y = a[:, None] + (b.as_numpy() if b is not None else 100)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", y.astype(np.float32))]))
+        return responses
+"""
+
 UNSUPPORTED_PBTXT = """
 platform: "onnxruntime_onnx"
 max_batch_size: 16
@@ -251,7 +291,12 @@ def triton_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     python_model(toml_model(repo, "add_sub_toml", ADD_SUB_TOML), ADD_SUB_MODEL)
     python_model(triton_model(repo, "scale", SCALE_PBTXT, model_file=None), SCALE_MODEL)
     triton_model(repo, "pipeline", PIPELINE_PBTXT, model_file=None)
+    triton_model(repo, "square", SQUARE_PBTXT)
+    python_model(triton_model(repo, "optional", OPTIONAL_PBTXT, model_file=None), OPTIONAL_MODEL)
     triton_model(repo, "unsupported", UNSUPPORTED_PBTXT)
+    triton_model(repo, "onnx_bad_reshape", SQUARE_PBTXT.replace("shape: [ 64 ]", "shape: [ 63 ]"))
+    bad_reshape = OPTIONAL_PBTXT.replace("reshape: { shape: [ ] }", "reshape: { shape: [ 2 ] }")
+    python_model(triton_model(repo, "bad_reshape", bad_reshape, model_file=None), OPTIONAL_MODEL)
     triton_model(repo, "tuned", TUNED_PBTXT)
     # Both files: config.toml wins (its max_batch_size differs from the pbtxt's).
     both = toml_model(repo, "both", ONNX_TOML.replace("max_batch_size = 16", "max_batch_size = 8"))
@@ -336,6 +381,36 @@ def test_an_ensemble_of_a_python_step_and_an_onnx_step_in_triton_format(server) 
     np.testing.assert_array_equal(y, infer_http(server.address, "mlp_toml", x * 2))
 
 
+def test_reshape_gives_clients_their_dims_and_the_model_its_own(server) -> None:
+    x = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    y = infer_http(server.address, "square", x.reshape(3, 8, 8))
+    assert y.shape == (3, 2, 5)
+    np.testing.assert_array_equal(y.reshape(3, 10), infer_http(server.address, "mlp_toml", x))
+    meta = httpclient.InferenceServerClient(server.address).get_model_metadata("square")
+    assert meta["inputs"][0]["shape"] == [-1, 8, 8] and meta["outputs"][0]["shape"] == [-1, 2, 5]
+    with pytest.raises(InferenceServerException, match=r"unexpected shape for input 'INPUT0'.*Expected \[-1,8,8\]"):
+        infer_http(server.address, "square", x)
+
+
+def test_optional_inputs_may_be_left_out(server) -> None:
+    client = grpcclient.InferenceServerClient(server.grpc_address)
+
+    def infer(with_b: bool) -> np.ndarray:
+        a = grpcclient.InferInput("A", [2, 1], "FP32")
+        a.set_data_from_numpy(np.array([[1], [2]], np.float32))
+        inputs = [a]
+        if with_b:
+            b = grpcclient.InferInput("B", [2, 1], "FP32")
+            b.set_data_from_numpy(np.array([[10], [20]], np.float32))
+            inputs.append(b)
+        return client.infer("optional", inputs).as_numpy("Y")
+
+    np.testing.assert_array_equal(infer(True), [[11], [22]])
+    np.testing.assert_array_equal(infer(False), [[101], [102]])
+    with pytest.raises(InferenceServerException, match=r"expected number of inputs between 1 and 2 but got 0"):
+        client.infer("optional", [])
+
+
 def test_every_field_fastserve_does_not_honor_is_named_in_the_load_error(server) -> None:
     client = httpclient.InferenceServerClient(server.address)
     assert not client.is_model_ready("unsupported")
@@ -343,6 +418,8 @@ def test_every_field_fastserve_does_not_honor_is_named_in_the_load_error(server)
     reason = index["unsupported"]["reason"]
     for field in ("input[0].allow_ragged_batch", "output[0].label_filename", "batch_input", "model_repository_agents"):
         assert field in reason, reason
+    assert "'A': reshape [2] holds a different number of elements than dims [1]" in index["bad_reshape"]["reason"]
+    assert "input 'INPUT0' with reshape [63], the model has [64]" in index["onnx_bad_reshape"]["reason"]
     # The other models keep serving.
     assert client.is_model_ready("mlp_triton")
 

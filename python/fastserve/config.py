@@ -254,11 +254,15 @@ def _tensors(items: Any, key: str) -> list[Tensor]:
         name = _take(item, "name", str, where)
         datatype = _take(item, "datatype", str, where)
         dims = _int_list(_take(item, "dims", list, where, []), f"{where}dims", f"{key}.dims[]")
+        reshape = _take(item, "reshape", list, where)
+        if reshape is not None:
+            reshape = _int_list(reshape, f"{where}reshape", f"{key}.dims[]")
+        optional = _take(item, "optional", bool, where, False) if key == "input" else False
         if name is None or datatype is None:
             raise ConfigError(f"{where}name and datatype are required")
         _no_leftovers(item, f"[[{key}]] entry {i}")
         try:
-            out.append(Tensor(name, datatype, dims))
+            out.append(Tensor(name, datatype, dims, reshape, optional))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return out

@@ -57,7 +57,10 @@ def run_warmup(loaded: LoadedModel, warmups: list[Warmup]) -> None:
         batch: dict[str, Any] = {}
         for t in loaded.inputs:
             dims = w.dims.get(t.name) or [1 if d < 0 else d for d in t.dims]
-            batch[t.name] = _sample(t.datatype, _shape(loaded, w, i, t.name, dims), w.data, rng)
+            sample = _sample(t.datatype, _shape(loaded, w, i, t.name, dims), w.data, rng)
+            if t.reshape is not None:  # the model takes its own shape (the core reshapes requests the same way)
+                sample = sample.reshape(([w.batch_size] if loaded.max_batch_size > 0 else []) + t.reshape)
+            batch[t.name] = sample
         for instance in loaded.instances:
             for _ in range(w.count):
                 outputs = _execute(instance, batch, i)

@@ -111,9 +111,12 @@ def reconcile(declared: list[Tensor], model: list[Tensor], what: str, subset_ok:
             raise LoadError(f"config.toml declares {what} '{t.name}', but the model's {what}s are {list(by_name)}")
         if m.datatype != t.datatype:
             raise LoadError(f"config.toml declares {what} '{t.name}' as {t.datatype}, the model has {m.datatype}")
-        ok = len(m.dims) == len(t.dims) and all(md == -1 or md == td for md, td in zip(m.dims, t.dims, strict=True))
+        # A reshaped tensor: the model has its reshape; clients see its dims.
+        dims = t.model_dims
+        ok = len(m.dims) == len(dims) and all(md == -1 or md == td for md, td in zip(m.dims, dims, strict=True))
         if not ok:
-            raise LoadError(f"config.toml declares {what} '{t.name}' with dims {t.dims}, the model has {m.dims}")
+            what_dims = "reshape" if t.reshape is not None else "dims"
+            raise LoadError(f"config.toml declares {what} '{t.name}' with {what_dims} {dims}, the model has {m.dims}")
     if not subset_ok and {t.name for t in declared} != set(by_name):
         raise LoadError(f"config.toml declares {what}s {[t.name for t in declared]}, the model needs {list(by_name)}")
     return list(declared)

@@ -13,11 +13,34 @@ pub struct TensorSpec {
     pub datatype: DataType,
     /// -1 marks a variable dimension.
     pub dims: Vec<i64>,
+    /// Triton's `reshape`: the shape the model itself takes or gives (without the batch
+    /// dimension; at most one -1), while clients see `dims`.
+    pub reshape: Option<Vec<i64>>,
+    /// Triton's `optional`: an input requests may leave out.
+    pub optional: bool,
 }
 
 impl TensorSpec {
     pub fn new(name: impl Into<String>, datatype: DataType, dims: Vec<i64>) -> Self {
-        Self { name: name.into(), datatype, dims }
+        Self { name: name.into(), datatype, dims, reshape: None, optional: false }
+    }
+
+    /// Refuses a reshape that no tensor could satisfy: more than one variable dimension, or a
+    /// fixed element count other than the declared dims'.
+    pub fn check_reshape(&self) -> std::result::Result<(), String> {
+        let Some(reshape) = &self.reshape else { return Ok(()) };
+        let variable = |dims: &[i64]| dims.iter().filter(|&&d| d < 0).count();
+        if variable(reshape) > 1 || reshape.iter().any(|&d| d < -1) {
+            return Err(format!("'{}': reshape {reshape:?} may have one variable (-1) dimension at most", self.name));
+        }
+        let fixed = |dims: &[i64]| dims.iter().filter(|&&d| d >= 0).try_fold(1i64, |a, &d| a.checked_mul(d));
+        if variable(&self.dims) == 0 && variable(reshape) == 0 && fixed(&self.dims) != fixed(reshape) {
+            return Err(format!(
+                "'{}': reshape {reshape:?} holds a different number of elements than dims {:?}",
+                self.name, self.dims
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -103,15 +126,20 @@ impl ModelSpec {
         let missing: Vec<String> = self
             .inputs
             .iter()
-            .filter(|s| !request.inputs.iter().any(|t| t.name == s.name))
+            .filter(|s| !s.optional && !request.inputs.iter().any(|t| t.name == s.name))
             .map(|s| format!("'{}'", s.name))
             .collect();
         if !missing.is_empty() {
             let got: Vec<String> = request.inputs.iter().map(|t| format!("'{}'", t.name)).collect();
+            let required = self.inputs.iter().filter(|s| !s.optional).count();
+            let expected = if required == self.inputs.len() {
+                format!("expected {required} inputs")
+            } else {
+                format!("expected number of inputs between {required} and {}", self.inputs.len())
+            };
             return Err(ServeError::bad_request(format!(
-                "{tag}expected {} inputs but got {} inputs for model '{}'. Got input(s) [{}], but missing required \
+                "{tag}{expected} but got {} inputs for model '{}'. Got input(s) [{}], but missing required \
                  input(s) [{}]. Please provide all required input(s).",
-                self.inputs.len(),
                 request.inputs.len(),
                 self.name,
                 got.join(","),
@@ -122,9 +150,8 @@ impl ModelSpec {
         let mut inputs = Vec::with_capacity(self.inputs.len());
         let mut rows: Option<usize> = None;
         for spec in &self.inputs {
-            let Some(pos) = given.iter().position(|t| t.name == spec.name) else {
-                return Err(ServeError::Internal(format!("input '{}' vanished", spec.name)));
-            };
+            // Absent: an optional input the request left out.
+            let Some(pos) = given.iter().position(|t| t.name == spec.name) else { continue };
             let t = given.swap_remove(pos);
             self.check_input(spec, &t, &tag)?;
             if self.batching() {

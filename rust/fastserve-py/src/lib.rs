@@ -20,20 +20,21 @@ use pyo3::prelude::*;
 
 use crate::instance::PyInstance;
 
-/// `(name, datatype, dims)` as the Python layer passes tensor specs.
-type SpecTuple = (String, String, Vec<i64>);
+/// `(name, datatype, dims, reshape, optional)` as the Python layer passes tensor specs
+/// (`fastserve.Tensor.as_tuple`).
+type SpecTuple = (String, String, Vec<i64>, Option<Vec<i64>>, bool);
 
 fn tensor_specs(what: &str, list: Vec<SpecTuple>) -> PyResult<Vec<TensorSpec>> {
     list.into_iter()
-        .map(|(name, dt, dims)| {
+        .map(|(name, dt, dims, reshape, optional)| {
             let datatype = DataType::parse(&dt)
                 .ok_or_else(|| PyValueError::new_err(format!("{what} '{name}': unknown datatype '{dt}'")))?;
-            if dims.iter().any(|&d| d < -1) {
+            if dims.iter().chain(reshape.iter().flatten()).any(|&d| d < -1) {
                 return Err(PyValueError::new_err(format!(
                     "{what} '{name}': dims {dims:?} must be -1 or non-negative"
                 )));
             }
-            Ok(TensorSpec { name, datatype, dims })
+            Ok(TensorSpec { name, datatype, dims, reshape, optional })
         })
         .collect()
 }

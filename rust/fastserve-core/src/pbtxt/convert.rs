@@ -116,6 +116,13 @@ fn tensor(mut io: Table, report: &mut Report) -> Value {
         out.insert("datatype".into(), Value::String(d));
     }
     out.insert("dims".into(), io.take("dims").unwrap_or_else(|| json!([])));
+    if let Some(mut reshape) = io.take_table("reshape") {
+        out.insert("reshape".into(), reshape.take("shape").unwrap_or_else(|| json!([])));
+        reshape.finish(report);
+    }
+    if io.take_bool("optional") {
+        out.insert("optional".into(), Value::Bool(true));
+    }
     io.finish(report);
     Value::Object(out)
 }

@@ -90,7 +90,7 @@ backend: "python"
 max_batch_size: 8
 input: [
   { name: "INPUT0" data_type: TYPE_FP32 dims: [ 4 ] },
-  { name: "INPUT1" data_type: TYPE_STRING dims: [ -1 ] }
+  { name: "INPUT1" data_type: TYPE_STRING dims: [ -1 ] reshape: { shape: [ ] } optional: true }
 ]
 output: [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]
 dynamic_batching {
@@ -115,7 +115,7 @@ model_warmup: [ { name: "w" batch_size: 2 inputs { key: "INPUT0" value: { data_t
                 "max_batch_size": 8,
                 "input": [
                     {"name": "INPUT0", "datatype": "FP32", "dims": [4]},
-                    {"name": "INPUT1", "datatype": "BYTES", "dims": [-1]},
+                    {"name": "INPUT1", "datatype": "BYTES", "dims": [-1], "reshape": [], "optional": true},
                 ],
                 "output": [{"name": "OUTPUT0", "datatype": "FP32", "dims": [4]}],
                 "dynamic_batching": {
@@ -143,12 +143,12 @@ model_warmup: [ { name: "w" batch_size: 2 inputs { key: "INPUT0" value: { data_t
     fn every_field_fastserve_does_not_honor_is_named() {
         let text = r#"
 platform: "onnxruntime_onnx"
-input: [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] reshape { shape: [ 1, 2 ] } is_shape_tensor: true } ]
+input: [ { name: "X" data_type: TYPE_FP32 dims: [ 2 ] format: FORMAT_NHWC is_shape_tensor: true } ]
 batch_input: [ { kind: BATCH_ELEMENT_COUNT target_name: "N" data_type: TYPE_FP32 } ]
 optimization { graph { level: 1 } }
 "#;
         let e = convert(text, "m").unwrap_err();
-        assert!(e.contains("input[0].reshape"), "{e}");
+        assert!(e.contains("input[0].format"), "{e}");
         assert!(e.contains("input[0].is_shape_tensor"), "{e}");
         assert!(e.contains("batch_input"), "{e}");
         assert!(!e.contains("optimization"), "performance-only fields warn: {e}");

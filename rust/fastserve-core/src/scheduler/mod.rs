@@ -13,6 +13,7 @@ pub mod options;
 mod per_request_tests;
 pub mod plan;
 mod queue;
+mod reshape;
 pub mod sequence;
 #[cfg(test)]
 mod sequence_tests;
@@ -136,6 +137,12 @@ impl Scheduler {
         if instances.is_empty() {
             return Err(ServeError::Internal(format!("model '{}' has no instances", spec.name)));
         }
+        check_tensors(&spec, &config)?;
+        let instances: Vec<_> = instances.into_iter().map(|i| reshape::Reshaped::wrap(i, &spec)).collect();
+        let factory = factory.map(|make| {
+            let spec = spec.clone();
+            Arc::new(move |seat| make(seat).map(|i| reshape::Reshaped::wrap(i, &spec))) as InstanceFactory
+        });
         let per_request = instances.iter().any(|i| i.per_request());
         let sequence_plan = match &config.sequence {
             Some(s) => Some(Arc::new(s.plan(&spec).map_err(ServeError::bad_request)?)),
@@ -438,6 +445,23 @@ impl Drop for Scheduler {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Refuses reshapes no tensor could satisfy and optional tensors where they cannot be honored.
+fn check_tensors(spec: &ModelSpec, config: &SchedulerConfig) -> Result<()> {
+    for t in spec.inputs.iter().chain(&spec.outputs) {
+        t.check_reshape().map_err(|e| ServeError::bad_request(format!("model '{}': {e}", spec.name)))?;
+    }
+    if let Some(t) = spec.outputs.iter().find(|t| t.optional) {
+        return Err(ServeError::bad_request(format!("model '{}': output '{}' cannot be optional", spec.name, t.name)));
+    }
+    if let (Some(t), true) = (spec.inputs.iter().find(|t| t.optional), config.sequence.is_some()) {
+        return Err(ServeError::bad_request(format!(
+            "model '{}': input '{}' cannot be optional with sequence batching (every batch slot needs every input)",
+            spec.name, t.name
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

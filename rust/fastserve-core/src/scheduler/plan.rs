@@ -25,9 +25,13 @@ pub trait Batchable {
     fn inputs(&self) -> &[Tensor];
 }
 
-/// Requests can share a batch when every input agrees on everything but the batch dimension.
+/// Requests can share a batch when they have the same inputs (optional ones may be left out),
+/// agreeing on everything but the batch dimension.
 pub fn compatible(a: &[Tensor], b: &[Tensor]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.datatype == y.datatype && x.shape.get(1..) == y.shape.get(1..))
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.name == y.name && x.datatype == y.datatype && x.shape.get(1..) == y.shape.get(1..))
 }
 
 /// The next batch: indices into the queue (oldest first) and whether to send it now.
@@ -253,5 +257,15 @@ mod tests {
         let batch = concat_inputs(&[&a, &b]).unwrap();
         assert_eq!(batch[0], s(&["a", "b", "c"]));
         assert_eq!(split_outputs(&batch, &[1, 2]).unwrap(), vec![a, b]);
+    }
+
+    #[test]
+    fn requests_with_different_inputs_never_share_a_batch() {
+        let t =
+            |name: &str| Tensor::new(name, DataType::Fp32, vec![1, 2], TensorData::Raw(vec![0u8; 8].into())).unwrap();
+        assert!(compatible(&[t("A"), t("B")], &[t("A"), t("B")]));
+        // Each left out a different optional input.
+        assert!(!compatible(&[t("A")], &[t("B")]));
+        assert!(!compatible(&[t("A"), t("B")], &[t("A")]));
     }
 }
