@@ -23,7 +23,7 @@ FROM python:3.11-slim-bookworm
 
 COPY --from=build /wheels /wheels
 RUN python -m venv /opt/fastserve \
-    && /opt/fastserve/bin/pip install --no-cache-dir /wheels/fastserve-*.whl \
+    && /opt/fastserve/bin/pip install --no-cache-dir /wheels/fastserve_engine-*.whl \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin fastserve
 
