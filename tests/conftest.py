@@ -30,10 +30,17 @@ class ServerProcess:
     """A `fastserve serve` subprocess on ephemeral HTTP and gRPC ports; its stderr is collected line
     by line. Returns once the startup loads are done (``wait_loaded=False``: once it listens)."""
 
-    def __init__(self, repo: Path, *extra: str, wait_loaded: bool = True) -> None:
-        cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo)]
+    def __init__(
+        self,
+        repo: Path,
+        *extra: str,
+        wait_loaded: bool = True,
+        python: str = sys.executable,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        cmd = [python, "-m", "fastserve", "serve", "--model-repository", str(repo)]
         cmd += ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0", *extra]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ if environ is None else environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []
         self.port: int | None = None
