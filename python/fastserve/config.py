@@ -160,6 +160,8 @@ class ModelConfig:
     device: str = "cpu"  # python models: "gpu" hands execute() CuPy arrays
     execution_timeout_ms: int = model_default("execution_timeout_ms")
     max_abandoned_instances: int = model_default("max_abandoned_instances")
+    # A failed batch of several requests runs again one request at a time (off: execute must not run twice).
+    isolate_batch_failures: bool = model_default("isolate_batch_failures")
     # [model_transaction_policy] decoupled: execute() yields any number of responses per request.
     decoupled: bool = model_default("decoupled")
     # [sequence_batching] as written (Triton's keys); the core checks and runs it.
@@ -400,6 +402,7 @@ def parse_config(data: dict[str, Any]) -> ModelConfig:
     for key in ("execution_timeout_ms", "max_abandoned_instances"):
         setattr(cfg, key, _int(table, key, "", model_default(key), key))
     cfg.max_batch_size = _int(table, "max_batch_size", "", None, "max_batch_size")
+    cfg.isolate_batch_failures = _take(table, "isolate_batch_failures", bool, "", cfg.isolate_batch_failures)
     policy = dict(_take(table, "model_transaction_policy", dict, "", {}))
     cfg.decoupled = _take(policy, "decoupled", bool, "[model_transaction_policy] ", cfg.decoupled)
     _no_leftovers(policy, "[model_transaction_policy]")

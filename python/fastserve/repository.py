@@ -430,6 +430,7 @@ class ModelRepository:
             "max_batch_size": b.loaded.max_batch_size,
             "execution_timeout_ms": config.execution_timeout_ms,
             "max_abandoned_instances": config.max_abandoned_instances,
+            "isolate_batch_failures": config.isolate_batch_failures,
             "decoupled": config.decoupled,
             "sequence_batching": config.sequence_batching,
         }

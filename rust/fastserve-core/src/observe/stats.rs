@@ -163,6 +163,7 @@ pub struct ModelStats {
     active_sequences: AtomicU64,
     sequences_idle_released: AtomicU64,
     instances_replaced: AtomicU64,
+    batches_split: AtomicU64,
     last_inference_ms: AtomicU64,
     /// Decoupled streams by response index (sparse, at most [`MAX_RESPONSE_INDEXES`]).
     response_slots: RwLock<BTreeMap<usize, Arc<ResponseSlot>>>,
@@ -202,6 +203,7 @@ impl ModelStats {
             active_sequences: AtomicU64::new(0),
             sequences_idle_released: AtomicU64::new(0),
             instances_replaced: AtomicU64::new(0),
+            batches_split: AtomicU64::new(0),
             last_inference_ms: AtomicU64::new(0),
             response_slots: RwLock::default(),
             batches: RwLock::default(),
@@ -359,6 +361,15 @@ impl ModelStats {
 
     pub fn instances_replaced(&self) -> u64 {
         self.instances_replaced.load(Relaxed)
+    }
+
+    /// A failed batch of several requests run again one request at a time.
+    pub fn record_batch_split(&self) {
+        self.batches_split.fetch_add(1, Relaxed);
+    }
+
+    pub fn batches_split(&self) -> u64 {
+        self.batches_split.load(Relaxed)
     }
 
     pub fn failures(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {

@@ -22,7 +22,7 @@ use crate::spec::ModelSpec;
 use crate::tensor::Tensor;
 
 /// One request of a batch, as an instance that answers a batch's requests one by one gets it.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ModelRequest {
     pub inputs: Vec<Tensor>,
     /// Its rows: the batch dimension of its inputs (1 for a model without batching).
@@ -212,6 +212,8 @@ pub(super) struct Seats {
     pub(super) ending: tokio::sync::watch::Sender<bool>,
     /// A batch's `execution_timeout_ms`, which in-process calls from it count against.
     pub(super) execution_timeout: Option<Duration>,
+    /// `isolate_batch_failures`: a failed batch of several requests runs again one at a time.
+    pub(super) isolate_failures: bool,
 }
 
 impl Seats {
@@ -345,12 +347,21 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
         if let Some(batch) = sequence {
             return run_sequence(instance, spec, batch, requests, &mut clock);
         }
-        if !instance.per_request() {
-            return instance.execute_requests(spec, requests, &mut clock);
+        // Kept to run each request alone should the batch fail (tensors share their buffers).
+        let alone = (seats.isolate_failures && requests.len() > 1).then(|| requests.clone());
+        match (run_requests(instance, spec, requests, &mut clock), alone) {
+            (Err(e @ ServeError::ModelError(_)), Some(alone)) => {
+                tracing::warn!(model = %spec.name, version = spec.version, batch = alone.len(), error = %e,
+                    "batch failed; running its requests one at a time");
+                stats.record_batch_split();
+                let each = alone.into_iter().map(|r| {
+                    run_requests(instance, spec, vec![r], &mut clock)
+                        .and_then(|mut answers| answers.pop().unwrap_or_else(|| Err(e.clone())))
+                });
+                Ok(each.collect())
+            }
+            (result, _) => result,
         }
-        let rows: Vec<usize> = requests.iter().map(|r| r.rows).collect();
-        let results = instance.execute_requests(spec, requests, &mut clock)?;
-        answered_each(spec, results, &rows)
     }))
     .unwrap_or_else(|_| Err(panicked(spec)));
     let Some(replies) = finished(seats, id, &replies) else { return false };
@@ -378,6 +389,21 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
 
 /// Checks a per-request instance's answers: one per request, each request's outputs against the
 /// model's declared outputs for its own rows (a bad one fails only its request).
+/// Runs a batch's requests on `instance`: concatenated, or one by one for a per-request instance.
+fn run_requests(
+    instance: &mut dyn Instance,
+    spec: &ModelSpec,
+    requests: Vec<ModelRequest>,
+    clock: &mut PhaseClock,
+) -> Result<PerRequest> {
+    if !instance.per_request() {
+        return instance.execute_requests(spec, requests, clock);
+    }
+    let rows: Vec<usize> = requests.iter().map(|r| r.rows).collect();
+    let results = instance.execute_requests(spec, requests, clock)?;
+    answered_each(spec, results, &rows)
+}
+
 fn answered_each(spec: &ModelSpec, results: PerRequest, rows: &[usize]) -> Result<PerRequest> {
     if results.len() != rows.len() {
         return Err(ServeError::ModelError(format!(

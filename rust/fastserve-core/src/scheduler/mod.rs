@@ -70,6 +70,8 @@ pub struct SchedulerConfig {
     /// Hung instances that may be left running (a thread cannot be killed) before the version is
     /// marked unavailable instead of replacing another one.
     pub max_abandoned_instances: usize,
+    /// A failed batch of several requests runs again one request at a time.
+    pub isolate_batch_failures: bool,
     /// What `execution_timeout` is measured against (the real clock outside tests).
     pub clock: watchdog::Clock,
     /// `[sequence_batching]`: requests carry sequence ids and run through the sequence batcher.
@@ -181,6 +183,7 @@ impl Scheduler {
             clock: config.clock.clone(),
             ending: tokio::sync::watch::channel(false).0,
             execution_timeout: config.execution_timeout,
+            isolate_failures: config.isolate_batch_failures,
         });
         for (seat, instance) in instances.into_iter().enumerate() {
             seats.spawn(seat, instance)?;
@@ -613,6 +616,36 @@ mod tests {
         assert_eq!(values(first.await.unwrap()), vec![2.0]);
         assert_eq!(bad.await.unwrap().unwrap_err(), ServeError::ModelError("boom".into()));
         assert_eq!(values(good.await.unwrap()), vec![6.0]);
+    }
+
+    /// Two requests batched together behind a held first batch; one makes the model fail.
+    async fn batch_with_a_bad_request(isolate: bool) -> (Result<Executed>, Result<Executed>, u64, Vec<usize>) {
+        let (seen_tx, seen) = crossbeam_channel::unbounded();
+        let (gate_tx, gate_rx) = crossbeam_channel::unbounded();
+        let inst = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: Some(13.0) };
+        let mut cfg = config(8, 10);
+        cfg.isolate_batch_failures = isolate;
+        let s = Scheduler::start(spec(8), cfg, vec![Box::new(inst)]).unwrap();
+        let first = s.submit(request(&[1.0])).unwrap();
+        seen.recv().unwrap();
+        let bad = s.submit(request(&[13.0])).unwrap();
+        let good = s.submit(request(&[3.0])).unwrap();
+        gate_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        let (bad, good) = (bad.await.unwrap(), good.await.unwrap());
+        (bad, good, s.stats().batches_split(), seen.try_iter().collect())
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_runs_its_requests_alone_so_only_the_bad_one_fails() {
+        let (bad, good, splits, batches) = batch_with_a_bad_request(true).await;
+        assert_eq!(bad.unwrap_err(), ServeError::ModelError("boom".into()));
+        assert_eq!(values(good), vec![6.0]);
+        assert_eq!((splits, batches), (1, vec![2, 1, 1]), "the batch of 2, then each request alone");
+        // Off (models whose execute must not run twice): the whole batch fails, once.
+        let (bad, good, splits, batches) = batch_with_a_bad_request(false).await;
+        assert!(bad.is_err() && good.is_err());
+        assert_eq!((splits, batches), (0, vec![2]));
     }
 
     #[tokio::test]

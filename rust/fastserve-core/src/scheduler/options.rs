@@ -29,6 +29,8 @@ options! {
         execution_timeout_ms: u64 = 0, range = 0..=86400000;
         /// hung instances left running (a thread cannot be killed) before the version is marked unavailable
         max_abandoned_instances: usize = 4, range = 0..=1024;
+        /// a failed batch of several requests runs again one request at a time, so only requests that fail on their own fail (false: for models whose execute must not run twice)
+        isolate_batch_failures: bool = true;
         /// Triton's decoupled transaction policy: execute() is a generator and each yield is one response
         decoupled: bool = false;
         /// Triton's sequence batcher ([sequence_batching]): stateful models, requests with sequence ids
@@ -67,6 +69,7 @@ impl ModelOptions {
             execution_timeout: (self.execution_timeout_ms > 0)
                 .then(|| Duration::from_millis(self.execution_timeout_ms)),
             max_abandoned_instances: self.max_abandoned_instances,
+            isolate_batch_failures: self.isolate_batch_failures,
             clock: Default::default(),
             sequence: self.sequence_batching.clone(),
             ensemble: None,

@@ -195,6 +195,12 @@ impl Collector for ServerCollector {
             "Model instances abandoned after execution_timeout_ms and replaced.",
             &each(&|s| s.instances_replaced()),
         )?;
+        counter(
+            e,
+            "fastserve_batch_split",
+            "Failed batches of several requests run again one request at a time (isolate_batch_failures).",
+            &each(&|s| s.batches_split()),
+        )?;
         let load_failures: Vec<(Labels, u64)> = self
             .state
             .registry
