@@ -95,3 +95,24 @@ def test_models_that_must_not_run_twice_fail_the_whole_batch_once(server: Server
     assert isinstance(good, InferenceServerException) and isinstance(bad, InferenceServerException)
     assert model.batches == [1, 2]
     assert metric(server, "fastserve_batch_split_total", "once") == 0
+
+
+class PerRequest(Gated):
+    """Answers each request of a batch on its own: a negative request gets its own error."""
+
+    def execute_requests(self, inputs: list[dict[str, np.ndarray]], infos: list[tuple]) -> list[dict | str]:
+        self.batches.append(len(inputs))
+        if len(self.batches) == 1:
+            self.gate.wait(HANG_GUARD_S)
+        return [f"request {i} is negative" if (x["X"] < 0).any() else {"Y": x["X"] * 2} for i, x in enumerate(inputs)]
+
+
+def test_a_model_can_fail_one_request_of_a_batch_explicitly(server: Server) -> None:
+    model = PerRequest()
+    io = {"inputs": [Tensor("X", "FP32", [2])], "outputs": [Tensor("Y", "FP32", [2])]}
+    server.add_model("explicit", model, max_batch_size=8, **io)
+    good, bad = batch_of_good_and_bad(server, model, "explicit")
+    np.testing.assert_array_equal(good, np.full((1, 2), 6.0))
+    assert isinstance(bad, InferenceServerException) and "is negative" in bad.message()
+    assert model.batches == [1, 2], "one batch of two, answered request by request, nothing run twice"
+    assert metric(server, "fastserve_batch_split_total", "explicit") == 0

@@ -36,6 +36,8 @@ pub struct QueueOptions {
     pub sequence: Option<SequenceTag>,
     /// Models whose `execute` waits on this request (an in-process call's chain of callers).
     pub callers: Vec<String>,
+    /// The client's request id, named in the log when the request's batch fails.
+    pub request_id: Option<String>,
     /// What the model is shown of the request besides its tensors; only set for models whose
     /// instances take requests one by one (Triton Python models).
     pub info: Option<Arc<RequestInfo>>,
@@ -336,7 +338,7 @@ impl InferRequest {
     pub fn queue_options(&self, deadline: Option<Instant>) -> Result<QueueOptions> {
         let timeout = self.unsigned_parameter("timeout")?.filter(|&us| us > 0).map(Duration::from_micros);
         let priority = self.unsigned_parameter("priority")?;
-        Ok(QueueOptions { timeout, deadline, priority, ..Default::default() })
+        Ok(QueueOptions { timeout, deadline, priority, request_id: self.id.clone(), ..Default::default() })
     }
 
     fn unsigned_parameter(&self, name: &str) -> Result<Option<u64>> {

@@ -56,8 +56,11 @@ impl PyInstance {
         self.private_paths.iter().fold(message, |m, path| m.replace(path.as_str(), "<repository>"))
     }
 
+    /// The model's exception as the request's error; its traceback goes to the log once (the
+    /// batch's request ids are logged with the failed batch).
     fn raised(&self, e: &PyErr) -> ServeError {
-        tracing::warn!(model = %self.label, error = %e, "execute() raised");
+        let traceback = Python::attach(|py| e.traceback(py).and_then(|tb| tb.format().ok())).unwrap_or_default();
+        tracing::warn!(model = %self.label, error = %e, traceback = %traceback.trim_end(), "execute() raised");
         ServeError::ModelError(self.public(format!("{} raised {}", self.label, e)))
     }
 

@@ -336,6 +336,9 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
     let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
     let total: usize = jobs.iter().map(|j| j.rows).sum();
     let callers: Vec<Vec<String>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.callers)).collect();
+    let ids: Vec<Option<String>> = jobs.iter_mut().map(|j| j.request_id.take()).collect();
+    // The failed batch's request ids, for its log line (the model's traceback is logged once, by it).
+    let named = || ids.iter().flatten().map(String::as_str).collect::<Vec<_>>().join(",");
     let (requests, replies): (Vec<ModelRequest>, Vec<_>) = jobs
         .into_iter()
         .map(|j| (ModelRequest { inputs: j.inputs, rows: j.rows, info: j.info, sequence: j.sequence }, j.reply))
@@ -351,8 +354,8 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
         let alone = (seats.isolate_failures && requests.len() > 1).then(|| requests.clone());
         match (run_requests(instance, spec, requests, &mut clock), alone) {
             (Err(e @ ServeError::ModelError(_)), Some(alone)) => {
-                tracing::warn!(model = %spec.name, version = spec.version, batch = alone.len(), error = %e,
-                    "batch failed; running its requests one at a time");
+                tracing::warn!(model = %spec.name, version = spec.version, batch = alone.len(), request_ids = %named(),
+                    error = %e, "batch failed; running its requests one at a time");
                 stats.record_batch_split();
                 let each = alone.into_iter().map(|r| {
                     run_requests(instance, spec, vec![r], &mut clock)
@@ -370,15 +373,17 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
         Ok(results) => {
             stats.record_batch(total, &waits, phases);
             stats.record_responses(results.iter().filter(|r| r.is_ok()).count());
-            for ((reply, result), queue) in replies.into_iter().zip(results).zip(waits) {
+            for (((reply, result), queue), request_id) in replies.into_iter().zip(results).zip(waits).zip(&ids) {
                 if let Err(e) = &result {
-                    tracing::debug!(model = %spec.name, version = spec.version, error = %e, "request failed");
+                    let request_id = request_id.as_deref().unwrap_or("");
+                    tracing::debug!(model = %spec.name, version = spec.version, request_id, error = %e, "request failed");
                 }
                 let _ = reply.send(result.map(|outputs| Executed { outputs, queue, phases, batch_size: total }));
             }
         }
         Err(e) => {
-            tracing::warn!(model = %spec.name, version = spec.version, batch_size = total, error = %e, "batch failed");
+            tracing::warn!(model = %spec.name, version = spec.version, batch_size = total, request_ids = %named(),
+                error = %e, "batch failed");
             for reply in replies {
                 let _ = reply.send(Err(e.clone()));
             }
@@ -387,8 +392,6 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
     true
 }
 
-/// Checks a per-request instance's answers: one per request, each request's outputs against the
-/// model's declared outputs for its own rows (a bad one fails only its request).
 /// Runs a batch's requests on `instance`: concatenated, or one by one for a per-request instance.
 fn run_requests(
     instance: &mut dyn Instance,
@@ -404,6 +407,8 @@ fn run_requests(
     answered_each(spec, results, &rows)
 }
 
+/// Checks a per-request instance's answers: one per request, each request's outputs against the
+/// model's declared outputs for its own rows (a bad one fails only its request).
 fn answered_each(spec: &ModelSpec, results: PerRequest, rows: &[usize]) -> Result<PerRequest> {
     if results.len() != rows.len() {
         return Err(ServeError::ModelError(format!(

@@ -351,6 +351,7 @@ impl Scheduler {
             sequence: options.sequence,
             callers: options.callers,
             info: options.info,
+            request_id: options.request_id,
             enqueued,
             level,
             expires,

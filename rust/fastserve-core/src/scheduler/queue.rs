@@ -40,6 +40,8 @@ pub(super) struct Job {
     pub(super) callers: Vec<String>,
     /// What the model is shown of the request (models that take requests one by one).
     pub(super) info: Option<std::sync::Arc<RequestInfo>>,
+    /// The client's request id, for the log of a failed batch.
+    pub(super) request_id: Option<String>,
     pub(super) enqueued: Instant,
     /// 1 is served first.
     pub(super) level: u64,
