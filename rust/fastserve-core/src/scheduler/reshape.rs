@@ -68,9 +68,9 @@ fn reshape(mut t: Tensor, from: &[TensorSpec], to: &[TensorSpec], batching: bool
         return Ok(t);
     }
     let rows = if batching { t.shape.first().copied().unwrap_or(0) } else { 1 };
-    let per_row = if rows == 0 { 0 } else { t.element_count() / rows };
+    let per_row = t.element_count().checked_div(rows).unwrap_or(0);
     let known: usize = b.dims.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product();
-    let variable = if known == 0 { 0 } else { per_row / known };
+    let variable = per_row.checked_div(known).unwrap_or(0);
     let mut shape: Vec<usize> = if batching { vec![rows] } else { Vec::new() };
     shape.extend(b.dims.iter().map(|&d| if d < 0 { variable } else { d as usize }));
     let fits = crate::tensor::element_count(&shape) == Some(t.element_count());
