@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from fastserve import ConfigError, Server, Tensor
+from fastserve.cli import build_parser
 from fastserve.config import parse_config
 
 if sys.version_info >= (3, 11):
@@ -25,7 +26,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from conftest import DOUBLE_MODEL, EXAMPLES, write_model, xy_config
+from conftest import DOUBLE_MODEL, EXAMPLES, ROOT, write_model, xy_config
 
 GUARD_S = 120  # a hang guard only: every wait below ends on an event
 
@@ -384,6 +385,22 @@ def test_the_command_alone_lists_every_command() -> None:
     assert r.returncode == 0
     for command in ("serve", "check", "list", "config", "convert-config"):
         assert re.search(rf"^\s+{command}\s", r.stdout, re.M), r.stdout
+
+
+def test_the_readme_synopsis_lists_every_flag_of_every_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    synopsis = readme.split("## The `fastserve` command", 1)[1].split("```", 2)[1]
+    commands = next(a for a in build_parser(environ={})._actions if a.dest == "command").choices
+    assert isinstance(commands, dict)
+    missing = [
+        f"{name} {option}"
+        for name, command in commands.items()
+        for action in command._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help" and option not in synopsis
+    ]
+    assert missing == []
+    assert all(f"fastserve {name}" in synopsis for name in commands)
 
 
 def test_json_logs_name_the_model_in_fields(start_server, mixed_repo: Path) -> None:
