@@ -408,7 +408,7 @@ def list_models(args: argparse.Namespace) -> int:
     if repo is None:
         return 2
     report = inspect_repository(repo, args.model_name)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in report.models:
         cfg = m.config
         rows.append(
