@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _core
+from .logs import model_fields
 from .options import MODEL_OPTIONS, model_default
 from .tensor import Tensor
 
@@ -645,7 +646,11 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     toml_file, triton_file = model_dir / "config.toml", model_dir / "config.pbtxt"
     if toml_file.is_file():
         if triton_file.is_file():
-            log.info("model '%s': config.toml and config.pbtxt both exist; config.toml is used", model_dir.name)
+            log.info(
+                "model '%s': config.toml and config.pbtxt both exist; config.toml is used",
+                model_dir.name,
+                extra=model_fields(model_dir.name),
+            )
         text = toml_file.read_bytes().decode("utf-8", "replace")
         try:
             return tomllib.loads(text)
@@ -661,6 +666,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
                 "model '%s': config.pbtxt sets fields that only tune performance and have no effect in fastserve: %s",
                 model_dir.name,
                 ", ".join(converted.warnings),
+                extra=model_fields(model_dir.name),
             )
         return converted.table
     return {}
