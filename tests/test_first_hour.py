@@ -236,7 +236,7 @@ def test_all_problems_reach_the_log_and_the_models_ready_answer(start_server, tm
     server = start_server(tmp_path)
     error = requests.get(f"{server.url}/v2/models/typos/ready", timeout=10).json()["error"]
     assert "unknown key(s) in config.toml: execution_timeout (did you mean execution_timeout_ms?), " in error
-    assert "preferred_batch_size" in error
+    assert "preferred_batch_size (did you mean [dynamic_batching] preferred_batch_sizes?)" in error
     assert "model 'typos' version 1 failed to load" in server.log()
 
 

@@ -253,10 +253,19 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _unknown(key: str, value: Any, known: Iterable[str]) -> str:
+def _unknown(key: str, value: Any, known: Iterable[str], top_level: bool = False) -> str:
     """An unknown key, with the known key it is most likely a typo of (and the value as that key
-    takes it: ``data_type = "TYPE_FP32"`` -> ``datatype = "FP32"``)."""
+    takes it: ``data_type = "TYPE_FP32"`` -> ``datatype = "FP32"``); at the top level also a key of
+    a table written outside it (``preferred_batch_size`` -> ``[dynamic_batching] preferred_batch_sizes``)."""
     guess = did_you_mean(key, known)
+    if guess is None and top_level:
+        tables = {
+            "dynamic_batching": _keys(DynamicBatching),
+            "instance_group": _keys(InstanceGroup),
+            "version_policy": _keys(VersionPolicy),
+            "model_transaction_policy": ["decoupled"],
+        }
+        guess = next((f"[{t}] {g}" for t, keys in tables.items() if (g := did_you_mean(key, keys))), None)
     if guess is None:
         return key
     datatype = triton_datatype(value) if guess == "datatype" else None
@@ -267,7 +276,7 @@ def _no_leftovers(table: dict[str, Any], where: str, known: Iterable[str]) -> No
     """Reports the keys nobody took out of ``table``: unknown, most likely typos of ``known``."""
     if table:
         known = list(known)
-        keys = ", ".join(_unknown(k, table[k], known) for k in sorted(table))
+        keys = ", ".join(_unknown(k, table[k], known, top_level=not where) for k in sorted(table))
         _report(f"unknown key(s) in {where or 'config.toml'}: {keys}")
 
 
