@@ -292,7 +292,7 @@ def serve(args: argparse.Namespace) -> int:
         # Listen first (live at once, ready once the models loaded, as Triton), so a port in use is
         # reported before any model loads and probes answer during long loads.
         try:
-            server.start()
+            server.start(loading=True)
         except OSError as e:
             log.error("%s", _as_flags(str(e)))
             server.stop()
@@ -321,7 +321,7 @@ def serve(args: argparse.Namespace) -> int:
         if failed and not args.strict_readiness:
             log.warning("ready although %d model version(s) failed (--strict-readiness false)", len(failed))
         signals.wait()
-    abandoned = server.stop()
+        abandoned = server.stop()  # a second signal meanwhile must not kill the drain
     flush_telemetry()
     log.info("stopped")
     if abandoned:

@@ -90,6 +90,10 @@ class Server:
         ``sequence_batching`` (a dict of the ``config.toml`` ``[sequence_batching]`` table: stateful
         models whose requests carry sequence ids).
         """
+        try:  # bad options first, before any instance is made
+            _core.check_model_options(options)
+        except ValueError as e:
+            raise ValueError(f"model '{name}': {e}") from None
         expected = "add_model takes an object with execute(inputs), or a class or factory that makes one"
         if isinstance(model, type) and not callable(getattr(model, "execute", None)):
             raise TypeError(f"model '{name}': class {model.__name__} has no execute(inputs) method ({expected})")
@@ -197,10 +201,15 @@ class Server:
         """``(name, version, ready)`` for every registered version."""
         return self._core.models()
 
-    def start(self) -> Server:
-        """Binds the listeners and serves in background threads. Logging works without set-up
-        (info level, text, stderr); call ``fastserve.setup_logging`` first to choose level or format."""
+    def start(self, loading: bool = False) -> Server:
+        """Binds the listeners and serves in background threads. ``loading=True``: live but not
+        ready until ``load_repository()`` has loaded the startup models (listen first, then load, as
+        the command and Triton do; without it a probe between the two would see a ready server with
+        no models). Logging works without set-up (info level, text, stderr); call
+        ``fastserve.setup_logging`` first to choose level or format."""
         ensure_logging()
+        if loading:
+            self._core.set_starting(True)
         self._core.start()
         _running.add(self)
         return self
@@ -214,7 +223,7 @@ class Server:
             if self.http_port is None:
                 self.start()
             signals.wait()
-        return self.stop()
+            return self.stop()  # a second signal meanwhile must not kill the drain
 
     def stop(self) -> int:
         """Stops accepting, answers in-flight requests, drains and finalizes every model; bounded by
