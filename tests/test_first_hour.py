@@ -94,7 +94,7 @@ def test_listens_and_reports_while_a_slow_model_loads(start_server, tmp_path: Pa
         assert requests.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
         ready = requests.get(f"{server.url}/v2/health/ready", timeout=10)
         assert ready.status_code == 400
-        assert "the startup models are still loading" in ready.json()["error"]
+        assert "the startup models are still loading (now: 'slow' version 1)" in ready.json()["error"]
     finally:
         with open(gate, "w") as g:  # opening unblocks the model's read; closing ends it
             g.write("go")

@@ -323,6 +323,9 @@ class ModelRepository:
                 self._transient.pop((name, version), None)
             else:
                 self._transient[(name, version)] = transient
+            loading = [f"'{n}' version {v}" for (n, v), state in sorted(self._transient.items()) if state == "LOADING"]
+        # A startup probe names what it waits for.
+        self.core.set_loading(loading)
 
     def _set_failures(self, name: str, failures: dict[int, str] | None) -> None:
         with self._state_lock:

@@ -229,6 +229,11 @@ impl CoreServer {
         self.server.state().set_starting(on);
     }
 
+    /// The model versions whose load is under way (`'m' version 1`), named by the readiness answer.
+    fn set_loading(&self, versions: Vec<String>) {
+        self.server.state().set_loading(versions);
+    }
+
     /// Names and versions currently registered, with readiness.
     fn models(&self) -> Vec<(String, u64, bool)> {
         self.server

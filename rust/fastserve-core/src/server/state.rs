@@ -68,6 +68,8 @@ pub struct ServerState {
     draining: AtomicBool,
     /// Set while the models given at startup load: live, not yet ready.
     starting: AtomicBool,
+    /// The model versions whose load is under way (`'m' version 1`), for the readiness answer.
+    loading: RwLock<Vec<String>>,
     /// Ready only when every model version is (false: a failed model does not make it unready).
     strict_readiness: bool,
     repository: RwLock<Option<Arc<dyn RepositoryControl>>>,
@@ -88,6 +90,7 @@ impl ServerState {
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             starting: AtomicBool::new(false),
+            loading: RwLock::new(Vec::new()),
             strict_readiness: true,
             repository: RwLock::new(None),
             remote_repository_ok: true,
@@ -140,6 +143,11 @@ impl ServerState {
         self.starting.store(on, Ordering::Release);
     }
 
+    /// The model versions whose load is under way, as the repository reports them.
+    pub fn set_loading(&self, versions: Vec<String>) {
+        *self.loading.write().unwrap_or_else(|p| p.into_inner()) = versions;
+    }
+
     /// The repository API, or 403 when the control mode does not allow it.
     pub fn repository(&self) -> Result<Arc<dyn RepositoryControl>> {
         self.repository.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
@@ -187,7 +195,12 @@ impl ServerState {
             reasons.push("the server is shutting down".to_string());
         }
         if self.starting.load(Ordering::Acquire) {
-            reasons.push("the startup models are still loading".to_string());
+            let loading = self.loading.read().unwrap_or_else(|p| p.into_inner()).join(", ");
+            reasons.push(if loading.is_empty() {
+                "the startup models are still loading".to_string()
+            } else {
+                format!("the startup models are still loading (now: {loading})")
+            });
         }
         if self.strict_readiness {
             reasons.extend(self.registry.not_ready());
@@ -296,6 +309,11 @@ mod tests {
         assert_eq!(state.not_ready_reason(), None);
         state.set_starting(true);
         assert_eq!(state.not_ready_reason().as_deref(), Some("the startup models are still loading"));
+        state.set_loading(vec!["'slow' version 1".into()]);
+        assert_eq!(
+            state.not_ready_reason().as_deref(),
+            Some("the startup models are still loading (now: 'slow' version 1)")
+        );
         state.set_starting(false);
         state.set_draining();
         assert!(!state.is_ready());
