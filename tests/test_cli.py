@@ -71,7 +71,8 @@ def test_json_logs_parse_and_report_models(start_server) -> None:
     assert server.terminate() == 0
     records = [json.loads(line) for line in server.lines if line.strip()]
     messages = [r["message"] for r in records]
-    assert "loaded model 'mlp' version 1 (onnxruntime_onnx, max_batch_size 64, 1 instance(s))" in messages
+    loaded = "loaded model 'mlp' version 1 (onnxruntime_onnx, max_batch_size 64, 1 instance(s)) in "
+    assert any(m.startswith(loaded) for m in messages), messages
     assert any(r["message"] == "HTTP listening" and r["address"].startswith("http://127.0.0.1:") for r in records)
     assert any(r["message"] == "gRPC listening" and r["address"] == server.grpc_address for r in records)
     assert all({"timestamp", "level"} <= r.keys() for r in records)

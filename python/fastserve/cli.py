@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from . import __version__
 from ._core import flush_telemetry
 from .logs import setup_logging
 from .options import SERVER_OPTIONS, OptionInfo
-from .server import Server
+from .server import Server, StopSignals
 
 log = logging.getLogger("fastserve")
 
@@ -85,6 +84,23 @@ def _env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -
             action.required = False
 
 
+def boolean(raw: str) -> bool:
+    """An on/off value as flags and variables write it (``--strict-readiness false``)."""
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ValueError(raw)
+
+
+def _add_switch(group: Any, flag: str, default: bool, help: str) -> None:
+    """An on/off flag that also takes a value: ``--flag`` (on), ``--flag false`` or ``--flag=false``
+    (Triton's spelling), so a switch that defaults to on can be turned off."""
+    group.add_argument(
+        flag, type=boolean, nargs="?", const=True, default=default, metavar="BOOL", help=f"{help} (default {default})"
+    )
+
+
 def _flag(option: OptionInfo) -> str:
     return "--" + option.name.replace("_", "-")
 
@@ -93,6 +109,9 @@ def _add_option(group: Any, option: OptionInfo) -> None:
     """One ``serve`` flag from the core's description of a server option."""
     default = option.command_default
     shown = "" if default is None else f" (default {default})"
+    if option.kind == "bool" and default:
+        _add_switch(group, _flag(option), True, option.help)
+        return
     if option.kind == "bool":
         group.add_argument(_flag(option), action="store_true", help=option.help)
         return
@@ -107,17 +126,26 @@ def _add_option(group: Any, option: OptionInfo) -> None:
     )
 
 
-def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastserve", description="Serve models over the KServe V2 protocol.")
-    parser.add_argument("--version", action="version", version=f"fastserve {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    serve = sub.add_parser("serve", help="serve a model repository")
-    serve.add_argument("--model-repository", required=True, type=Path, help="directory of models")
-    serve.add_argument(
+def _add_repository(parser: argparse.ArgumentParser) -> None:
+    """``--model-repository`` and ``--model-name``, as every command that reads a repository takes them."""
+    parser.add_argument("--model-repository", required=True, type=Path, help="directory of models")
+    parser.add_argument(
         "--model-name",
         metavar="NAME",
         help="single-model mode: --model-repository is the directory of this one model (KServe's /mnt/models)",
     )
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="fastserve",
+        description="Serve models over the KServe V2 protocol.",
+        epilog="Run 'fastserve COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastserve {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    serve = sub.add_parser("serve", help="serve a model repository")
+    _add_repository(serve)
     serve.add_argument(
         "--model-control-mode",
         default="none",
@@ -131,6 +159,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         default=[],
         metavar="NAME",
         help="explicit mode: load NAME at start ('*': all; env: comma-separated)",
+    )
+    _add_switch(
+        serve,
+        "--exit-on-error",
+        False,
+        "exit with status 1 when a model fails to load at startup, instead of serving the others",
     )
     serve.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     serve.add_argument("--log-level", default="info", choices=["error", "warning", "info", "debug"])
@@ -168,6 +202,27 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "says, so a model can move over; fastserve also loads config.pbtxt as it is.",
     )
     convert.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a model directory with config.pbtxt")
+    check = sub.add_parser(
+        "check",
+        help="validate a model repository without serving it (exit status 1 on any problem)",
+        description="Reads every model's configuration (config.toml or config.pbtxt), its version directories "
+        "and model files, and lists every problem; exit status 1 if there is any, for CI. --load also loads "
+        "every model, as serve would, without listening.",
+    )
+    _add_repository(check)
+    check.add_argument("--load", action="store_true", help="also load every model (runs model code)")
+    listing = sub.add_parser("list", help="list the models of a repository: versions, backends, batching")
+    _add_repository(listing)
+    listing.add_argument("--format", choices=["text", "json"], default="text", help="output format (default text)")
+    config = sub.add_parser(
+        "config",
+        help="print the effective configuration of a model (its file plus every default)",
+        description="Prints MODEL's configuration with every default filled in, as config.toml (or JSON); "
+        "max_batch_size is absent when the backend chooses it from the model file at load.",
+    )
+    _add_repository(config)
+    config.add_argument("model", metavar="MODEL", help="the model's name (its directory)")
+    config.add_argument("--format", choices=["toml", "json"], default="toml", help="output format (default toml)")
     return parser
 
 
@@ -233,38 +288,40 @@ def serve(args: argparse.Namespace) -> int:
     if args.repository_poll_secs <= 0:
         sys.stderr.write("fastserve: error: --repository-poll-secs must be positive\n")
         return 2
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("received %s, draining", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    # Listen first (live at once, ready once the models loaded, as Triton), so a port in use is
-    # reported before any model loads and probes answer during long loads.
-    try:
-        server.start()
-    except OSError as e:
-        log.error("%s", e)
-        server.stop()
-        return 1
-    try:
-        statuses = server.load_repository(
-            repo,
-            control_mode=args.model_control_mode,
-            load_models=args.load_model,
-            poll_secs=args.repository_poll_secs,
-            model_name=args.model_name,
-        )
-    except (ValueError, PermissionError) as e:
-        sys.stderr.write(f"fastserve: error: {e}\n")
-        server.stop()
-        return 2
-    failed = [s for s in statuses if not s.ready]
-    log.info("%d model version(s) ready, %d failed", len(statuses) - len(failed), len(failed))
-    stop.wait()
-    abandoned = server.stop()
+    with StopSignals() as signals:
+        # Listen first (live at once, ready once the models loaded, as Triton), so a port in use is
+        # reported before any model loads and probes answer during long loads.
+        try:
+            server.start(loading=True)
+        except OSError as e:
+            log.error("%s", _as_flags(str(e)))
+            server.stop()
+            return 1
+        _banner(args, server)
+        try:
+            statuses = server.load_repository(
+                repo,
+                control_mode=args.model_control_mode,
+                load_models=args.load_model,
+                poll_secs=args.repository_poll_secs,
+                model_name=args.model_name,
+            )
+        except (ValueError, PermissionError) as e:
+            sys.stderr.write(f"fastserve: error: {e}\n")
+            server.stop()
+            return 2
+        failed = [s for s in statuses if not s.ready]
+        log.info("%d model version(s) ready, %d failed", len(statuses) - len(failed), len(failed))
+        if failed and args.exit_on_error:
+            names = ", ".join(f"'{s.name}' version {s.version}" for s in failed)
+            log.error("exiting (--exit-on-error): model %s failed to load", names)
+            server.stop()
+            flush_telemetry()
+            return 1
+        if failed and not args.strict_readiness:
+            log.warning("ready although %d model version(s) failed (--strict-readiness false)", len(failed))
+        signals.wait()
+        abandoned = server.stop()  # a second signal meanwhile must not kill the drain
     flush_telemetry()
     log.info("stopped")
     if abandoned:
@@ -272,6 +329,149 @@ def serve(args: argparse.Namespace) -> int:
         # them: exit now, as the drain timeout promises.
         sys.stderr.flush()
         os._exit(0)
+    return 0
+
+
+def _banner(args: argparse.Namespace, server: Server) -> None:
+    """What is starting where: the first thing an operator looks for in the log."""
+    host = args.host
+    listeners = [f"HTTP {host}:{server.http_port}"]
+    if server.grpc_port is not None:
+        listeners.append(f"gRPC {host}:{server.grpc_port}")
+    if server.metrics_port is not None:
+        listeners.append(f"metrics {host}:{server.metrics_port}")
+    single = f", single model '{args.model_name}'" if args.model_name else ""
+    log.info(
+        "fastserve %s: model repository '%s' (control mode %s%s); listening on %s",
+        __version__,
+        args.model_repository,
+        args.model_control_mode,
+        single,
+        ", ".join(listeners),
+    )
+
+
+def _repository_arg(args: argparse.Namespace, command: str) -> Path | None:
+    repo: Path = args.model_repository
+    if not repo.is_dir():
+        sys.stderr.write(f"fastserve {command}: error: model repository '{repo}' is not a directory\n")
+        return None
+    return repo
+
+
+def check(args: argparse.Namespace) -> int:
+    """Lists every problem of a repository; 1 if there is any (2: usage)."""
+    from .checks import inspect_repository
+
+    repo = _repository_arg(args, "check")
+    if repo is None:
+        return 2
+    report = inspect_repository(repo, args.model_name)
+    out = sys.stdout
+    for problem in report.problems:
+        out.write(f"error: {problem}\n")
+    for m in report.models:
+        versions = ", ".join(f"{v} ({b or 'no model file'})" for v, b in sorted(m.backends.items()))
+        source = m.config_file or "no config file, defaults"
+        if m.problems:
+            out.write(f"model '{m.name}': {len(m.problems)} problem(s) ({source})\n")
+            out.writelines(f"  error: {p}\n" for p in m.problems)
+        else:
+            out.write(f"model '{m.name}': ok ({source}; version(s) {versions})\n")
+        out.writelines(f"  note: {n}\n" for n in m.notes)
+    problems = report.problem_count()
+    if args.load and problems == 0:
+        problems += _check_by_loading(repo, args.model_name)
+    out.write(f"{len(report.models)} model(s) checked, {problems} problem(s)\n")
+    return 1 if problems else 0
+
+
+def _check_by_loading(repo: Path, model_name: str | None) -> int:
+    """Loads every model in a server that never listens; returns how many versions failed."""
+    server = Server(http_port=0)
+    try:
+        statuses = server.load_repository(repo, model_name=model_name)
+    finally:
+        server.stop()
+    failed = [s for s in statuses if not s.ready]
+    for s in failed:
+        sys.stdout.write(f"model '{s.name}' version {s.version}: load failed: {s.reason}\n")
+    sys.stdout.write(f"loaded: {len(statuses) - len(failed)} model version(s) ready, {len(failed)} failed\n")
+    return len(failed)
+
+
+def list_models(args: argparse.Namespace) -> int:
+    """One line per model: versions, backend, max_batch_size, batching, configuration file."""
+    from .checks import batching, inspect_repository
+
+    repo = _repository_arg(args, "list")
+    if repo is None:
+        return 2
+    report = inspect_repository(repo, args.model_name)
+    rows: list[dict[str, Any]] = []
+    for m in report.models:
+        cfg = m.config
+        rows.append(
+            {
+                "model": m.name,
+                "versions": sorted(m.backends),
+                "backend": m.backend,
+                "max_batch_size": cfg.max_batch_size if cfg else None,
+                "batching": batching(cfg) if cfg else None,
+                "config": m.config_file,
+                "problems": len(m.problems),
+            }
+        )
+    if args.format == "json":
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    header = ("MODEL", "VERSIONS", "BACKEND", "MAX_BATCH", "BATCHING", "CONFIG")
+    table = [header] + [
+        (
+            str(r["model"]),
+            ",".join(map(str, r["versions"])) or "-",
+            str(r["backend"] or "-"),
+            "from model" if r["max_batch_size"] is None else str(r["max_batch_size"]),
+            str(r["batching"] or f"{r['problems']} problem(s): fastserve check"),
+            str(r["config"] or "-"),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        sys.stdout.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() + "\n")
+    return 0
+
+
+def show_config(args: argparse.Namespace) -> int:
+    """Prints a model's effective configuration; 1 when the model or its configuration is broken."""
+    from .checks import as_toml, effective_config, inspect_model
+    from .repository import MODEL_NAME
+
+    repo = _repository_arg(args, "config")
+    if repo is None:
+        return 2
+    single = args.model_name is not None
+    if single and args.model != args.model_name:
+        sys.stderr.write(f"fastserve config: error: this repository serves only '{args.model_name}'\n")
+        return 1
+    path = repo if single else repo / args.model
+    if not MODEL_NAME.match(args.model) or ".." in args.model or not path.is_dir():
+        sys.stderr.write(f"fastserve config: error: model '{args.model}' is not a directory of '{repo}'\n")
+        return 1
+    report = inspect_model(args.model, path, single=single)
+    if report.config is None:
+        sys.stderr.writelines(f"fastserve config: error: {p}\n" for p in report.problems)
+        return 1
+    table = effective_config(report)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(table, indent=2) + "\n")
+    else:
+        source = report.config_file or "no config file"
+        sys.stdout.write(f"# effective configuration of model '{args.model}' ({source} plus defaults)\n")
+        sys.stdout.write(as_toml(table))
+    for p in report.problems:
+        sys.stderr.write(f"fastserve config: warning: {p}\n")
     return 0
 
 
@@ -300,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args)
     if args.command == "convert-config":
         return convert_config(args.model_dir)
+    if args.command == "check":
+        return check(args)
+    if args.command == "list":
+        return list_models(args)
+    if args.command == "config":
+        return show_config(args)
     # `fastserve` alone: what it can do.
     parser.print_help()
     return 0

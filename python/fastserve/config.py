@@ -1,20 +1,26 @@
 """``config.toml``: the per-model settings of a model repository.
 
 Keys mirror Triton's model configuration so its users feel at home. Unknown keys are errors, so a
-typo never silently falls back to a default.
+typo never silently falls back to a default, and every problem of a file is reported at once (with
+"did you mean" for near misses): fixing a config should not take one restart per typo.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import _core
+from .logs import model_fields
 from .options import MODEL_OPTIONS, model_default
 from .tensor import Tensor
 
@@ -88,7 +94,57 @@ log = logging.getLogger("fastserve.config")
 
 
 class ConfigError(ValueError):
-    """A model's config.toml is malformed or contradicts its model."""
+    """A model's config.toml is malformed or contradicts its model. ``problems`` lists every problem
+    found (the message joins them), so a user fixes them all in one go."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
+
+    @classmethod
+    def of(cls, problems: list[str]) -> ConfigError:
+        if len(problems) == 1:
+            return cls(problems[0])
+        return cls(f"{len(problems)} problems: " + "; ".join(problems), problems)
+
+
+# The problems of the config being parsed (None: not collecting, the first problem raises).
+_problems: ContextVar[list[str] | None] = ContextVar("fastserve_config_problems", default=None)
+
+
+def _report(message: str) -> None:
+    """Records a problem of the config being parsed and lets parsing go on (with the key's default),
+    so one run reports them all; outside ``parse_config`` it raises."""
+    problems = _problems.get()
+    if problems is None:
+        raise ConfigError(message)
+    if message not in problems:
+        problems.append(message)
+
+
+@contextmanager
+def _step() -> Iterator[None]:
+    """One part of the config: a problem that stops it is recorded, and the other parts are still
+    checked."""
+    try:
+        yield
+    except ConfigError as e:
+        for problem in e.problems:
+            _report(problem)
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str | None:
+    """The known word ``word`` is most likely a typo of, if any."""
+    matches = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def triton_datatype(value: Any) -> str | None:
+    """The V2 datatype a Triton ``TYPE_*`` name (config.pbtxt's spelling) stands for, if it is one."""
+    if not isinstance(value, str) or not value.startswith("TYPE_"):
+        return None
+    name = value.removeprefix("TYPE_")
+    return "BYTES" if name == "STRING" else name
 
 
 @dataclass
@@ -186,10 +242,10 @@ def _take(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where:
         return default
     value = table.pop(key)
     # bool is an int in Python; never accept it where a number is meant.
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ConfigError(f"{where}{key} must be {_kind_name(kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        raise ConfigError(f"{where}{key} must be {_kind_name(kind)}, got {value!r}")
+    wrong_bool = isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))
+    if wrong_bool or not isinstance(value, kind):
+        _report(f"{where}{key} must be {_kind_name(kind)}, got {value!r}")
+        return default
     return value
 
 
@@ -199,9 +255,60 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _no_leftovers(table: dict[str, Any], where: str) -> None:
+def _unknown(key: str, value: Any, known: Iterable[str], top_level: bool = False) -> str:
+    """An unknown key, with the known key it is most likely a typo of (and the value as that key
+    takes it: ``data_type = "TYPE_FP32"`` -> ``datatype = "FP32"``); at the top level also a key of
+    a table written outside it (``preferred_batch_size`` -> ``[dynamic_batching] preferred_batch_sizes``)."""
+    guess = did_you_mean(key, known)
+    if guess is None and top_level:
+        tables = {
+            "dynamic_batching": _keys(DynamicBatching),
+            "instance_group": _keys(InstanceGroup),
+            "version_policy": _keys(VersionPolicy),
+            "model_transaction_policy": ["decoupled"],
+        }
+        guess = next((f"[{t}] {g}" for t, keys in tables.items() if (g := did_you_mean(key, keys))), None)
+    if guess is None:
+        return key
+    datatype = triton_datatype(value) if guess == "datatype" else None
+    return f'{key} (did you mean {guess} = "{datatype}"?)' if datatype else f"{key} (did you mean {guess}?)"
+
+
+def _no_leftovers(table: dict[str, Any], where: str, known: Iterable[str]) -> None:
+    """Reports the keys nobody took out of ``table``: unknown, most likely typos of ``known``."""
     if table:
-        raise ConfigError(f"unknown key(s) in {where or 'config.toml'}: {', '.join(sorted(table))}")
+        known = list(known)
+        keys = ", ".join(_unknown(k, table[k], known, top_level=not where) for k in sorted(table))
+        _report(f"unknown key(s) in {where or 'config.toml'}: {keys}")
+
+
+def _keys(cls: type) -> list[str]:
+    """The keys of a table that maps onto dataclass ``cls``."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+# The keys of the top-level table; the sub-tables' keys are their dataclasses' fields.
+TOP_LEVEL_KEYS = (
+    "backend",
+    "device",
+    "max_batch_size",
+    "execution_timeout_ms",
+    "max_abandoned_instances",
+    "isolate_batch_failures",
+    "default_model_filename",
+    "model_transaction_policy",
+    "dynamic_batching",
+    "sequence_batching",
+    "instance_group",
+    "version_policy",
+    "routing",
+    "warmup",
+    "input",
+    "output",
+    "parameters",
+    "ensemble",
+)
+TENSOR_KEYS = ("name", "datatype", "dims", "reshape", "optional")
 
 
 def as_int(value: Any) -> int | None:
@@ -233,14 +340,19 @@ def _int(table: dict[str, Any], key: str, where: str, default: Any, path: str) -
     """Takes integer ``key`` out of ``table``, checked against ``RANGES[path]``."""
     if key not in table:
         return default
-    return in_range(table.pop(key), path, f"{where}{key}")
+    try:
+        return in_range(table.pop(key), path, f"{where}{key}")
+    except ConfigError as e:
+        _report(str(e))
+        return default
 
 
 def _int_list(values: Any, label: str, path: str) -> list[int]:
     bounds = RANGES[path]
     numbers = [as_int(v) for v in values] if isinstance(values, list) else [None]
     if any(n is None or not bounds.low <= n <= bounds.high for n in numbers):
-        raise ConfigError(f"{label} must be a list of integers >= {bounds.low} and <= {bounds.high}, got {values!r}")
+        _report(f"{label} must be a list of integers >= {bounds.low} and <= {bounds.high}, got {values!r}")
+        return []
     return [n for n in numbers if n is not None]
 
 
@@ -250,7 +362,8 @@ def _tensors(items: Any, key: str) -> list[Tensor]:
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            raise ConfigError(f"[[{key}]] entry {i} must be a table")
+            _report(f"[[{key}]] entry {i} must be a table")
+            continue
         item = dict(item)
         where = f"[[{key}]] entry {i}: "
         name = _take(item, "name", str, where)
@@ -260,13 +373,20 @@ def _tensors(items: Any, key: str) -> list[Tensor]:
         if reshape is not None:
             reshape = _int_list(reshape, f"{where}reshape", f"{key}.dims[]")
         optional = _take(item, "optional", bool, where, False) if key == "input" else False
+        misspelt = {k for k in item if did_you_mean(k, TENSOR_KEYS)}
+        _no_leftovers(item, f"[[{key}]] entry {i}", TENSOR_KEYS)
         if name is None or datatype is None:
-            raise ConfigError(f"{where}name and datatype are required")
-        _no_leftovers(item, f"[[{key}]] entry {i}")
+            if not misspelt:  # else the typo's "did you mean" says it
+                _report(f"{where}name and datatype are required")
+            continue
+        triton = triton_datatype(datatype)
+        if triton is not None:
+            _report(f'{where}datatype "{datatype}" is config.pbtxt\'s spelling; did you mean datatype = "{triton}"?')
+            continue
         try:
             out.append(Tensor(name, datatype, dims, reshape, optional))
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            _report(str(e))
     return out
 
 
@@ -274,7 +394,7 @@ def _routing(rt: dict[str, Any]) -> Routing:
     where = "[routing] "
     labels = dict(_take(rt, "labels", dict, where, {}))
     weights = dict(_take(rt, "weights", dict, where, {}))
-    _no_leftovers(rt, "[routing]")
+    _no_leftovers(rt, "[routing]", _keys(Routing))
     parsed_labels: dict[str, int] = {}
     for label, version in labels.items():
         # Labels share the URL slot of version numbers, so they must not look like one.
@@ -308,7 +428,7 @@ def _warmups(items: Any) -> list[Warmup]:
             data=_take(item, "data", str, where, "zero"),
             dims={k: _int_list(v, f"{where}dims.{k}", "warmup.dims.*[]") for k, v in dims.items()},
         )
-        _no_leftovers(item, f"[[warmup]] entry {i}")
+        _no_leftovers(item, f"[[warmup]] entry {i}", _keys(Warmup))
         if w.data not in ("zero", "random"):
             raise ConfigError(f'{where}data must be "zero" or "random"')
         out.append(w)
@@ -324,7 +444,7 @@ def _dynamic_batching(db: dict[str, Any]) -> DynamicBatching:
         preferred_batch_sizes=_int_list(preferred, f"{where}preferred_batch_sizes", path + "preferred_batch_sizes[]"),
         **{key: _int(db, key, where, model_default(key), path + key) for key in (*numbers, "default_priority_level")},
     )
-    _no_leftovers(db, "[dynamic_batching]")
+    _no_leftovers(db, "[dynamic_batching]", _keys(DynamicBatching))
     # How the keys relate is the core's rule; max_batch_size is checked once the backend knows it.
     _check_with_core(batching, MODEL_OPTIONS["max_batch_size"].max or 0)
     return batching
@@ -355,6 +475,7 @@ def _instance_group(ig: dict[str, Any], device: str) -> InstanceGroup:
     # A Python model with device = "gpu" is placed on GPUs without restating kind = "gpu".
     kind = _take(ig, "kind", str, where, "gpu" if device == "gpu" else "cpu")
     gpus = _take(ig, "gpus", list, where)
+    _no_leftovers(ig, "[instance_group]", _keys(InstanceGroup))
     if kind not in INSTANCE_KINDS:
         raise ConfigError(f"{where}kind must be one of {', '.join(INSTANCE_KINDS)}")
     if device == "gpu" and kind != "gpu":
@@ -366,7 +487,6 @@ def _instance_group(ig: dict[str, Any], device: str) -> InstanceGroup:
         if not gpus or len(set(gpus)) != len(gpus):
             raise ConfigError(f"{where}gpus must list at least one device id, each once")
     group = InstanceGroup(count=count, kind=kind, gpus=gpus if gpus is not None else [0])
-    _no_leftovers(ig, "[instance_group]")
     if len(group.placements()) > MAX_INSTANCES:
         raise ConfigError(f"{where}count x GPUs must be <= {MAX_INSTANCES} instances, got {len(group.placements())}")
     return group
@@ -377,9 +497,9 @@ def _version_policy(vp: dict[str, Any]) -> VersionPolicy:
     latest = _int(vp, "latest", where, None, "version_policy.latest")
     all_versions = _take(vp, "all", bool, where, False)
     specific = _take(vp, "specific", list, where)
+    _no_leftovers(vp, "[version_policy]", _keys(VersionPolicy))
     if sum(x is not None and x is not False for x in (latest, all_versions or None, specific)) > 1:
         raise ConfigError(f"{where}set only one of latest, all, specific")
-    _no_leftovers(vp, "[version_policy]")
     return VersionPolicy(
         latest=latest if latest is not None else 1,
         all=all_versions,
@@ -389,55 +509,125 @@ def _version_policy(vp: dict[str, Any]) -> VersionPolicy:
 
 def parse_config(data: dict[str, Any]) -> ModelConfig:
     """Validates a parsed TOML document (or a load API's JSON override merged into one) into a
-    ModelConfig; every number is checked against ``RANGES``."""
+    ModelConfig; every number is checked against ``RANGES``. Raises one ConfigError listing every
+    problem found (``.problems``)."""
+    problems: list[str] = []
+    token = _problems.set(problems)
+    try:
+        cfg = _parse(data)
+    finally:
+        _problems.reset(token)
+    if problems:
+        raise ConfigError.of(problems)
+    return cfg
+
+
+def _parse(data: dict[str, Any]) -> ModelConfig:
     raw = dict(data)
     table = dict(data)
     cfg = ModelConfig(raw=raw)
-    cfg.backend = _take(table, "backend", str, "")
-    if cfg.backend is not None and cfg.backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{cfg.backend}'")
-    cfg.device = _take(table, "device", str, "", "cpu")
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{cfg.device}'")
+    # Unknown top-level keys first: a typo there is the likeliest cause of the problems below.
+    leftovers = {k: v for k, v in table.items() if k not in TOP_LEVEL_KEYS}
+    _no_leftovers(leftovers, "", TOP_LEVEL_KEYS)
+    with _step():
+        backend = _take(table, "backend", str, "")
+        if backend is not None and backend not in BACKENDS:
+            guess = did_you_mean(backend, BACKENDS)
+            hint = f"; did you mean '{guess}'?" if guess else ""
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got '{backend}'{hint}")
+        cfg.backend = backend
+    with _step():
+        device = _take(table, "device", str, "", "cpu")
+        if device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
+        cfg.device = device
     for key in ("execution_timeout_ms", "max_abandoned_instances"):
         setattr(cfg, key, _int(table, key, "", model_default(key), key))
     cfg.max_batch_size = _int(table, "max_batch_size", "", None, "max_batch_size")
-    cfg.isolate_batch_failures = _take(table, "isolate_batch_failures", bool, "", cfg.isolate_batch_failures)
-    policy = dict(_take(table, "model_transaction_policy", dict, "", {}))
-    cfg.decoupled = _take(policy, "decoupled", bool, "[model_transaction_policy] ", cfg.decoupled)
-    _no_leftovers(policy, "[model_transaction_policy]")
-    cfg.ensemble = _take(table, "ensemble", dict, "")
-    if (cfg.ensemble is not None) != (cfg.backend == "ensemble"):
-        raise ConfigError('backend = "ensemble" and an [ensemble] table with [[ensemble.step]]s go together')
-    if cfg.ensemble is not None and (cfg.decoupled or "sequence_batching" in table):
-        raise ConfigError("an ensemble cannot be decoupled or use [sequence_batching]")
-    if "sequence_batching" in table and "dynamic_batching" in table:
-        raise ConfigError("set [dynamic_batching] or [sequence_batching], not both (as Triton's scheduling choice)")
-    cfg.sequence_batching = _take(table, "sequence_batching", dict, "")
-    if cfg.sequence_batching is not None:
-        if cfg.decoupled:
-            raise ConfigError("[sequence_batching] does not work with a decoupled model")
-        try:
-            _core.check_model_options({"sequence_batching": cfg.sequence_batching})
-        except ValueError as e:
-            raise ConfigError(f"[sequence_batching] {e}") from None
-    cfg.dynamic_batching = _dynamic_batching(dict(_take(table, "dynamic_batching", dict, "", {})))
-    cfg.instance_group = _instance_group(dict(_take(table, "instance_group", dict, "", {})), cfg.device)
-    cfg.version_policy = _version_policy(dict(_take(table, "version_policy", dict, "", {})))
-    cfg.routing = _routing(dict(_take(table, "routing", dict, "", {})))
-    cfg.warmup = _warmups(table.pop("warmup", []))
-    if cfg.max_batch_size is not None:
-        check_batch_sizes(cfg.dynamic_batching, cfg.warmup, cfg.max_batch_size)
-    cfg.inputs = _tensors(table.pop("input", []), "input")
-    cfg.outputs = _tensors(table.pop("output", []), "output")
-    cfg.parameters = dict(_take(table, "parameters", dict, "", {}))
-    cfg.default_model_filename = _take(table, "default_model_filename", str, "")
-    name = cfg.default_model_filename
-    # A plain file name of the version directory: never a path to load from elsewhere.
-    if name is not None and (not MODEL_FILENAME.fullmatch(name) or name in (".", "..")):
-        raise ConfigError(f"default_model_filename must be a file name without a directory, got {name!r}")
-    _no_leftovers(table, "")
+    with _step():
+        cfg.isolate_batch_failures = _take(table, "isolate_batch_failures", bool, "", cfg.isolate_batch_failures)
+    with _step():
+        policy = dict(_take(table, "model_transaction_policy", dict, "", {}))
+        cfg.decoupled = _take(policy, "decoupled", bool, "[model_transaction_policy] ", cfg.decoupled)
+        _no_leftovers(policy, "[model_transaction_policy]", ("decoupled",))
+    with _step():
+        cfg.ensemble = _take(table, "ensemble", dict, "")
+        if (cfg.ensemble is not None) != (cfg.backend == "ensemble"):
+            raise ConfigError('backend = "ensemble" and an [ensemble] table with [[ensemble.step]]s go together')
+        if cfg.ensemble is not None and (cfg.decoupled or "sequence_batching" in table):
+            raise ConfigError("an ensemble cannot be decoupled or use [sequence_batching]")
+    with _step():
+        if "sequence_batching" in table and "dynamic_batching" in table:
+            raise ConfigError("set [dynamic_batching] or [sequence_batching], not both (as Triton's scheduling choice)")
+    with _step():
+        cfg.sequence_batching = _take(table, "sequence_batching", dict, "")
+        if cfg.sequence_batching is not None:
+            if cfg.decoupled:
+                raise ConfigError("[sequence_batching] does not work with a decoupled model")
+            try:
+                _core.check_model_options({"sequence_batching": cfg.sequence_batching})
+            except ValueError as e:
+                raise ConfigError(f"[sequence_batching] {e}") from None
+    with _step():
+        cfg.dynamic_batching = _dynamic_batching(dict(_take(table, "dynamic_batching", dict, "", {})))
+    with _step():
+        cfg.instance_group = _instance_group(dict(_take(table, "instance_group", dict, "", {})), cfg.device)
+    with _step():
+        cfg.version_policy = _version_policy(dict(_take(table, "version_policy", dict, "", {})))
+    with _step():
+        cfg.routing = _routing(dict(_take(table, "routing", dict, "", {})))
+    with _step():
+        cfg.warmup = _warmups(table.pop("warmup", []))
+    with _step():
+        if cfg.max_batch_size is not None:
+            check_batch_sizes(cfg.dynamic_batching, cfg.warmup, cfg.max_batch_size)
+    with _step():
+        cfg.inputs = _tensors(table.pop("input", []), "input")
+    with _step():
+        cfg.outputs = _tensors(table.pop("output", []), "output")
+    with _step():
+        cfg.parameters = dict(_take(table, "parameters", dict, "", {}))
+        if cfg.backend is not None:
+            check_parameters(cfg.backend, cfg.parameters)
+    with _step():
+        name = _take(table, "default_model_filename", str, "")
+        # A plain file name of the version directory: never a path to load from elsewhere.
+        if name is not None and (not MODEL_FILENAME.fullmatch(name) or name in (".", "..")):
+            raise ConfigError(f"default_model_filename must be a file name without a directory, got {name!r}")
+        cfg.default_model_filename = name
     return cfg
+
+
+# The [parameters] keys a backend reads (python models' parameters are free-form: the model reads
+# them). A near miss of one of these is an error: the setting would silently not apply.
+BACKEND_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "onnxruntime": (
+        "intra_op_num_threads",
+        "inter_op_num_threads",
+        "intra_op_allow_spinning",
+        "tensorrt",
+        "tensorrt_fp16",
+        "tensorrt_engine_cache_path",
+    ),
+    "openvino": ("device", "performance_hint", "num_streams", "inference_precision", "inference_num_threads"),
+}
+
+
+def check_parameters(backend: str, parameters: dict[str, Any]) -> list[str]:
+    """Reports ``[parameters]`` keys that are typos of what ``backend`` reads (ConfigError outside
+    ``parse_config``); returns the other keys it does not read (Triton's own backend parameters in a
+    config.pbtxt, say), which the caller may warn about."""
+    known = BACKEND_PARAMETERS.get(backend)
+    if known is None:
+        return []
+    unused = []
+    for key in sorted(set(parameters) - set(known)):
+        guess = did_you_mean(key, known)
+        if guess is None:
+            unused.append(key)
+        else:
+            _report(f"[parameters] {key} is not a parameter of the {backend} backend; did you mean {guess}?")
+    return unused
 
 
 def sequence_tensors(sequence_batching: dict[str, Any] | None) -> tuple[set[str], set[str]]:
@@ -474,7 +664,11 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     toml_file, triton_file = model_dir / "config.toml", model_dir / "config.pbtxt"
     if toml_file.is_file():
         if triton_file.is_file():
-            log.info("model '%s': config.toml and config.pbtxt both exist; config.toml is used", model_dir.name)
+            log.info(
+                "model '%s': config.toml and config.pbtxt both exist; config.toml is used",
+                model_dir.name,
+                extra=model_fields(model_dir.name),
+            )
         text = toml_file.read_bytes().decode("utf-8", "replace")
         try:
             return tomllib.loads(text)
@@ -490,6 +684,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
                 "model '%s': config.pbtxt sets fields that only tune performance and have no effect in fastserve: %s",
                 model_dir.name,
                 ", ".join(converted.warnings),
+                extra=model_fields(model_dir.name),
             )
         return converted.table
     return {}

@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from .config import (
     read_config,
     sequence_tensors,
 )
+from .logs import model_fields
 from .warmup import run_warmup
 
 # Ensembles run this many requests at once unless [instance_group] count says otherwise.
@@ -91,24 +93,68 @@ def model_dir(repo: Path, name: str) -> Path:
     return path
 
 
-def model_names(repo: Path) -> list[str]:
-    """Model directories that really are inside ``repo`` (a symlink out of it is ignored)."""
-    root = repo.resolve()
-    return sorted(
-        p.name for p in repo.iterdir() if p.is_dir() and MODEL_NAME.match(p.name) and p.resolve().parent == root
-    )
-
-
 # A version directory's name: a number without leading zeros (so no two names mean one version).
 VERSION_DIR = re.compile(r"0|[1-9][0-9]*")
+# Directories that are never models and not worth a word: version control, editors, bytecode.
+_NOT_MODELS = re.compile(r"^\.|^__pycache__$")
+
+
+def model_dir_signs(path: Path) -> str | None:
+    """Why ``path`` looks like one model's directory rather than a repository of models, or None."""
+    for f in (*CONFIG_FILES, *MODEL_FILES):
+        if (path / f).is_file():
+            return f"it holds {f}"
+    for p in sorted(path.iterdir()):
+        if VERSION_DIR.fullmatch(p.name) and p.is_dir() and any((p / f).is_file() for f in MODEL_FILES):
+            return f"its directory '{p.name}' holds a model file, as a version directory does"
+    return None
+
+
+def scan(repo: Path) -> tuple[list[str], list[tuple[Path, str]]]:
+    """The model directories of ``repo``, and the directories skipped with why and how to fix it."""
+    root = repo.resolve()
+    signs = model_dir_signs(repo)
+    if signs is not None:
+        why = (
+            f"the model repository looks like a model directory ({signs}); use --model-name NAME to serve it as "
+            "the one model NAME, or point --model-repository at its parent"
+        )
+        return [], [(repo, why)]
+    names, skipped = [], []
+    for p in sorted(repo.iterdir()):
+        if not p.is_dir() or _NOT_MODELS.search(p.name):
+            continue
+        if not MODEL_NAME.match(p.name) or ".." in p.name:
+            skipped.append(
+                (
+                    p,
+                    "not a valid model name (letters, digits, '_', '.' and '-', up to 128, not starting with '-'); "
+                    "rename the directory",
+                )
+            )
+        elif p.resolve().parent != root:
+            skipped.append((p, "a symbolic link out of the model repository; copy or move the model into it"))
+        else:
+            names.append(p.name)
+    return names, skipped
+
+
+def model_names(repo: Path) -> list[str]:
+    """Model directories that really are inside ``repo``; skipped ones are logged (once) with why."""
+    names, skipped = scan(repo)
+    for path, why in skipped:
+        _skip(path, "directory", why)
+    return names
+
+
 _skipped: set[Path] = set()
 
 
-def _skip(path: Path, why: str) -> None:
-    """Logs a skipped version directory once, not on every poll."""
+def _skip(path: Path, what: str, why: str) -> None:
+    """Logs a skipped directory once, not on every poll."""
     if path not in _skipped:
         _skipped.add(path)
-        log.warning("ignoring version directory '%s': %s", path, why)
+        log.warning("ignoring %s '%s': %s", what, path, why)
 
 
 def _version_of(p: Path) -> int | None:
@@ -116,10 +162,12 @@ def _version_of(p: Path) -> int | None:
     if not p.name.isdigit():
         return None
     if not VERSION_DIR.fullmatch(p.name):
-        _skip(p, "version directory names are numbers written without leading zeros in ASCII digits")
+        _skip(
+            p, "version directory", "version directory names are numbers written without leading zeros in ASCII digits"
+        )
         return None
     if len(p.name) > 19 or int(p.name) > I64_MAX:
-        _skip(p, f"version numbers go up to {I64_MAX}")
+        _skip(p, "version directory", f"version numbers go up to {I64_MAX}")
         return None
     return int(p.name)
 
@@ -212,7 +260,9 @@ def _reason(name: str, version: int, e: BaseException) -> str:
     panic) are logged with their traceback."""
     if isinstance(e, (LoadError, ValueError)):
         return str(e)
-    log.error("unexpected error loading model '%s' version %s", name, version, exc_info=e)
+    log.error(
+        "unexpected error loading model '%s' version %s", name, version, exc_info=e, extra=model_fields(name, version)
+    )
     return f"{type(e).__name__}: {e}"
 
 
@@ -240,6 +290,7 @@ class ModelRepository:
         self._garbage = False  # versions were built or removed since the last collection
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._started = time.monotonic()  # when the load under way started (for its log lines)
 
     def _collect(self) -> None:
         """Frees what replaced, aborted and unloaded versions left: a Python model's module, its
@@ -272,6 +323,9 @@ class ModelRepository:
                 self._transient.pop((name, version), None)
             else:
                 self._transient[(name, version)] = transient
+            loading = [f"'{n}' version {v}" for (n, v), state in sorted(self._transient.items()) if state == "LOADING"]
+        # A startup probe names what it waits for.
+        self.core.set_loading(loading)
 
     def _set_failures(self, name: str, failures: dict[int, str] | None) -> None:
         with self._state_lock:
@@ -290,14 +344,23 @@ class ModelRepository:
         """Loads the given models (default: every model of the repository), ensembles after the
         models they compose; failures are recorded."""
         statuses: list[VersionStatus] = []
-        for name in sorted(self._names() if names is None else names, key=self._is_ensemble):
+        if names is None:
+            names = self._names()
+            if not names:
+                log.warning(
+                    "the model repository '%s' has no models: each model is a directory holding numbered version "
+                    "directories (%s)",
+                    self.root,
+                    "<repository>/<model>/1/model.onnx, model.xml or model.py",
+                )
+        for name in sorted(names, key=self._is_ensemble):
             try:
                 statuses.extend(self.load(name))
             except LookupError as e:
                 log.error("%s", e)
                 statuses.append(VersionStatus(name, 0, False, str(e)))
             except Exception as e:  # an unreadable model directory must not stop the others
-                log.exception("loading model '%s' failed", name)
+                log.exception("loading model '%s' failed", name, extra=model_fields(name))
                 statuses.append(VersionStatus(name, 0, False, self._public(f"{type(e).__name__}: {e}")))
         return statuses
 
@@ -319,6 +382,7 @@ class ModelRepository:
                 # Triton's wording, then why.
                 raise LookupError(f"failed to load '{name}', failed to poll from model repository: {e}") from None
             current = self._loaded.get(name) or _Loaded(config_digest="")
+            self._started = time.monotonic()
             if keep_override:
                 override = current.override
             try:
@@ -342,7 +406,8 @@ class ModelRepository:
             reason = (
                 f"version_policy selects none of the versions {list(dirs)}"
                 if dirs
-                else "no numeric version directories"
+                else f"no numeric version directories: put the model's files in '{name}/1/' (a directory per "
+                "version, named by its number)"
             )
             attempt = _digest(["none", digest, *map(str, dirs)])
             return self._abort(name, current, attempt, retry, {max(dirs, default=1): reason})
@@ -374,6 +439,7 @@ class ModelRepository:
         for version in stale:
             self._garbage = True
             self._set(name, version, "LOADING")
+            log.info("loading model '%s' version %s", name, version, extra=model_fields(name, version))
             try:
                 built.append(self._build_version(name, path, dirs[version], version, config))
             except BaseException as e:
@@ -416,12 +482,14 @@ class ModelRepository:
                 raise _Abort({b.version: _reason(name, b.version, e)}) from None
             b.forget_replaced()
             log.info(
-                "loaded model '%s' version %s (%s, max_batch_size %s, %s instance(s))",
+                "loaded model '%s' version %s (%s, max_batch_size %s, %s instance(s)) in %.2f s",
                 name,
                 b.version,
                 b.loaded.platform,
                 b.loaded.max_batch_size,
                 len(b.loaded.instances),
+                time.monotonic() - self._started,
+                extra=model_fields(name, b.version),
             )
 
     def _add_model(self, name: str, b: _Built, config: ModelConfig) -> None:
@@ -473,10 +541,18 @@ class ModelRepository:
         public = {v: self._public(reason) for v, reason in failures.items()}
         for version, reason in failures.items():
             self.core.record_load_failure(name, version)
+            fields = model_fields(name, version)
+            took = time.monotonic() - self._started
             if serving:
-                log.error("loading model '%s' version %s failed (%s serve on): %s", name, version, serving, reason)
+                log.error(
+                    "loading model '%s' version %s failed after %.2f s (%s serve on): %s",
+                    *(name, version, took, serving, reason),
+                    extra=fields,
+                )
             else:
-                log.error("model '%s' version %s failed to load: %s", name, version, reason)
+                log.error(
+                    "model '%s' version %s failed to load after %.2f s: %s", name, version, took, reason, extra=fields
+                )
                 self.core.add_failed_model(name, version, public[version])
         if not serving:  # failures of an earlier attempt that this one does not repeat
             for version in sorted(set(registered) - set(failures)):
@@ -496,7 +572,7 @@ class ModelRepository:
         finally:
             self._set(name, version)
             release_version(name, version)
-        log.info("unloaded model '%s' version %s", name, version)
+        log.info("unloaded model '%s' version %s", name, version, extra=model_fields(name, version))
 
     def unload(self, name: str) -> int:
         """Stops admitting requests to every version of ``name``, drains them, and removes them."""

@@ -4,18 +4,23 @@ loaded from a repository, or both."""
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import signal
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import _core
+from .logs import ensure_logging
 from .options import SERVER_OPTIONS
 from .repository import CONTROL_MODES, ModelRepository, RepositoryApi, VersionStatus
 from .tensor import Tensor
 
 _running: weakref.WeakSet[Server] = weakref.WeakSet()
+log = logging.getLogger("fastserve")
 
 
 def _default(name: str) -> Any:
@@ -85,13 +90,23 @@ class Server:
         ``sequence_batching`` (a dict of the ``config.toml`` ``[sequence_batching]`` table: stateful
         models whose requests carry sequence ids).
         """
+        try:  # bad options first, before any instance is made
+            _core.check_model_options(options)
+        except ValueError as e:
+            raise ValueError(f"model '{name}': {e}") from None
+        expected = "add_model takes an object with execute(inputs), or a class or factory that makes one"
+        if isinstance(model, type) and not callable(getattr(model, "execute", None)):
+            raise TypeError(f"model '{name}': class {model.__name__} has no execute(inputs) method ({expected})")
         if not hasattr(model, "execute") and not callable(model):
-            raise TypeError(f"model '{name}': {type(model).__name__} has no execute(inputs) method")
+            raise TypeError(f"model '{name}': {type(model).__name__} has no execute(inputs) method ({expected})")
         factory: Callable[[], Any] | None = model if isinstance(model, type) or not hasattr(model, "execute") else None
         if factory is None:
             instances = [model] * instance_count
         else:
             instances = [factory() for _ in range(instance_count)]
+        for instance in instances:
+            if not callable(getattr(instance, "execute", None)):
+                raise TypeError(f"model '{name}': {type(instance).__name__} has no execute(inputs) method ({expected})")
         self._core.add_model(
             name,
             version,
@@ -186,10 +201,29 @@ class Server:
         """``(name, version, ready)`` for every registered version."""
         return self._core.models()
 
-    def start(self) -> Server:
+    def start(self, loading: bool = False) -> Server:
+        """Binds the listeners and serves in background threads. ``loading=True``: live but not
+        ready until ``load_repository()`` has loaded the startup models (listen first, then load, as
+        the command and Triton do; without it a probe between the two would see a ready server with
+        no models). Logging works without set-up (info level, text, stderr); call
+        ``fastserve.setup_logging`` first to choose level or format."""
+        ensure_logging()
+        if loading:
+            self._core.set_starting(True)
         self._core.start()
         _running.add(self)
         return self
+
+    def serve_forever(self) -> int:
+        """Serves until SIGINT or SIGTERM (Ctrl-C, ``docker stop``, Kubernetes), then drains and stops
+        as the ``fastserve`` command does; starts the server if it is not running. Returns what
+        ``stop()`` returns. Signals can only be handled in the main thread: elsewhere it serves until
+        the process ends."""
+        with StopSignals() as signals:
+            if self.http_port is None:
+                self.start()
+            signals.wait()
+            return self.stop()  # a second signal meanwhile must not kill the drain
 
     def stop(self) -> int:
         """Stops accepting, answers in-flight requests, drains and finalizes every model; bounded by
@@ -225,3 +259,30 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class StopSignals:
+    """SIGINT and SIGTERM ask for a stop (logged) instead of killing the process, while in the
+    ``with`` block; the previous handlers come back after it. Off the main thread (where Python
+    cannot handle signals) nothing is installed and ``wait`` blocks until the process ends."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def _request_stop(self, signum: int, _frame: object) -> None:
+        log.info("received %s, draining", signal.Signals(signum).name)
+        self._stop.set()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def wait(self) -> None:
+        """Blocks until a stop was asked for."""
+        self._stop.wait()

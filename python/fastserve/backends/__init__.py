@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import BACKEND_PARAMETERS, check_parameters
+from ..logs import model_fields
 from ..tensor import Tensor
 
 log = logging.getLogger("fastserve.backends")
@@ -172,6 +174,13 @@ def load_version(ctx: LoadContext) -> LoadedModel:
     if backend is None:
         raise LoadError(
             "no model file found (expected model.onnx, model.xml or model.py) and config.toml sets no backend"
+        )
+    unused = check_parameters(backend, ctx.config.parameters)  # a typo of a known key raises ConfigError
+    if unused:
+        log.warning(
+            "model '%s': [parameters] %s not read by the %s backend (it reads %s)",
+            *(ctx.name, ", ".join(unused), backend, ", ".join(BACKEND_PARAMETERS[backend])),
+            extra=model_fields(ctx.name, ctx.version),
         )
     if ctx.config.device != "cpu" and backend != "python":
         raise LoadError(

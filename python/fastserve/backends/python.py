@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..logs import model_fields
 from . import (
     LoadContext,
     LoadedModel,
@@ -46,7 +47,12 @@ def _import(ctx: LoadContext) -> ModuleType:
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # sys.exit() in model.py fails this model, not the server
-        log.exception("importing model.py of model '%s' version %s failed", ctx.name, ctx.version)
+        log.exception(
+            "importing model.py of model '%s' version %s failed",
+            ctx.name,
+            ctx.version,
+            extra=model_fields(ctx.name, ctx.version),
+        )
         raise LoadError(f"model.py raised {type(e).__name__}: {e}") from None
     return module
 
@@ -187,7 +193,12 @@ def _instance(ctx: LoadContext, model_class: type, index: int, device_id: int | 
     except (LoadError, KeyboardInterrupt):
         raise
     except BaseException as e:  # sys.exit() in initialize fails this model, not the server
-        log.exception("initializing model '%s' version %s failed", ctx.name, ctx.version)
+        log.exception(
+            "initializing model '%s' version %s failed",
+            ctx.name,
+            ctx.version,
+            extra=model_fields(ctx.name, ctx.version),
+        )
         raise LoadError(f"Model() or initialize() raised {type(e).__name__}: {e}") from None
     return model
 
@@ -218,7 +229,12 @@ def _triton_instances(ctx: LoadContext, model_class: type) -> list[Any]:
             except (LoadError, KeyboardInterrupt):
                 raise
             except BaseException as e:  # sys.exit() in initialize fails this model, not the server
-                log.exception("initializing model '%s' version %s failed", ctx.name, ctx.version)
+                log.exception(
+                    "initializing model '%s' version %s failed",
+                    ctx.name,
+                    ctx.version,
+                    extra=model_fields(ctx.name, ctx.version),
+                )
                 raise LoadError(f"TritonPythonModel() or initialize() raised {type(e).__name__}: {e}") from None
             instances.append(triton_python.TritonModel(model, label))
     except BaseException:

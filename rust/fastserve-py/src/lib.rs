@@ -230,6 +230,11 @@ impl CoreServer {
         self.server.state().set_starting(on);
     }
 
+    /// The model versions whose load is under way (`'m' version 1`), named by the readiness answer.
+    fn set_loading(&self, versions: Vec<String>) {
+        self.server.state().set_loading(versions);
+    }
+
     /// Names and versions currently registered, with readiness.
     fn models(&self) -> Vec<(String, u64, bool)> {
         self.server
@@ -297,13 +302,15 @@ fn flush_telemetry(py: Python<'_>) {
 }
 
 /// Writes a log record through the Rust logger, so Python and Rust share one sink and format.
+/// `model` and `version` become fields of their own (JSON logs), as on the core's records.
 #[pyfunction]
-fn log(level: &str, target: &str, message: &str) {
+#[pyo3(signature = (level, target, message, model = None, version = None))]
+fn log(level: &str, target: &str, message: &str, model: Option<&str>, version: Option<u64>) {
     match level {
-        "error" => tracing::error!(logger = target, "{message}"),
-        "warning" => tracing::warn!(logger = target, "{message}"),
-        "debug" => tracing::debug!(logger = target, "{message}"),
-        _ => tracing::info!(logger = target, "{message}"),
+        "error" => tracing::error!(logger = target, model, version, "{message}"),
+        "warning" => tracing::warn!(logger = target, model, version, "{message}"),
+        "debug" => tracing::debug!(logger = target, model, version, "{message}"),
+        _ => tracing::info!(logger = target, model, version, "{message}"),
     }
 }
 
@@ -346,6 +353,15 @@ fn convert_triton_config(encoded: &[u8], model: &str) -> PyResult<(String, Strin
     Ok((json, toml, converted.warnings))
 }
 
+/// A JSON object (a model configuration table) written as TOML, by the same writer as
+/// `convert_triton_config`'s; ValueError for anything that is not a table TOML can hold (nulls).
+#[pyfunction]
+fn table_to_toml(table_json: &str) -> PyResult<String> {
+    let table: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(table_json).map_err(|e| PyValueError::new_err(format!("not a JSON object: {e}")))?;
+    fastserve_core::pbtxt::to_toml(&table).map_err(PyValueError::new_err)
+}
+
 /// Every V2 datatype with its NumPy dtype name, from the core's one datatype table.
 #[pyfunction]
 fn datatypes() -> Vec<(&'static str, &'static str)> {
@@ -360,6 +376,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(check_model_options, m)?)?;
     m.add_function(wrap_pyfunction!(model_config_descriptors, m)?)?;
     m.add_function(wrap_pyfunction!(convert_triton_config, m)?)?;
+    m.add_function(wrap_pyfunction!(table_to_toml, m)?)?;
     m.add_class::<CoreServer>()?;
     m.add_function(wrap_pyfunction!(server_options, m)?)?;
     m.add_function(wrap_pyfunction!(model_options, m)?)?;

@@ -34,8 +34,13 @@ pub struct Converted {
 impl Converted {
     /// The table as a `config.toml` file.
     pub fn to_toml(&self) -> Result<String, String> {
-        toml::to_string(&self.table).map_err(|e| format!("cannot write the configuration as TOML: {e}"))
+        to_toml(&self.table)
     }
+}
+
+/// A configuration table as a `config.toml` file (`fastserve convert-config`, `fastserve config`).
+pub fn to_toml(table: &Map<String, Value>) -> Result<String, String> {
+    toml::to_string(table).map_err(|e| format!("cannot write the configuration as TOML: {e}"))
 }
 
 fn model_config_descriptor() -> Result<MessageDescriptor, String> {

@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub allow_remote_repository_api: bool,
     /// Triton's system shared-memory extension (`--no-shared-memory` turns it off).
     pub shared_memory: bool,
+    /// Ready only when every model version is (Triton's `--strict-readiness`).
+    pub strict_readiness: bool,
 }
 
 impl Default for ServerConfig {
@@ -81,8 +83,9 @@ pub enum StartError {
     AlreadyRunning,
     #[error("cannot start the network runtime: {0}")]
     Runtime(std::io::Error),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    /// `listener` names the option that chose the port (`http_port`, `grpc_port`, `metrics_port`).
+    #[error("cannot listen on {addr} ({listener}): {source}")]
+    Bind { addr: String, listener: &'static str, source: std::io::Error },
 }
 
 impl Server {
@@ -94,6 +97,7 @@ impl Server {
             ServerState::new(registry, config.limits.clone(), config.access_log)
                 .with_auth(config.auth.clone())
                 .with_shared_memory(config.shared_memory)
+                .with_strict_readiness(config.strict_readiness)
                 .guard_repository(&config.host, config.allow_remote_repository_api),
         );
         Self { config, state, running: Mutex::new(None) }
@@ -123,17 +127,19 @@ impl Server {
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
-        let bind = |port: u16| -> Result<(TcpListener, SocketAddr), StartError> {
+        let bind = |port: u16, listener: &'static str| -> Result<(TcpListener, SocketAddr), StartError> {
             let addr = format!("{}:{}", self.config.host, port);
-            let listener = runtime
-                .block_on(TcpListener::bind(&addr))
-                .map_err(|source| StartError::Bind { addr: addr.clone(), source })?;
-            let bound = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-            Ok((listener, bound))
+            let socket = runtime.block_on(TcpListener::bind(&addr)).map_err(|source| StartError::Bind {
+                addr: addr.clone(),
+                listener,
+                source,
+            })?;
+            let bound = socket.local_addr().map_err(|source| StartError::Bind { addr, listener, source })?;
+            Ok((socket, bound))
         };
-        let (http_listener, http_addr) = bind(self.config.http_port)?;
-        let grpc = self.config.grpc_port.map(bind).transpose()?;
-        let metrics = self.config.metrics_port.map(bind).transpose()?;
+        let (http_listener, http_addr) = bind(self.config.http_port, "http_port")?;
+        let grpc = self.config.grpc_port.map(|p| bind(p, "grpc_port")).transpose()?;
+        let metrics = self.config.metrics_port.map(|p| bind(p, "metrics_port")).transpose()?;
         let (shutdown, rx) = watch::channel(false);
         let drain = self.config.drain_timeout;
         let mut tasks = Vec::new();

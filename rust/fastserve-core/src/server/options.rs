@@ -26,6 +26,8 @@ options! {
         metrics_port: Option<u32> = None, cli = Some(8002), range = 0..=65535;
         /// log one line per inference request
         access_log: bool = false;
+        /// ready only when every model version loaded (false: ready once the server is up and the startup loads finished, even if some model failed)
+        strict_readiness: bool = true;
         /// network threads (0: one per core)
         worker_threads: usize = 0;
         /// how long shutdown waits for requests in flight before stopping the models
@@ -227,6 +229,7 @@ impl ServerOptions {
             grpc_response_compression,
             allow_remote_repository_api: self.allow_remote_repository_api,
             shared_memory: !self.no_shared_memory,
+            strict_readiness: self.strict_readiness,
         })
     }
 }

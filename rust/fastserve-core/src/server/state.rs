@@ -68,6 +68,10 @@ pub struct ServerState {
     draining: AtomicBool,
     /// Set while the models given at startup load: live, not yet ready.
     starting: AtomicBool,
+    /// The model versions whose load is under way (`'m' version 1`), for the readiness answer.
+    loading: RwLock<Vec<String>>,
+    /// Ready only when every model version is (false: a failed model does not make it unready).
+    strict_readiness: bool,
     repository: RwLock<Option<Arc<dyn RepositoryControl>>>,
     /// The repository API may be served on a non-loopback address without an admin token.
     remote_repository_ok: bool,
@@ -86,6 +90,8 @@ impl ServerState {
             serving: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             starting: AtomicBool::new(false),
+            loading: RwLock::new(Vec::new()),
+            strict_readiness: true,
             repository: RwLock::new(None),
             remote_repository_ok: true,
         }
@@ -101,6 +107,12 @@ impl ServerState {
     /// Serves the system shared-memory extension, or refuses it (`--no-shared-memory`).
     pub fn with_shared_memory(mut self, enabled: bool) -> Self {
         self.shared_memory = SharedMemory::new(enabled);
+        self
+    }
+
+    /// Whether a model version that is not ready makes the server unready (Triton's `--strict-readiness`).
+    pub fn with_strict_readiness(mut self, strict: bool) -> Self {
+        self.strict_readiness = strict;
         self
     }
 
@@ -131,6 +143,11 @@ impl ServerState {
         self.starting.store(on, Ordering::Release);
     }
 
+    /// The model versions whose load is under way, as the repository reports them.
+    pub fn set_loading(&self, versions: Vec<String>) {
+        *self.loading.write().unwrap_or_else(|p| p.into_inner()) = versions;
+    }
+
     /// The repository API, or 403 when the control mode does not allow it.
     pub fn repository(&self) -> Result<Arc<dyn RepositoryControl>> {
         self.repository.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
@@ -156,10 +173,13 @@ impl ServerState {
         self.serving.load(Ordering::Acquire)
     }
 
-    /// Ready: serving, not draining, done with the startup loads, and every known model version
-    /// loaded.
+    /// Ready: serving, not draining, done with the startup loads, and (with strict readiness)
+    /// every known model version loaded.
     pub fn is_ready(&self) -> bool {
-        self.is_live() && !self.is_draining() && !self.starting.load(Ordering::Acquire) && self.registry.all_ready()
+        self.is_live()
+            && !self.is_draining()
+            && !self.starting.load(Ordering::Acquire)
+            && (!self.strict_readiness || self.registry.all_ready())
     }
 
     /// Why the server is not ready (None when it is): what an operator needs to see in a probe.
@@ -175,9 +195,16 @@ impl ServerState {
             reasons.push("the server is shutting down".to_string());
         }
         if self.starting.load(Ordering::Acquire) {
-            reasons.push("the startup models are still loading".to_string());
+            let loading = self.loading.read().unwrap_or_else(|p| p.into_inner()).join(", ");
+            reasons.push(if loading.is_empty() {
+                "the startup models are still loading".to_string()
+            } else {
+                format!("the startup models are still loading (now: {loading})")
+            });
         }
-        reasons.extend(self.registry.not_ready());
+        if self.strict_readiness {
+            reasons.extend(self.registry.not_ready());
+        }
         Some(reasons.join("; "))
     }
 
@@ -252,5 +279,43 @@ impl ServerState {
         let entries: Vec<serde_json::Value> =
             self.stats_of(model, version)?.iter().map(|(name, v, s)| s.to_json(name, *v)).collect();
         Ok(serde_json::json!({ "model_stats": entries }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serving_with_a_failed_model(strict: bool) -> ServerState {
+        let registry = Arc::new(Registry::new());
+        registry.insert(ModelVersion::failed("m", 1, "bad file"));
+        let state = ServerState::new(registry, Limits::default(), false).with_strict_readiness(strict);
+        state.set_serving(true);
+        state
+    }
+
+    #[test]
+    fn strict_readiness_needs_every_model_version() {
+        let state = serving_with_a_failed_model(true);
+        assert!(!state.is_ready());
+        let why = state.not_ready_reason().unwrap();
+        assert!(why.contains("'m' version 1") && why.contains("bad file"), "{why}");
+    }
+
+    #[test]
+    fn relaxed_readiness_ignores_failed_models_but_not_startup_or_draining() {
+        let state = serving_with_a_failed_model(false);
+        assert!(state.is_ready());
+        assert_eq!(state.not_ready_reason(), None);
+        state.set_starting(true);
+        assert_eq!(state.not_ready_reason().as_deref(), Some("the startup models are still loading"));
+        state.set_loading(vec!["'slow' version 1".into()]);
+        assert_eq!(
+            state.not_ready_reason().as_deref(),
+            Some("the startup models are still loading (now: 'slow' version 1)")
+        );
+        state.set_starting(false);
+        state.set_draining();
+        assert!(!state.is_ready());
     }
 }
