@@ -51,6 +51,8 @@ pub struct ServerConfig {
     pub allow_remote_repository_api: bool,
     /// Triton's system shared-memory extension (`--no-shared-memory` turns it off).
     pub shared_memory: bool,
+    /// The Swagger UI page at `/v2/docs` (`--no-swagger-ui` turns it off).
+    pub swagger_ui: bool,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +96,7 @@ impl Server {
             ServerState::new(registry, config.limits.clone(), config.access_log)
                 .with_auth(config.auth.clone())
                 .with_shared_memory(config.shared_memory)
+                .with_swagger_ui(config.swagger_ui)
                 .guard_repository(&config.host, config.allow_remote_repository_api),
         );
         Self { config, state, running: Mutex::new(None) }
