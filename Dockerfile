@@ -14,6 +14,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock pyproject.toml README.md ./
 COPY rust rust
 COPY protos protos
+# build.rs converts it to the OpenAPI JSON served at /v2/openapi.json.
+COPY docs/openapi.yaml docs/openapi.yaml
 COPY python python
 COPY benches/loadgen benches/loadgen
 RUN /opt/maturin/bin/maturin build --release --locked --out /wheels

@@ -259,12 +259,6 @@ def test_unsupported_rpcs_say_so(example_server: ServerProcess) -> None:
     s = stub(example_server.grpc_address)
     calls = [
         (
-            s.RepositoryIndex,
-            service_pb2.RepositoryIndexRequest(),
-            grpc.StatusCode.PERMISSION_DENIED,
-            "the repository API is disabled",
-        ),
-        (
             s.RepositoryModelLoad,
             service_pb2.RepositoryModelLoadRequest(model_name="mlp"),
             grpc.StatusCode.PERMISSION_DENIED,

@@ -71,10 +71,13 @@ def test_version_policies(start_server, tmp_path: Path, policy: str, served: lis
     assert served_by(ask(server.url, "m")) == max(served), "no version: the highest served one"
 
 
-def test_repository_api_refused_in_mode_none(start_server, tmp_path: Path) -> None:
+def test_repository_changes_refused_in_mode_none(start_server, tmp_path: Path) -> None:
     make_model(tmp_path, "m", [1])
     server = start_server(tmp_path)
-    for path in ["/v2/repository/index", "/v2/repository/models/m/load", "/v2/repository/models/m/unload"]:
+    index = requests.post(server.url + "/v2/repository/index", timeout=10)
+    assert index.status_code == 200, "the index is readable in every control mode"
+    assert index.json() == [{"name": "m", "version": "1", "state": "READY", "reason": ""}]
+    for path in ["/v2/repository/models/m/load", "/v2/repository/models/m/unload"]:
         r = requests.post(server.url + path, timeout=10)
         assert r.status_code == 403, path
         assert "--model-control-mode explicit or poll" in r.json()["error"]

@@ -158,16 +158,17 @@ class Server:
 
         ``control_mode``: "none" loads every model now; "poll" also rescans every ``poll_secs``
         (added, changed and removed models are loaded, reloaded, unloaded); "explicit" loads only
-        ``load_models`` ("*" = all). Poll and explicit modes enable the repository API.
+        ``load_models`` ("*" = all). The repository index is served in every mode; poll and explicit
+        modes also enable loading and unloading through the repository API.
         ``model_name``: single-model mode, ``path`` is that one model's directory (KServe mounts a
         model at ``/mnt/models``); raises ValueError for an invalid name.
         """
         if control_mode not in CONTROL_MODES:
             raise ValueError(f"control_mode must be one of {', '.join(CONTROL_MODES)}")
         repository = ModelRepository(self._core, Path(path), model_name)
-        if control_mode != "none":
-            # Refused before anything loads when management would be open to the network.
-            self._core.set_repository_control(RepositoryApi(repository))
+        # The index is readable in every mode; load/unload only in poll and explicit. Refused before
+        # anything loads when management would be open to the network.
+        self._core.set_repository_control(RepositoryApi(repository), writable=control_mode != "none")
         self._repository = repository
         root = Path(path)
         self._core.set_private_paths(sorted({str(root), str(root.absolute()), str(root.resolve())}))

@@ -167,6 +167,9 @@ pub struct Registry {
     histograms: AtomicBool,
     /// Failed loads per (model, version), whether or not an older version kept serving.
     load_failures: Mutex<BTreeMap<(String, u64), u64>>,
+    /// Bumped on every change of the models or the server's lifecycle, for watchers such as
+    /// the gRPC health service.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Registry {
@@ -176,6 +179,7 @@ impl Default for Registry {
             write: Mutex::new(()),
             histograms: AtomicBool::new(true),
             load_failures: Mutex::default(),
+            changed: tokio::sync::watch::Sender::new(0),
         }
     }
 }
@@ -195,7 +199,18 @@ impl Registry {
         let mut next = HashMap::clone(&self.models.load());
         let out = f(&mut next);
         self.models.store(Arc::new(next));
+        self.notify_changed();
         out
+    }
+
+    /// Tells the watchers that a model or the server's lifecycle changed.
+    pub fn notify_changed(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that wakes on every change (see [`Registry::notify_changed`]).
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Adds or replaces a version; the replaced one is drained before this returns.

@@ -216,12 +216,14 @@ impl CoreServer {
     }
 
     /// Serves the repository API through `manager` (its index/load/unload methods); None disables it.
-    /// Raises PermissionError when it would be reachable from the network without an admin token.
-    fn set_repository_control(&self, manager: Option<Py<PyAny>>) -> PyResult<()> {
+    /// The index is served in every control mode; load and unload only when `writable`. Raises
+    /// PermissionError when management would be reachable from the network without an admin token.
+    #[pyo3(signature = (manager, writable = true))]
+    fn set_repository_control(&self, manager: Option<Py<PyAny>>, writable: bool) -> PyResult<()> {
         let control = manager.map(|m| Arc::new(crate::repository::PyRepositoryControl::new(m)) as Arc<_>);
         self.server
             .state()
-            .set_repository(control)
+            .set_repository(control, writable)
             .map_err(|e| pyo3::exceptions::PyPermissionError::new_err(e.to_string()))
     }
 

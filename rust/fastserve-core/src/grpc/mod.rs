@@ -3,6 +3,7 @@
 //! queues and one batch may hold requests from each.
 
 pub(crate) mod codec;
+pub mod health;
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -185,11 +186,13 @@ impl InferenceService {
     }
 
     /// Runs a repository call on a blocking thread: loading a model can take a long time.
+    /// `changes`: load or unload, refused in control mode `none`; the index is always served.
     async fn repository<T: Send + 'static>(
         &self,
+        changes: bool,
         f: impl FnOnce(&dyn RepositoryControl) -> Result<T, ServeError> + Send + 'static,
     ) -> Result<T, Status> {
-        let control = self.state.repository()?;
+        let control = if changes { self.state.repository()? } else { self.state.repository_index()? };
         tokio::task::spawn_blocking(move || f(control.as_ref()))
             .await
             .map_err(|e| Status::internal(format!("repository operation failed: {e}")))?
@@ -455,7 +458,7 @@ impl GrpcInferenceService for InferenceService {
     async fn repository_index(&self, request: Request<RepositoryIndexRequest>) -> GrpcResult<RepositoryIndexResponse> {
         let ready = request.into_inner().ready;
         let models = self
-            .repository(move |c| c.index(ready))
+            .repository(false, move |c| c.index(ready))
             .await?
             .into_iter()
             .map(|e| repository_index_response::ModelIndex {
@@ -474,7 +477,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> GrpcResult<RepositoryModelLoadResponse> {
         let r = request.into_inner();
         let parameters = repository_parameters(r.parameters);
-        self.repository(move |c| c.load(&r.model_name, &parameters)).await?;
+        self.repository(true, move |c| c.load(&r.model_name, &parameters)).await?;
         Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
@@ -484,7 +487,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> GrpcResult<RepositoryModelUnloadResponse> {
         let r = request.into_inner();
         let parameters = repository_parameters(r.parameters);
-        self.repository(move |c| c.unload(&r.model_name, &parameters)).await?;
+        self.repository(true, move |c| c.unload(&r.model_name, &parameters)).await?;
         Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 
@@ -561,14 +564,21 @@ impl GrpcInferenceService for InferenceService {
 
 /// Checks bearer tokens before any handler runs, and rewrites tonic's size-limit status on unary
 /// calls, which tonic answers before our handler runs.
+/// The path prefix of the standard health service's RPCs.
+const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
+
 #[derive(Clone)]
 struct Guard<S> {
     inner: S,
     auth: Auth,
 }
 
-/// What an RPC needs: the probes are open, the Repository* RPCs are management, the rest inference.
+/// What an RPC needs: the probes (and `grpc.health.v1.Health`) are open, the Repository* RPCs
+/// are management, the rest (reflection too) inference.
 fn scope_of(path: &str) -> Scope {
+    if path.starts_with(HEALTH_PATH) {
+        return Scope::Open;
+    }
     match path.rsplit('/').next().unwrap_or_default() {
         "ServerLive" | "ServerReady" => Scope::Open,
         rpc if rpc.starts_with("Repository") => Scope::Admin,
@@ -645,7 +655,7 @@ async fn serve_incoming(
 ) {
     let limits = state.limits.clone();
     let max_message_bytes = options.max_message_bytes;
-    let mut service = GrpcInferenceServiceServer::new(InferenceService { state, max_message_bytes })
+    let mut service = GrpcInferenceServiceServer::new(InferenceService { state: state.clone(), max_message_bytes })
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes)
         .accept_compressed(CompressionEncoding::Gzip)
@@ -659,13 +669,29 @@ async fn serve_incoming(
     let stopped = async move {
         let _ = stop.wait_for(|&s| s).await;
     };
-    let server = tonic::transport::Server::builder()
+    let health = health::service(state, shutdown.clone()).await;
+    let mut router = tonic::transport::Server::builder()
         .max_concurrent_streams(limits.grpc_max_concurrent_streams)
         .http2_max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         // Pings find peers that vanished; gRPC channels are long-lived, so idle ones stay open.
         .http2_keepalive_interval(Some(limits.idle_timeout))
-        .add_service(Guard { inner: service, auth })
-        .serve_with_incoming_shutdown(incoming, stopped);
+        .add_service(Guard { inner: service, auth: auth.clone() })
+        .add_service(Guard { inner: health, auth: auth.clone() });
+    // Server reflection (v1 and v1alpha) describes the inference and health services, so
+    // grpcurl-style tools need no .proto files.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pbtxt::descriptors())
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    match (reflection().build_v1(), reflection().build_v1alpha()) {
+        (Ok(v1), Ok(v1alpha)) => {
+            router =
+                router.add_service(Guard { inner: v1, auth: auth.clone() }).add_service(Guard { inner: v1alpha, auth });
+        }
+        (Err(e), _) | (_, Err(e)) => tracing::error!(error = %e, "gRPC server reflection is off: bad descriptors"),
+    }
+    let server = router.serve_with_incoming_shutdown(incoming, stopped);
     let drain_deadline = async move {
         let _ = shutdown.wait_for(|&s| s).await;
         tokio::time::sleep(drain).await;

@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod json;
+pub mod tfserving;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -43,6 +44,12 @@ pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 pub const REQUEST_ID: &str = "x-request-id";
 /// Requests with the same key reach the same version while routing weights stay unchanged.
 pub const ROUTING_KEY: &str = "x-routing-key";
+
+/// The OpenAPI document served at `/v2/openapi.json`: docs/openapi.yaml, converted by build.rs.
+static OPENAPI_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/openapi.json"));
+const OPENAPI_PATH: &str = "/v2/openapi.json";
+/// The Swagger UI page (and its assets below it).
+const DOCS_PATH: &str = "/v2/docs";
 
 /// A whole body, or Server-Sent Events as they are produced.
 type Body = Either<Full<Bytes>, StreamBody<ReceiverStream<std::result::Result<Frame<Bytes>, Infallible>>>>;
@@ -282,9 +289,10 @@ fn error_response(e: &ServeError) -> Response<Body> {
     resp
 }
 
-/// What a path needs: probes are open, the repository API is management, the rest inference.
+/// What a path needs: probes and the API's description are open, the repository API is
+/// management, the rest inference.
 fn scope_of(path: &str) -> Scope {
-    if path.starts_with("/v2/health/") {
+    if path.starts_with("/v2/health/") || path == OPENAPI_PATH || path == DOCS_PATH || path.starts_with("/v2/docs/") {
         Scope::Open
     } else if path.starts_with("/v2/repository") {
         Scope::Admin
@@ -342,11 +350,100 @@ async fn route(state: &Arc<ServerState>, req: &mut Req) -> Result<Response<Body>
                 _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
             }
         }
+        ["v2", "openapi.json"] if get => {
+            let mut resp = Response::new(full(OPENAPI_JSON));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            Ok(resp)
+        }
+        ["v2", "docs", rest @ ..] if get => swagger_ui(state, rest).await,
+        ["v2", "openapi.json"] | ["v2", "docs", ..] => Err(method_not_allowed(&method, &path)),
+        ["v1", "models", rest @ ..] => tf_serving(state, &method, &path, rest, req).await,
         ["v2", "systemsharedmemory", rest @ ..] => shared_memory(state, &method, &path, rest, req).await,
         ["v2", "cudasharedmemory", ..] => Err(cuda_shared_memory()),
         ["v2"] | ["v2", "health", "live" | "ready"] => Err(method_not_allowed(&method, &path)),
         _ => Err(ServeError::not_found(format!("no route for {method} {path}"))),
     }
+}
+
+/// The Swagger UI page at `/v2/docs` and its JS/CSS below it, from the assets the
+/// `swagger-ui-dist` crate ships (nothing is fetched from the network); it reads `/v2/openapi.json`.
+async fn swagger_ui(state: &ServerState, rest: &[&str]) -> Result<Response<Body>> {
+    if !state.swagger_ui {
+        return Err(ServeError::not_found("the Swagger UI page is turned off (--no-swagger-ui)"));
+    }
+    let mut router = swagger_ui_dist::generate_routes(swagger_ui_dist::ApiDefinition {
+        uri_prefix: DOCS_PATH,
+        api_definition: swagger_ui_dist::OpenApiSource::Uri(OPENAPI_PATH),
+        title: Some("fastserve API"),
+    });
+    // The page names its assets after the request's URI: ask with the bare path.
+    let path = if rest.is_empty() { DOCS_PATH.to_string() } else { format!("{DOCS_PATH}/{}", rest.join("/")) };
+    let request = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .body(Full::<Bytes>::default())
+        .map_err(|e| ServeError::bad_request(format!("bad documentation path: {e}")))?;
+    let response = match tonic::codegen::Service::call(&mut router, request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let (parts, body) = response.into_parts();
+    if parts.status == StatusCode::NOT_FOUND {
+        return Err(ServeError::not_found(format!("no Swagger UI asset {DOCS_PATH}/{}", rest.join("/"))));
+    }
+    let body = body.collect().await.map_err(|e| ServeError::Internal(format!("Swagger UI asset: {e}")))?.to_bytes();
+    Ok(Response::from_parts(parts, full(body)))
+}
+
+/// KServe V1 / TensorFlow Serving REST: `/v1/models/{m}[/versions/{v}|/labels/{l}][:predict]`.
+async fn tf_serving(
+    state: &ServerState,
+    method: &Method,
+    path: &str,
+    rest: &[&str],
+    req: &mut Req,
+) -> Result<Response<Body>> {
+    let no_route = || ServeError::not_found(format!("no route for {method} {path}"));
+    let (last, others) = rest.split_last().ok_or_else(no_route)?;
+    let (last, verb) = match last.rsplit_once(':') {
+        Some((last, verb)) => (last, Some(verb)),
+        None => (*last, None),
+    };
+    let (model, version) = match others {
+        [] => (last, None),
+        [model, "versions" | "labels"] => (*model, Some(last)),
+        _ => return Err(no_route()),
+    };
+    match verb {
+        None if method == Method::GET => {
+            let entry = state.registry.model(model)?;
+            let mv = version.map(|v| state.registry.resolve(model, Some(v))).transpose()?;
+            Ok(ok_json(&tfserving::model_status(&entry, mv.as_deref())))
+        }
+        Some("predict") if method == Method::POST => {
+            Ok(predict_endpoint(state, model, version, req).instrument(request_span(model)).await)
+        }
+        None | Some("predict") => Err(method_not_allowed(method, path)),
+        Some(verb) => Err(ServeError::not_found(format!(
+            "':{verb}' is not served on {path}: only ':predict' (classify and regress are TensorFlow-specific)"
+        ))),
+    }
+}
+
+/// `POST /v1/models/{m}[/versions/{v}]:predict`: a TensorFlow Serving body, run as a V2 request.
+async fn predict_endpoint(state: &ServerState, model: &str, version: Option<&str>, req: &mut Req) -> Response<Body> {
+    let mut call = Call::new(state, Protocol::Http, generate_target(model, version, req));
+    let result: Result<Response<Body>> = async {
+        call.resolve()?;
+        let body = req.read_body(&state.limits).await?;
+        let spec = call.spec()?;
+        let (request, form) = tfserving::parse_predict_request(&body, &spec, &state.limits)?;
+        let response = call.run(request).await?;
+        Ok(ok_json(&tfserving::predict_response(&response, form)?))
+    }
+    .await;
+    let id = call.finish(result.as_ref().map(|_| ()));
+    with_request_id(result.unwrap_or_else(|e| error_response(&e)), &id)
 }
 
 /// Runs a repository operation on a blocking thread: loading a model can take a long time.
@@ -357,7 +454,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 }
 
 async fn repository_index(state: &ServerState, req: &mut Req) -> Result<Response<Body>> {
-    let control = state.repository()?;
+    let control = state.repository_index()?;
     let body = req.read_body(&state.limits).await?;
     let params: serde_json::Value = if body.is_empty() {
         serde_json::Value::Null

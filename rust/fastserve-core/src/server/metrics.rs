@@ -31,6 +31,12 @@ impl fmt::Debug for ServerCollector {
 
 type Labels = Vec<(&'static str, String)>;
 
+/// The values of `fastserve_model_state`'s `state` label.
+const MODEL_STATES: [&str; 3] = ["ready", "unavailable", "failed"];
+
+const MODEL_STATE_HELP: &str = "1 for the state a model version is in (ready: serving; unavailable: registered but \
+     its instances stopped; failed: its last load failed), 0 for the others.";
+
 fn model_labels(name: &str, version: u64) -> Labels {
     vec![("model", name.to_string()), ("version", version.to_string())]
 }
@@ -48,6 +54,27 @@ impl ServerCollector {
             for v in entry.versions.values() {
                 if let VersionState::Ready(s) = &v.state {
                     out.push((model_labels(&name, v.version), s.stats().clone(), s.pending()));
+                }
+            }
+        }
+        out
+    }
+
+    /// One sample per model version and state: 1 for the state it is in, 0 for the others, so
+    /// `fastserve_model_state{state="failed"} == 1` finds every version that failed to load.
+    fn model_states(&self) -> Vec<(Labels, f64)> {
+        let mut out = Vec::new();
+        for (name, entry) in self.state.registry.models() {
+            for v in entry.versions.values() {
+                let current = match &v.state {
+                    VersionState::Ready(s) if s.unavailable().is_none() => "ready",
+                    VersionState::Ready(_) => "unavailable",
+                    VersionState::Failed(_) => "failed",
+                };
+                for state in MODEL_STATES {
+                    let mut labels = model_labels(&name, v.version);
+                    labels.push(("state", state.to_string()));
+                    out.push((labels, f64::from(u8::from(state == current))));
                 }
             }
         }
@@ -214,6 +241,13 @@ impl Collector for ServerCollector {
             "Model version loads that failed (a failed reload leaves the serving version in place).",
             &load_failures,
         )?;
+        gauge(e, "fastserve_model_state", MODEL_STATE_HELP, &self.model_states())?;
+        let build = vec![
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("os", std::env::consts::OS.to_string()),
+            ("arch", std::env::consts::ARCH.to_string()),
+        ];
+        gauge(e, "fastserve_build_info", "Always 1; the labels tell which build runs.", &[(build, 1.0)])?;
         let pending: Vec<(Labels, f64)> = models.iter().map(|(l, _, p)| (l.clone(), *p as f64)).collect();
         gauge(e, "fastserve_pending_requests", "Requests queued, waiting for an instance.", &pending)?;
         let sequences: Vec<(Labels, f64)> =

@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub shared_memory: bool,
     /// Ready only when every model version is (Triton's `--strict-readiness`).
     pub strict_readiness: bool,
+    /// The Swagger UI page at `/v2/docs` (`--no-swagger-ui` turns it off).
+    pub swagger_ui: bool,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +100,7 @@ impl Server {
                 .with_auth(config.auth.clone())
                 .with_shared_memory(config.shared_memory)
                 .with_strict_readiness(config.strict_readiness)
+                .with_swagger_ui(config.swagger_ui)
                 .guard_repository(&config.host, config.allow_remote_repository_api),
         );
         Self { config, state, running: Mutex::new(None) }

@@ -36,6 +36,8 @@ options! {
         grpc_max_message_bytes: usize = 64 * 1024 * 1024;
         /// compress gRPC responses for clients that accept it (none, as Triton); compressed requests are always accepted
         grpc_response_compression: String = "none".into(), choices = &["none", "gzip", "deflate"];
+        /// do not serve the Swagger UI page at /v2/docs (the OpenAPI document at /v2/openapi.json stays)
+        no_swagger_ui: bool = false;
         /// largest request body in bytes, also once chunked or compressed bodies are read (413)
         max_body_bytes: usize = 64 * 1024 * 1024, group = "limits";
         /// largest request head in bytes, at least 8192 (431)
@@ -230,6 +232,7 @@ impl ServerOptions {
             allow_remote_repository_api: self.allow_remote_repository_api,
             shared_memory: !self.no_shared_memory,
             strict_readiness: self.strict_readiness,
+            swagger_ui: !self.no_swagger_ui,
         })
     }
 }

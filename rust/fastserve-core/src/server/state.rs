@@ -73,6 +73,10 @@ pub struct ServerState {
     /// Ready only when every model version is (false: a failed model does not make it unready).
     strict_readiness: bool,
     repository: RwLock<Option<Arc<dyn RepositoryControl>>>,
+    /// Load and unload are served (control modes `explicit` and `poll`); the index always is.
+    repository_writable: AtomicBool,
+    /// The Swagger UI page at `/v2/docs` (`--no-swagger-ui` turns it off).
+    pub swagger_ui: bool,
     /// The repository API may be served on a non-loopback address without an admin token.
     remote_repository_ok: bool,
 }
@@ -93,6 +97,8 @@ impl ServerState {
             loading: RwLock::new(Vec::new()),
             strict_readiness: true,
             repository: RwLock::new(None),
+            repository_writable: AtomicBool::new(false),
+            swagger_ui: true,
             remote_repository_ok: true,
         }
     }
@@ -116,17 +122,25 @@ impl ServerState {
         self
     }
 
+    /// Serves the Swagger UI page at `/v2/docs`, or not.
+    pub fn with_swagger_ui(mut self, enabled: bool) -> Self {
+        self.swagger_ui = enabled;
+        self
+    }
+
     /// Requires bearer tokens as `auth` says.
     pub fn with_auth(mut self, auth: Auth) -> Self {
         self.auth = auth;
         self
     }
 
-    /// Enables the repository API (control modes `explicit` and `poll`). Model management must
+    /// Serves the repository API through `control`: its index in every control mode, load and
+    /// unload only when `writable` (control modes `explicit` and `poll`). Model management must
     /// not be reachable from the network by accident: on a non-loopback address it needs an
-    /// admin token or an explicit opt-in.
-    pub fn set_repository(&self, control: Option<Arc<dyn RepositoryControl>>) -> Result<()> {
-        if control.is_some() && !self.remote_repository_ok && !self.auth.has_admin_token() {
+    /// admin token or an explicit opt-in. The read-only index needs neither.
+    pub fn set_repository(&self, control: Option<Arc<dyn RepositoryControl>>, writable: bool) -> Result<()> {
+        let writable = writable && control.is_some();
+        if writable && !self.remote_repository_ok && !self.auth.has_admin_token() {
             return Err(ServeError::Forbidden(
                 "the repository API would be reachable from the network without an admin token: set \
                  --admin-token-file (or FASTSERVE_ADMIN_TOKEN), listen on 127.0.0.1, or pass \
@@ -135,12 +149,14 @@ impl ServerState {
             ));
         }
         *self.repository.write().unwrap_or_else(|p| p.into_inner()) = control;
+        self.repository_writable.store(writable, Ordering::Release);
         Ok(())
     }
 
     /// Marks the initial model loads as running (not ready) or finished.
     pub fn set_starting(&self, on: bool) {
         self.starting.store(on, Ordering::Release);
+        self.registry.notify_changed();
     }
 
     /// The model versions whose load is under way, as the repository reports them.
@@ -148,21 +164,35 @@ impl ServerState {
         *self.loading.write().unwrap_or_else(|p| p.into_inner()) = versions;
     }
 
-    /// The repository API, or 403 when the control mode does not allow it.
-    pub fn repository(&self) -> Result<Arc<dyn RepositoryControl>> {
+    /// The repository whose index is served (every control mode), or 403 when the server has
+    /// no repository (models added through the embedding API).
+    pub fn repository_index(&self) -> Result<Arc<dyn RepositoryControl>> {
         self.repository.read().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
-            ServeError::Forbidden(
-                "the repository API is disabled: start the server with --model-control-mode explicit or poll".into(),
-            )
+            ServeError::Forbidden("the repository API is disabled: the server serves no model repository".into())
         })
+    }
+
+    /// The repository for load and unload, or 403 when the control mode does not allow them.
+    pub fn repository(&self) -> Result<Arc<dyn RepositoryControl>> {
+        let control = self.repository_index()?;
+        if !self.repository_writable.load(Ordering::Acquire) {
+            return Err(ServeError::Forbidden(
+                "the repository API is disabled for loads and unloads: start the server with --model-control-mode \
+                 explicit or poll (its index is readable in every mode)"
+                    .into(),
+            ));
+        }
+        Ok(control)
     }
 
     pub fn set_serving(&self, on: bool) {
         self.serving.store(on, Ordering::Release);
+        self.registry.notify_changed();
     }
 
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
+        self.registry.notify_changed();
     }
 
     pub fn is_draining(&self) -> bool {
