@@ -28,7 +28,9 @@ use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
 
 use self::batcher::Batcher;
-pub use self::instance::{execute_concatenated, Instance, InstanceFactory, ModelRequest, PerRequest, PhaseClock};
+pub use self::instance::{
+    execute_concatenated, Instance, InstanceFactory, InstanceReport, KillSwitch, ModelRequest, PerRequest, PhaseClock,
+};
 use self::instance::{lock, spawn, InstanceThreads, Replacer, Seats, Worker};
 pub use self::options::ModelOptions;
 use self::plan::BatchPolicy;
