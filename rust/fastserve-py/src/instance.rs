@@ -65,7 +65,16 @@ impl PyInstance {
             Ok(method) if method.is_callable() => Some(kill_switch(method.unbind(), label.clone())),
             _ => None,
         };
-        Ok(Self { model, label, numpy: NumpyCache::new(py)?, private_paths, event_loop: None, per_request, kill, reports })
+        Ok(Self {
+            model,
+            label,
+            numpy: NumpyCache::new(py)?,
+            private_paths,
+            event_loop: None,
+            per_request,
+            kill,
+            reports,
+        })
     }
 
     fn public(&self, message: String) -> String {

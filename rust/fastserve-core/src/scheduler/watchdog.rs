@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
+use super::instance::KillSwitch;
 use crate::error::ServeError;
 use crate::request::Reply;
-use super::instance::KillSwitch;
 
 /// The watchdog's time: the real clock, or one a test moves by hand (so execution timeouts are
 /// tested without waiting for them).
