@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::plan::{concat_inputs, split_outputs};
 use super::queue::{Batch, Job, Msg, SequenceBatch};
 use super::sequence::assemble::take_states;
-use super::watchdog::{self, Replies, Watch};
+use super::watchdog::{self, KillSwitch, Replies, Watch};
 use crate::error::{Result, ServeError};
 use crate::observe::stats::{ModelStats, Phases, ResponseTiming};
 use crate::request::{Executed, Reply, RequestInfo, SequenceTag};
@@ -100,9 +100,6 @@ pub trait Instance: Send + 'static {
         InstanceReport::default()
     }
 }
-
-/// Stops the batch an instance runs now; see [`Instance::kill_switch`].
-pub type KillSwitch = Arc<dyn Fn() + Send + Sync>;
 
 /// An instance's account of itself after a batch ([`Instance::report`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 use self::batcher::Batcher;
 pub use self::instance::{
-    execute_concatenated, Instance, InstanceFactory, InstanceReport, KillSwitch, ModelRequest, PerRequest, PhaseClock,
+    execute_concatenated, Instance, InstanceFactory, InstanceReport, ModelRequest, PerRequest, PhaseClock,
 };
 use self::instance::{lock, spawn, InstanceThreads, Replacer, Seats, Worker};
 pub use self::options::ModelOptions;
@@ -38,6 +38,7 @@ pub use self::queue::QueueOptions;
 use self::queue::{Expiry, Job, Msg, ResponseSender};
 use self::sequence::batcher::SequenceBatcher;
 pub use self::sequence::config::SequenceConfig;
+pub use self::watchdog::KillSwitch;
 use crate::error::{Result, ServeError};
 use crate::observe::stats::ModelStats;
 use crate::spec::{ModelSpec, ValidatedRequest};

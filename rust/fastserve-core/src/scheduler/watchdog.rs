@@ -5,7 +5,7 @@
 //! batch, the instance when `execute` returns or the watchdog when time is up. An instance that
 //! finds its slot empty was abandoned and stops; a hung call cannot be interrupted, so its thread
 //! is left to return on its own and never gets work again, unless the instance has a kill switch
-//! (a worker process, [`super::Instance::kill_switch`]): then it is killed, so its thread returns
+//! (a worker process, `Instance::kill_switch`): then it is killed, so its thread returns
 //! at once.
 
 use std::collections::HashMap;
@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use tokio::sync::oneshot;
 
-use super::instance::KillSwitch;
 use crate::error::ServeError;
 use crate::request::Reply;
 
@@ -67,6 +66,10 @@ impl Clock {
         }
     }
 }
+
+/// Stops the batch an instance runs now (a worker process is killed); see
+/// `Instance::kill_switch`.
+pub type KillSwitch = Arc<dyn Fn() + Send + Sync>;
 
 /// The reply senders of the batch an instance runs, until one side takes them.
 pub type Replies = Arc<Mutex<Option<Vec<oneshot::Sender<Reply>>>>>;
