@@ -28,6 +28,7 @@ from helpers import HANG_GUARD_S, wait_until
 MODEL = """
 import ctypes
 import os
+import resource
 import threading
 from pathlib import Path
 
@@ -36,6 +37,7 @@ import numpy as np
 
 class Model:
     def initialize(self, args):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the segfaults below leave no core file
         self.pid_dir = Path(args["parameters"]["pid_dir"])
         self.pid_dir.mkdir(exist_ok=True)
         (self.pid_dir / str(os.getpid())).write_text(str(args["instance_index"]))
