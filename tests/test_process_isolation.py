@@ -301,7 +301,7 @@ def test_a_model_that_cannot_initialize_reports_why(repo, tmp_path, start_server
 
 
 class PidModel:
-    """An embedding API model: pickled by reference to each worker, which creates its own."""
+    """An embedding API model: each worker imports this class by name and creates its own."""
 
     def execute(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = inputs["X"]
@@ -314,6 +314,8 @@ def test_add_model_takes_isolation_too() -> None:
         "outputs": [Tensor("Y", "FP32", [2]), Tensor("PID", "INT64", [1])],
     }
     with Server(http_port=0, grpc_port=0) as server:
+        with pytest.raises(TypeError, match="not an object"):
+            server.add_model("obj", PidModel(), isolation="process", **io)
         server.add_model("iso", PidModel, instance_count=2, max_batch_size=4, isolation="process", **io)
         url = f"http://127.0.0.1:{server.http_port}"
         body = {"inputs": [{"name": "X", "shape": [1, 2], "datatype": "FP32", "data": [1.5, 2]}]}

@@ -7,11 +7,12 @@ scheduler drives a :class:`ProcessInstance` exactly like an in-process model: ``
 the batch's tensors once into a shared-memory buffer (a memfd mapped by both processes), sends a
 small control message over a ``SOCK_SEQPACKET`` socket pair and waits for the reply in a blocking
 ``recv``, which releases the GIL; the worker's outputs come back the same way and are copied once
-out of its buffer. Tensor data is never pickled; BYTES tensors travel as length-prefixed elements.
+out of its buffer. Tensor data never goes through the socket; BYTES tensors travel as
+length-prefixed elements.
 
-The protocol (pickled tuples, one per message, never carrying tensor data):
+The protocol (JSON arrays, one per message, never carrying tensor data; nothing is unpickled):
 
-- parent → worker: ``("init", nbytes)`` with the input buffer's fd (the pickled load spec is in
+- parent → worker: ``("init", nbytes)`` with the input buffer's fd (the JSON load spec is in
   it), ``("run", layout, size)`` (a new input buffer's fd attached when it grew), ``("stop",)``.
 - worker → parent: ``("ready", interface)``, ``("ok", layout, size)`` (a new output buffer's fd
   attached when it grew), ``("error", type name, message)`` (the model raised; the worker lives
@@ -22,10 +23,10 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import json
 import logging
 import mmap
 import os
-import pickle
 import signal
 import socket
 import struct
@@ -182,7 +183,7 @@ def read(buffer: SharedBuffer, layout: Layout, copy: bool) -> dict[str, np.ndarr
 
 
 def send(sock: socket.socket, message: tuple[Any, ...], fds: Iterable[int] = ()) -> None:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    data = json.dumps(message).encode()
     fds = list(fds)
     if fds:
         socket.send_fds(sock, [data], fds)
@@ -200,7 +201,7 @@ def receive(sock: socket.socket) -> tuple[tuple[Any, ...], list[int]] | None:
         for fd in fds:
             os.close(fd)
         return None
-    return pickle.loads(data), fds
+    return tuple(json.loads(data)), fds
 
 
 def remote_error(type_name: str, message: str) -> Exception:
@@ -248,7 +249,7 @@ class ProcessInstance:
     """One model instance in its own worker process, driven like an in-process model.
 
     ``spec`` is what the worker loads (see ``fastserve.worker.load``): a repository version (its
-    config and placement) or a pickled model object. A worker that exits fails only the batch it
+    config and placement) or a model class importable by name. A worker that exits fails only the batch it
     ran; the next batch starts a new one (after a backoff once it failed more than once in a row),
     and after ``max_failures`` exits in a row the instance reports itself unavailable, which marks
     the version unavailable. ``fastserve_kill`` (the watchdog, at ``execution_timeout_ms``) kills
@@ -256,7 +257,7 @@ class ProcessInstance:
 
     def __init__(self, label: str, spec: dict[str, Any], max_failures: int) -> None:
         self.label = label
-        self._spec = pickle.dumps({**spec, "sys_path": list(sys.path)}, protocol=pickle.HIGHEST_PROTOCOL)
+        self._spec = json.dumps({**spec, "sys_path": list(sys.path)}, default=str).encode()
         self._max_failures = max_failures
         self._failures = 0
         self._unreported_restarts = 0
@@ -442,6 +443,7 @@ def load(ctx: LoadContext) -> LoadedModel:
     the model itself; the first one's answer is the version's interface. Combinations a worker
     cannot serve are refused here, by name."""
     from .backends import LoadedModel, LoadError, finalize_instances
+    from .tensor import Tensor
 
     cfg = ctx.config
     if cfg.decoupled:
@@ -470,16 +472,18 @@ def load(ctx: LoadContext) -> LoadedModel:
         finalize_instances(instances)
         raise
     platform, max_batch_size, inputs, outputs = instances[0].interface
-    return LoadedModel(platform, max_batch_size, inputs, outputs, list(instances))
+    tensors = [Tensor(*t) for t in inputs], [Tensor(*t) for t in outputs]
+    return LoadedModel(platform, max_batch_size, *tensors, instances=list(instances))
 
 
 def for_object(name: str, version: int, model: Any, seat: int, max_failures: int) -> ProcessInstance:
-    """An embedding API model (``Server.add_model(..., isolation="process")``) in a worker: the
-    object (or class/factory, called there) is pickled to it, so it must be picklable and its
-    class importable."""
-    try:
-        payload = pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as e:
-        raise TypeError(f"model '{name}': isolation = \"process\" pickles the model to its worker: {e}") from None
+    """An embedding API model (``Server.add_model(..., isolation="process")``) in a worker: a class
+    (or factory function) that the worker imports by name and calls; an object cannot cross."""
+    module, qualname = getattr(model, "__module__", None), getattr(model, "__qualname__", "")
+    if not callable(model) or module is None or "<locals>" in qualname or module == "__main__":
+        raise TypeError(
+            f"model '{name}': isolation = \"process\" creates each instance in its worker, so pass a class "
+            "or factory defined at the top level of an importable module (not an object, a lambda or __main__)"
+        )
     label = f"model '{name}' version {version} instance {seat}"
-    return ProcessInstance(label, {"kind": "object", "model": payload}, max_failures)
+    return ProcessInstance(label, {"kind": "object", "factory": [module, qualname]}, max_failures)

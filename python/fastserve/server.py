@@ -83,8 +83,9 @@ class Server:
         ``max_abandoned_instances`` (hung instances left running before the version is marked
         unavailable: a thread cannot be killed), ``decoupled`` (``execute`` is a generator or
         an async generator and each ``yield`` is one response, streamed to the client),
-        ``isolation`` (``"process"``: each instance runs in a worker process of its own, with the
-        model pickled to it; ``max_instance_failures`` exits in a row mark the version unavailable) and
+        ``isolation`` (``"process"``: each instance runs in a worker process of its own, which imports
+        ``model`` (a top-level class or factory) by name and calls it; ``max_instance_failures`` exits
+        in a row mark the version unavailable) and
         ``sequence_batching`` (a dict of the ``config.toml`` ``[sequence_batching]`` table: stateful
         models whose requests carry sequence ids).
         """

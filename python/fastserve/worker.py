@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import importlib
 import inspect
+import json
 import logging
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -46,10 +47,11 @@ def load(spec: dict[str, Any]) -> tuple[Any, tuple[str, int, list[Any], list[Any
     from .config import parse_config
 
     if spec["kind"] == "object":
-        model = pickle.loads(spec["model"])
-        if isinstance(model, type) or not hasattr(model, "execute"):
-            model = model()
-        return model, ("python", 0, [], [])
+        module, qualname = spec["factory"]
+        factory: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            factory = getattr(factory, part)
+        return factory(), ("python", 0, [], [])
     config = parse_config(spec["config"])
     group = config.instance_group
     device = spec["device_id"]
@@ -70,7 +72,8 @@ def load(spec: dict[str, Any]) -> tuple[Any, tuple[str, int, list[Any], list[Any
             'isolation = "process" runs class Model (execute(inputs) -> outputs), not Triton\'s '
             'TritonPythonModel: use isolation = "thread" for it'
         )
-    return instance, (loaded.platform, loaded.max_batch_size, loaded.inputs, loaded.outputs)
+    tensors = ([t.as_tuple() for t in loaded.inputs], [t.as_tuple() for t in loaded.outputs])
+    return instance, (loaded.platform, loaded.max_batch_size, *tensors)
 
 
 def main(argv: list[str]) -> int:
@@ -87,7 +90,7 @@ def main(argv: list[str]) -> int:
         return 0
     (_, size), fds = first
     inputs = iso.SharedBuffer(os.fstat(fds[0]).st_size, fds[0])
-    spec = pickle.loads(inputs.map[:size])
+    spec = json.loads(inputs.map[:size])
     sys.path[:] = spec["sys_path"]
     try:
         model, interface = load(spec)
