@@ -361,7 +361,7 @@ def test_config_prints_the_effective_configuration(repo_for_commands: Path) -> N
     table = json.loads(r.stdout)
     assert table["backend"] == "python" and table["max_batch_size"] == 4
     assert table["input"] == [{"name": "X", "datatype": "FP32", "dims": [2]}]
-    assert table["instance_group"] == {"count": 1, "kind": "cpu"}
+    assert table["instance_group"] == {"count": 1, "kind": "cpu", "isolation": "thread"}
     assert table["version_policy"] == {"latest": 1}
     toml = run("config", "--model-repository", str(repo_for_commands), "double")
     assert toml.returncode == 0, toml.stderr

@@ -30,7 +30,7 @@ def config_with(path: str, value: Any) -> dict[str, Any]:
     """The smallest config that sets the key of RANGES ``path`` to ``value``."""
     table, _, key = path.partition(".")
     key = key.removesuffix("[]")
-    if table in ("max_batch_size", "execution_timeout_ms", "max_abandoned_instances"):
+    if table in ("max_batch_size", "execution_timeout_ms", "max_abandoned_instances", "max_instance_failures"):
         return {table: value}
     if path == "dynamic_batching.default_priority_level":
         return {"dynamic_batching": {"priority_levels": 1024, key: value}}

@@ -122,6 +122,7 @@ def effective_config(report: ModelReport) -> dict[str, Any]:
         "device": config.device,
         "execution_timeout_ms": config.execution_timeout_ms,
         "max_abandoned_instances": config.max_abandoned_instances,
+        "max_instance_failures": config.max_instance_failures,
         "isolate_batch_failures": config.isolate_batch_failures,
         "default_model_filename": config.default_model_filename,
         "model_transaction_policy": {"decoupled": config.decoupled},

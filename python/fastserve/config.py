@@ -63,6 +63,7 @@ RANGES: dict[str, Range] = {
     "max_batch_size": _model_range("max_batch_size"),
     "execution_timeout_ms": _model_range("execution_timeout_ms"),
     "max_abandoned_instances": _model_range("max_abandoned_instances"),
+    "max_instance_failures": _model_range("max_instance_failures"),
     "dynamic_batching.max_queue_delay_us": _model_range("max_queue_delay_us"),
     "dynamic_batching.preferred_batch_sizes[]": _model_range("preferred_batch_sizes"),
     "dynamic_batching.max_queue_size": _model_range("max_queue_size"),
@@ -166,6 +167,8 @@ class InstanceGroup:
     count: int = 1
     kind: str = "cpu"
     gpus: list[int] = field(default_factory=lambda: [0])
+    # "thread" (in the server's process) or "process" (each instance in a worker process).
+    isolation: str = model_default("isolation")
 
     def placements(self) -> list[int | None]:
         """One entry per instance: the CUDA device id it runs on, or None for the CPU."""
@@ -218,6 +221,7 @@ class ModelConfig:
     max_abandoned_instances: int = model_default("max_abandoned_instances")
     # A failed batch of several requests runs again one request at a time (off: execute must not run twice).
     isolate_batch_failures: bool = model_default("isolate_batch_failures")
+    max_instance_failures: int = model_default("max_instance_failures")
     # [model_transaction_policy] decoupled: execute() yields any number of responses per request.
     decoupled: bool = model_default("decoupled")
     # [sequence_batching] as written (Triton's keys); the core checks and runs it.
@@ -294,6 +298,7 @@ TOP_LEVEL_KEYS = (
     "max_batch_size",
     "execution_timeout_ms",
     "max_abandoned_instances",
+    "max_instance_failures",
     "isolate_batch_failures",
     "default_model_filename",
     "model_transaction_policy",
@@ -475,6 +480,9 @@ def _instance_group(ig: dict[str, Any], device: str) -> InstanceGroup:
     # A Python model with device = "gpu" is placed on GPUs without restating kind = "gpu".
     kind = _take(ig, "kind", str, where, "gpu" if device == "gpu" else "cpu")
     gpus = _take(ig, "gpus", list, where)
+    isolation = _take(ig, "isolation", str, where, model_default("isolation"))
+    if isolation not in MODEL_OPTIONS["isolation"].choices:
+        raise ConfigError(f"{where}isolation must be one of {', '.join(MODEL_OPTIONS['isolation'].choices)}")
     _no_leftovers(ig, "[instance_group]", _keys(InstanceGroup))
     if kind not in INSTANCE_KINDS:
         raise ConfigError(f"{where}kind must be one of {', '.join(INSTANCE_KINDS)}")
@@ -486,7 +494,7 @@ def _instance_group(ig: dict[str, Any], device: str) -> InstanceGroup:
         gpus = _int_list(gpus, f"{where}gpus", "instance_group.gpus[]")
         if not gpus or len(set(gpus)) != len(gpus):
             raise ConfigError(f"{where}gpus must list at least one device id, each once")
-    group = InstanceGroup(count=count, kind=kind, gpus=gpus if gpus is not None else [0])
+    group = InstanceGroup(count=count, kind=kind, gpus=gpus if gpus is not None else [0], isolation=isolation)
     if len(group.placements()) > MAX_INSTANCES:
         raise ConfigError(f"{where}count x GPUs must be <= {MAX_INSTANCES} instances, got {len(group.placements())}")
     return group
@@ -541,7 +549,7 @@ def _parse(data: dict[str, Any]) -> ModelConfig:
         if device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
         cfg.device = device
-    for key in ("execution_timeout_ms", "max_abandoned_instances"):
+    for key in ("execution_timeout_ms", "max_abandoned_instances", "max_instance_failures"):
         setattr(cfg, key, _int(table, key, "", model_default(key), key))
     cfg.max_batch_size = _int(table, "max_batch_size", "", None, "max_batch_size")
     with _step():

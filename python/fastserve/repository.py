@@ -70,7 +70,7 @@ def _replacement(ctx: LoadContext) -> Callable[[int], Any]:
         device = placements[seat] if seat < len(placements) else None
         one = dataclasses.replace(group, count=1, gpus=[device] if device is not None else group.gpus)
         config = dataclasses.replace(ctx.config, instance_group=one)
-        return load_version(dataclasses.replace(ctx, config=config)).instances[0]
+        return load_version(dataclasses.replace(ctx, config=config, first_instance=seat)).instances[0]
 
     return create
 
@@ -499,6 +499,8 @@ class ModelRepository:
             "execution_timeout_ms": config.execution_timeout_ms,
             "max_abandoned_instances": config.max_abandoned_instances,
             "isolate_batch_failures": config.isolate_batch_failures,
+            "isolation": config.instance_group.isolation,
+            "max_instance_failures": config.max_instance_failures,
             "decoupled": config.decoupled,
             "sequence_batching": config.sequence_batching,
         }

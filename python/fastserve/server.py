@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _core
+from . import _core, isolation
+from .backends import finalize_instances
 from .logs import ensure_logging
-from .options import SERVER_OPTIONS
+from .options import SERVER_OPTIONS, model_default
 from .repository import CONTROL_MODES, ModelRepository, RepositoryApi, VersionStatus
 from .tensor import Tensor
 
@@ -86,7 +87,10 @@ class Server:
         ``execution_timeout_ms`` (a batch running longer fails and its instance is replaced) and
         ``max_abandoned_instances`` (hung instances left running before the version is marked
         unavailable: a thread cannot be killed), ``decoupled`` (``execute`` is a generator or
-        an async generator and each ``yield`` is one response, streamed to the client) and
+        an async generator and each ``yield`` is one response, streamed to the client),
+        ``isolation`` (``"process"``: each instance runs in a worker process of its own, which imports
+        ``model`` (a top-level class or factory) by name and calls it; ``max_instance_failures`` exits
+        in a row mark the version unavailable) and
         ``sequence_batching`` (a dict of the ``config.toml`` ``[sequence_batching]`` table: stateful
         models whose requests carry sequence ids).
         """
@@ -100,13 +104,29 @@ class Server:
         if not hasattr(model, "execute") and not callable(model):
             raise TypeError(f"model '{name}': {type(model).__name__} has no execute(inputs) method ({expected})")
         factory: Callable[[], Any] | None = model if isinstance(model, type) or not hasattr(model, "execute") else None
-        if factory is None:
-            instances = [model] * instance_count
+        create: Callable[[int], Any]
+        if options.get("isolation", model_default("isolation")) == isolation.ISOLATION_PROCESS:
+            # Each instance is a worker process with its own copy of the model (or its own
+            # factory() call there): an object is never shared across processes.
+            failures = options.get("max_instance_failures", model_default("max_instance_failures"))
+
+            def create(seat: int) -> Any:
+                return isolation.for_object(name, version, model, seat, failures)
+
+        elif factory is not None:
+            create = lambda _seat: factory()  # noqa: E731
         else:
-            instances = [factory() for _ in range(instance_count)]
-        for instance in instances:
-            if not callable(getattr(instance, "execute", None)):
-                raise TypeError(f"model '{name}': {type(instance).__name__} has no execute(inputs) method ({expected})")
+            create = lambda _seat: model  # noqa: E731
+        instances: list[Any] = []
+        try:
+            for seat in range(instance_count):
+                instances.append(create(seat))
+                if not callable(getattr(instances[-1], "execute", None)):
+                    kind = type(instances[-1]).__name__
+                    raise TypeError(f"model '{name}': {kind} has no execute(inputs) method ({expected})")
+        except BaseException:
+            finalize_instances(instances)
+            raise
         self._core.add_model(
             name,
             version,
@@ -115,7 +135,7 @@ class Server:
             [t.as_tuple() for t in outputs],
             instances,
             options,
-            (lambda _seat: factory()) if factory is not None else (lambda _seat: model),
+            create,
         )
 
     def add_ensemble(

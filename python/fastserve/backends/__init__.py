@@ -42,6 +42,9 @@ class LoadContext:
     model_dir: Any  # pathlib.Path
     version_dir: Any  # pathlib.Path
     config: Any  # fastserve.config.ModelConfig
+    # The instance_index of the first instance made (a replacement or a worker makes one instance
+    # for a later seat).
+    first_instance: int = 0
 
     def model_file(self, default: str) -> Any:
         """The version's model file: ``default_model_filename`` (Triton's key), else ``default``."""
@@ -187,6 +190,10 @@ def load_version(ctx: LoadContext) -> LoadedModel:
             f'device = "{ctx.config.device}" applies to python models; '
             f"{backend} models choose their device with [instance_group] kind or [parameters]"
         )
+    if ctx.config.instance_group.isolation == "process":
+        from .. import isolation
+
+        return isolation.load(ctx)
     if backend == "ensemble":
         cfg = ctx.config
         if not cfg.inputs or not cfg.outputs:

@@ -170,7 +170,7 @@ def _instances(ctx: LoadContext, module: ModuleType, cupy: Any) -> list[Any]:
         raise LoadError("model.py must define a class named Model (or Triton's TritonPythonModel)")
     instances: list[Any] = []
     try:
-        for index, device_id in enumerate(ctx.config.instance_group.placements()):
+        for index, device_id in enumerate(ctx.config.instance_group.placements(), start=ctx.first_instance):
             model = _instance(ctx, model_class, index, device_id, cupy)
             instances.append(CupyInstance(model, cupy, device_id) if cupy is not None else model)
     except BaseException:
@@ -215,7 +215,7 @@ def _triton_instances(ctx: LoadContext, model_class: type) -> list[Any]:
     label = f"model '{ctx.name}' version {ctx.version}"
     instances: list[Any] = []
     try:
-        for index, device_id in enumerate(cfg.instance_group.placements()):
+        for index, device_id in enumerate(cfg.instance_group.placements(), start=ctx.first_instance):
             args = triton_python.initialize_args(
                 ctx.name, ctx.version, ctx.model_dir, cfg, index, device_id, cfg.max_batch_size or 0
             )

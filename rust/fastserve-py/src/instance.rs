@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use fastserve_core::request::{RequestInfo, SequenceId, SequenceTag};
-use fastserve_core::scheduler::{execute_concatenated, Instance, ModelRequest, PerRequest, PhaseClock};
+use fastserve_core::scheduler::{
+    execute_concatenated, Instance, InstanceReport, KillSwitch, ModelRequest, PerRequest, PhaseClock,
+};
 use fastserve_core::spec::ModelSpec;
 use fastserve_core::{ServeError, Tensor};
 use pyo3::exceptions::{PyStopAsyncIteration, PyStopIteration};
@@ -27,7 +29,16 @@ pub struct PyInstance {
     event_loop: Option<Py<PyAny>>,
     /// The model takes a batch's requests one by one (`execute_requests`, `execute_stream`).
     per_request: bool,
+    /// `fastserve_kill()`: the model runs in a worker process the watchdog may kill.
+    kill: Option<KillSwitch>,
+    /// `fastserve_report()`: the model reports its worker process after each batch.
+    reports: bool,
 }
+
+/// Python's names for what a process-isolated instance (`fastserve.isolation.ProcessInstance`)
+/// offers beyond `execute`: prefixed, so no model's own method is taken for them.
+const KILL_METHOD: &str = "fastserve_kill";
+const REPORT_METHOD: &str = "fastserve_report";
 
 /// Triton's request flags for a request's place in its sequence.
 const SEQUENCE_START: u32 = 1;
@@ -49,7 +60,21 @@ impl PyInstance {
             )));
         }
         let per_request = model.bind(py).hasattr("execute_requests")?;
-        Ok(Self { model, label, numpy: NumpyCache::new(py)?, private_paths, event_loop: None, per_request })
+        let reports = model.bind(py).hasattr(REPORT_METHOD)?;
+        let kill = match model.bind(py).getattr(KILL_METHOD) {
+            Ok(method) if method.is_callable() => Some(kill_switch(method.unbind(), label.clone())),
+            _ => None,
+        };
+        Ok(Self {
+            model,
+            label,
+            numpy: NumpyCache::new(py)?,
+            private_paths,
+            event_loop: None,
+            per_request,
+            kill,
+            reports,
+        })
     }
 
     fn public(&self, message: String) -> String {
@@ -192,7 +217,49 @@ impl PyInstance {
     }
 }
 
+/// Calls the instance's kill method from the watchdog's thread (the instance's own thread waits
+/// for its worker without the GIL).
+fn kill_switch(method: Py<PyAny>, label: String) -> KillSwitch {
+    Arc::new(move || {
+        Python::attach(|py| {
+            if let Err(e) = method.call0(py) {
+                tracing::warn!(model = %label, error = %e, "killing the instance's worker process failed");
+            }
+        })
+    })
+}
+
 impl Instance for PyInstance {
+    fn kill_switch(&self) -> Option<KillSwitch> {
+        self.kill.clone()
+    }
+
+    /// `fastserve_report()` returns `(restarts since the last report, resident bytes or None,
+    /// why the instance can serve no more or None)`.
+    fn report(&mut self) -> InstanceReport {
+        if !self.reports {
+            return InstanceReport::default();
+        }
+        Python::attach(|py| {
+            let report = self
+                .model
+                .bind(py)
+                .call_method0(REPORT_METHOD)
+                .and_then(|r| r.extract::<(u64, Option<u64>, Option<String>)>());
+            match report {
+                Ok((restarts, resident_bytes, unavailable)) => InstanceReport {
+                    restarts,
+                    resident_bytes,
+                    unavailable: unavailable.map(|reason| self.public(reason)),
+                },
+                Err(e) => {
+                    tracing::warn!(model = %self.label, error = %e, "the instance's report is unreadable");
+                    InstanceReport::default()
+                }
+            }
+        })
+    }
+
     /// One GIL acquisition per batch: build the input dict, call `execute`, read the outputs.
     fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>, ServeError> {
         Python::attach(|py| {

@@ -164,6 +164,9 @@ pub struct ModelStats {
     sequences_idle_released: AtomicU64,
     instances_replaced: AtomicU64,
     batches_split: AtomicU64,
+    instance_restarts: AtomicU64,
+    /// Resident memory of each instance's worker process (process isolation), by instance.
+    instance_resident: RwLock<BTreeMap<usize, u64>>,
     last_inference_ms: AtomicU64,
     /// Decoupled streams by response index (sparse, at most [`MAX_RESPONSE_INDEXES`]).
     response_slots: RwLock<BTreeMap<usize, Arc<ResponseSlot>>>,
@@ -204,6 +207,8 @@ impl ModelStats {
             sequences_idle_released: AtomicU64::new(0),
             instances_replaced: AtomicU64::new(0),
             batches_split: AtomicU64::new(0),
+            instance_restarts: AtomicU64::new(0),
+            instance_resident: RwLock::default(),
             last_inference_ms: AtomicU64::new(0),
             response_slots: RwLock::default(),
             batches: RwLock::default(),
@@ -370,6 +375,25 @@ impl ModelStats {
 
     pub fn batches_split(&self) -> u64 {
         self.batches_split.load(Relaxed)
+    }
+
+    /// Worker processes of process-isolated instances started again after one exited.
+    pub fn record_instance_restarts(&self, n: u64) {
+        self.instance_restarts.fetch_add(n, Relaxed);
+    }
+
+    pub fn instance_restarts(&self) -> u64 {
+        self.instance_restarts.load(Relaxed)
+    }
+
+    /// The resident memory of instance `seat`'s worker process, as it last reported it.
+    pub fn set_instance_resident_bytes(&self, seat: usize, bytes: u64) {
+        self.instance_resident.write().unwrap_or_else(|p| p.into_inner()).insert(seat, bytes);
+    }
+
+    /// Each worker process's resident memory, by instance.
+    pub fn instance_resident_bytes(&self) -> Vec<(usize, u64)> {
+        self.instance_resident.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(s, b)| (*s, *b)).collect()
     }
 
     pub fn failures(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use super::plan::{concat_inputs, split_outputs};
 use super::queue::{Batch, Job, Msg, SequenceBatch};
 use super::sequence::assemble::take_states;
-use super::watchdog::{self, Replies, Watch};
+use super::watchdog::{self, KillSwitch, Replies, Watch};
 use crate::error::{Result, ServeError};
 use crate::observe::stats::{ModelStats, Phases, ResponseTiming};
 use crate::request::{Executed, Reply, RequestInfo, SequenceTag};
@@ -85,6 +85,32 @@ pub trait Instance: Send + 'static {
     ) -> Result<()> {
         self.execute_stream(request.inputs, clock, emit)
     }
+
+    /// How to stop a batch this instance runs from outside it: the watchdog calls it when the
+    /// batch runs past `execution_timeout_ms`. An instance that runs its model in a worker process
+    /// kills the worker (a process can be killed, a thread cannot); None: the hung call is left to
+    /// return on its own.
+    fn kill_switch(&self) -> Option<KillSwitch> {
+        None
+    }
+
+    /// What the instance tells the scheduler about itself after each batch (a process-isolated
+    /// instance: its worker's restarts and memory, or that it can serve no more).
+    fn report(&mut self) -> InstanceReport {
+        InstanceReport::default()
+    }
+}
+
+/// An instance's account of itself after a batch ([`Instance::report`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InstanceReport {
+    /// Worker process restarts since the last report.
+    pub restarts: u64,
+    /// The resident memory of the instance's worker process, when it has one.
+    pub resident_bytes: Option<u64>,
+    /// Set when the instance can serve no more (its worker keeps dying): the version is then
+    /// marked unavailable with this reason.
+    pub unavailable: Option<String>,
 }
 
 /// [`Instance::execute_requests`]'s default, for an instance that overrides it but still runs
@@ -250,6 +276,21 @@ impl Seats {
         })
     }
 
+    /// Takes in what an instance said about itself after a batch.
+    pub(super) fn take_report(&self, seat: usize, report: InstanceReport) {
+        if report.restarts > 0 {
+            self.stats.record_instance_restarts(report.restarts);
+        }
+        if let Some(bytes) = report.resident_bytes {
+            self.stats.set_instance_resident_bytes(seat, bytes);
+        }
+        if let Some(reason) = report.unavailable {
+            if self.broken.get().is_none() {
+                self.break_with(reason);
+            }
+        }
+    }
+
     /// Answers the batches still running with `error` (the caller gives up on them).
     pub(super) fn fail_running(&self, error: &ServeError) {
         let running: Vec<Replies> = lock(&self.running).drain().map(|(_, r)| r).collect();
@@ -318,6 +359,7 @@ pub(super) fn instance_loop(mut instance: Box<dyn Instance>, seats: &Seats, id: 
             seats.abandoned.fetch_sub(1, Ordering::AcqRel);
             break;
         }
+        seats.take_report(seat, instance.report());
     }
 }
 
@@ -343,7 +385,7 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
         .into_iter()
         .map(|j| (ModelRequest { inputs: j.inputs, rows: j.rows, info: j.info, sequence: j.sequence }, j.reply))
         .unzip();
-    let replies = started(seats, id, seat, replies);
+    let replies = started(seats, id, seat, replies, instance.kill_switch());
     let deadline = seats.execution_timeout.and_then(|t| Instant::now().checked_add(t));
     let _calls = super::calls::enter(&spec.name, callers.iter().flatten(), deadline);
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<PerRequest> {
@@ -426,12 +468,18 @@ fn answered_each(spec: &ModelSpec, results: PerRequest, rows: &[usize]) -> Resul
 }
 
 /// Registers a batch as running (for the watchdog and a bounded shutdown); returns its reply slots.
-fn started(seats: &Seats, id: u64, seat: usize, replies: Vec<oneshot::Sender<Reply>>) -> Replies {
+fn started(
+    seats: &Seats,
+    id: u64,
+    seat: usize,
+    replies: Vec<oneshot::Sender<Reply>>,
+    kill: Option<KillSwitch>,
+) -> Replies {
     let replies: Replies = Arc::new(Mutex::new(Some(replies)));
     lock(&seats.running).insert(id, replies.clone());
     if let Some(watch) = &seats.watch {
         let started = seats.clock.now();
-        let _ = watch.send(Watch::Started { id, seat, started, replies: replies.clone() });
+        let _ = watch.send(Watch::Started { id, seat, started, replies: replies.clone(), kill });
     }
     replies
 }
@@ -457,7 +505,7 @@ fn run_stream(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, 
     let mut clock = PhaseClock::new();
     let wait = clock.start.saturating_duration_since(job.enqueued);
     let (rows, enqueued) = (job.rows, job.enqueued);
-    let replies = started(seats, id, seat, vec![job.reply]);
+    let replies = started(seats, id, seat, vec![job.reply], instance.kill_switch());
     let deadline = seats.execution_timeout.and_then(|t| Instant::now().checked_add(t));
     let _calls = super::calls::enter(&spec.name, job.callers.iter(), deadline);
     let mut sent = 0usize;

@@ -29,7 +29,9 @@ use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
 
 use self::batcher::Batcher;
-pub use self::instance::{execute_concatenated, Instance, InstanceFactory, ModelRequest, PerRequest, PhaseClock};
+pub use self::instance::{
+    execute_concatenated, Instance, InstanceFactory, InstanceReport, ModelRequest, PerRequest, PhaseClock,
+};
 use self::instance::{lock, spawn, InstanceThreads, Replacer, Seats, Worker};
 pub use self::options::ModelOptions;
 use self::plan::BatchPolicy;
@@ -37,6 +39,7 @@ pub use self::queue::QueueOptions;
 use self::queue::{Expiry, Job, Msg, ResponseSender};
 use self::sequence::batcher::SequenceBatcher;
 pub use self::sequence::config::SequenceConfig;
+pub use self::watchdog::KillSwitch;
 use crate::error::{Result, ServeError};
 use crate::observe::stats::ModelStats;
 use crate::spec::{ModelSpec, ValidatedRequest};
@@ -889,6 +892,97 @@ mod tests {
         for (tx, _) in &gates {
             tx.send(()).unwrap();
         }
+        s.shutdown();
+    }
+
+    /// Hangs in its first batch until its kill switch is pulled (as a worker process is killed),
+    /// then fails that batch and says so on `returned`.
+    struct Killable {
+        killed: crossbeam_channel::Receiver<()>,
+        kill: KillSwitch,
+        returned: crossbeam_channel::Sender<()>,
+    }
+
+    impl Instance for Killable {
+        fn execute(&mut self, _inputs: Vec<Tensor>, _clock: &mut PhaseClock) -> Result<Vec<Tensor>> {
+            let _ = self.killed.recv();
+            let _ = self.returned.send(());
+            Err(ServeError::ModelError("model instance process exited with signal 9".into()))
+        }
+
+        fn kill_switch(&self) -> Option<KillSwitch> {
+            Some(self.kill.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hung_instance_with_a_kill_switch_is_killed_and_nothing_is_left_running() {
+        let (kill_tx, killed) = crossbeam_channel::unbounded();
+        let (returned, returns) = crossbeam_channel::unbounded();
+        let kill: KillSwitch = Arc::new(move || {
+            let _ = kill_tx.send(());
+        });
+        let hung = Killable { killed, kill, returned };
+        let (seen_tx, _seen) = crossbeam_channel::unbounded();
+        let factory: InstanceFactory = Arc::new(move |_| {
+            Ok(Box::new(Doubler { seen: seen_tx.clone(), gate: None, fail_on: None }) as Box<dyn Instance>)
+        });
+        let (cfg, clock) = timed(300);
+        let s = Scheduler::start_with(spec(0), cfg, vec![Box::new(hung)], Some(factory)).unwrap();
+        let reply = s.submit(request(&[1.0])).unwrap();
+        // The batch is running once the watchdog has it: advancing earlier would expire nothing.
+        while lock(&s.seats.running).is_empty() {
+            std::thread::yield_now();
+        }
+        clock.advance(Duration::from_millis(300));
+        let err = reply.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("timed out after 300 ms; instance process killed and replaced"), "{err}");
+        returns.recv().unwrap();
+        assert_eq!(values(s.submit(request(&[2.0])).unwrap().await.unwrap()), vec![4.0]);
+        // The killed instance's thread returns, so it no longer counts against max_abandoned_instances
+        // (bounded only as a guard against a hang).
+        let guard = Instant::now() + Duration::from_secs(60);
+        while s.seats.abandoned.load(Ordering::Acquire) != 0 && Instant::now() < guard {
+            std::thread::yield_now();
+        }
+        assert_eq!(s.seats.abandoned.load(Ordering::Acquire), 0);
+        assert_eq!(s.stats().instances_replaced(), 1);
+        s.shutdown();
+    }
+
+    /// Answers every batch and reports a worker that keeps dying.
+    struct Reporting(Doubler);
+
+    impl Instance for Reporting {
+        fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>> {
+            self.0.execute(inputs, clock)
+        }
+
+        fn report(&mut self) -> InstanceReport {
+            InstanceReport {
+                restarts: 2,
+                resident_bytes: Some(4096),
+                unavailable: Some("its worker kept dying".into()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_instance_report_feeds_the_metrics_and_can_mark_the_version_unavailable() {
+        let (seen_tx, _seen) = crossbeam_channel::unbounded();
+        let inst = Reporting(Doubler { seen: seen_tx, gate: None, fail_on: None });
+        let s = Scheduler::start(spec(0), config(0, 10), vec![Box::new(inst)]).unwrap();
+        assert_eq!(values(s.submit(request(&[1.0])).unwrap().await.unwrap()), vec![2.0]);
+        let refused = loop {
+            match s.submit(request(&[2.0])) {
+                Err(e) => break e,
+                Ok(rx) => assert!(matches!(rx.await.unwrap(), Err(ServeError::Unavailable(_)) | Ok(_))),
+            }
+        };
+        assert!(refused.to_string().contains("is unavailable: its worker kept dying"), "{refused}");
+        assert_eq!(s.broken(), Some("its worker kept dying"));
+        assert!(s.stats().instance_restarts() >= 2);
+        assert_eq!(s.stats().instance_resident_bytes(), vec![(0, 4096)]);
         s.shutdown();
     }
 

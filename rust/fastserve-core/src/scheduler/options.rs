@@ -31,12 +31,22 @@ options! {
         max_abandoned_instances: usize = 4, range = 0..=1024;
         /// a failed batch of several requests runs again one request at a time, so only requests that fail on their own fail (false: for models whose execute must not run twice)
         isolate_batch_failures: bool = true;
+        /// where each instance runs: "thread" (in the server's process: zero-copy, shares the GIL) or "process" (a worker process each: parallel, crash-isolated)
+        isolation: String = ISOLATION_THREAD.to_string(), choices = ISOLATIONS;
+        /// consecutive exits of an instance's worker process (isolation = "process") before the version is marked unavailable
+        max_instance_failures: usize = 5, range = 1..=1000;
         /// Triton's decoupled transaction policy: execute() is a generator and each yield is one response
         decoupled: bool = false;
         /// Triton's sequence batcher ([sequence_batching]): stateful models, requests with sequence ids
         sequence_batching: Option<super::SequenceConfig> = None;
     }
 }
+
+/// In-process instances: the default.
+pub const ISOLATION_THREAD: &str = "thread";
+/// Each instance in a worker process of its own.
+pub const ISOLATION_PROCESS: &str = "process";
+const ISOLATIONS: &[&str] = &[ISOLATION_THREAD, ISOLATION_PROCESS];
 
 fn micros(us: u64) -> Option<Duration> {
     (us > 0).then(|| Duration::from_micros(us))
@@ -47,6 +57,9 @@ impl ModelOptions {
     /// the message names the option.
     pub fn build(&self) -> Result<SchedulerConfig, String> {
         self.check_ranges()?;
+        if !ISOLATIONS.contains(&self.isolation.as_str()) {
+            return Err(format!("isolation must be one of {}, got '{}'", ISOLATIONS.join(", "), self.isolation));
+        }
         if let Some(&p) = self.preferred_batch_sizes.iter().find(|&&p| p > self.max_batch_size) {
             return Err(format!("preferred_batch_sizes: {p} exceeds max_batch_size {}", self.max_batch_size));
         }

@@ -4,7 +4,9 @@
 //! A batch's reply senders sit in a shared slot: whichever side takes them first answers the
 //! batch, the instance when `execute` returns or the watchdog when time is up. An instance that
 //! finds its slot empty was abandoned and stops; a hung call cannot be interrupted, so its thread
-//! is left to return on its own and never gets work again.
+//! is left to return on its own and never gets work again, unless the instance has a kill switch
+//! (a worker process, `Instance::kill_switch`): then it is killed, so its thread returns
+//! at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,6 +67,10 @@ impl Clock {
     }
 }
 
+/// Stops the batch an instance runs now (a worker process is killed); see
+/// `Instance::kill_switch`.
+pub type KillSwitch = Arc<dyn Fn() + Send + Sync>;
+
 /// The reply senders of the batch an instance runs, until one side takes them.
 pub type Replies = Arc<Mutex<Option<Vec<oneshot::Sender<Reply>>>>>;
 
@@ -78,7 +84,7 @@ pub fn take(replies: &Replies) -> Option<Vec<oneshot::Sender<Reply>>> {
 
 pub enum Watch {
     /// Instance thread `id` (in seat `seat`) started a batch.
-    Started { id: u64, seat: usize, started: Instant, replies: Replies },
+    Started { id: u64, seat: usize, started: Instant, replies: Replies, kill: Option<KillSwitch> },
     /// Instance thread `id` finished its batch.
     Finished { id: u64 },
     /// No more batches will start: leave once the running ones are over.
@@ -98,14 +104,14 @@ pub trait OnHung {
 /// Watches running batches until stopped, failing a batch that runs past `timeout` and having its
 /// instance abandoned and replaced (unless the version is stopping or has too many hung ones).
 pub fn run(rx: Receiver<Watch>, timeout: Duration, clock: &Clock, model: &str, hung: &impl OnHung) {
-    let mut running: HashMap<u64, (usize, Instant, Replies)> = HashMap::new();
+    let mut running: HashMap<u64, (usize, Instant, Replies, Option<KillSwitch>)> = HashMap::new();
     let mut stopping = false;
     loop {
-        let next = running.values().map(|(_, started, _)| *started + timeout).min();
+        let next = running.values().map(|(_, started, _, _)| *started + timeout).min();
         let msg = clock.wait(&rx, next);
         match msg {
-            Ok(Watch::Started { id, seat, started, replies }) => {
-                running.insert(id, (seat, started, replies));
+            Ok(Watch::Started { id, seat, started, replies, kill }) => {
+                running.insert(id, (seat, started, replies, kill));
             }
             Ok(Watch::Finished { id }) => {
                 running.remove(&id);
@@ -115,15 +121,21 @@ pub fn run(rx: Receiver<Watch>, timeout: Duration, clock: &Clock, model: &str, h
         }
         let now = clock.now();
         let expired: Vec<u64> =
-            running.iter().filter(|(_, (_, s, _))| now >= *s + timeout).map(|(id, _)| *id).collect();
+            running.iter().filter(|(_, (_, s, _, _))| now >= *s + timeout).map(|(id, _)| *id).collect();
         for id in expired {
-            let Some((seat, _, replies)) = running.remove(&id) else { continue };
+            let Some((seat, _, replies, kill)) = running.remove(&id) else { continue };
             // The instance may have answered just now; then nothing hung.
             let Some(replies) = take(&replies) else { continue };
+            // A worker process is killed: its thread returns now instead of staying hung.
+            if let Some(kill) = &kill {
+                kill();
+            }
             let ms = timeout.as_millis();
             let may_replace = hung.abandon(id);
             let outcome = match (stopping, may_replace) {
+                (true, _) if kill.is_some() => "instance process killed",
                 (true, _) => "instance abandoned",
+                (false, true) if kill.is_some() => "instance process killed and replaced",
                 (false, true) => "instance replaced",
                 (false, false) => "too many hung instances; the model version is now unavailable",
             };

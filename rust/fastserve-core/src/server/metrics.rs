@@ -228,6 +228,28 @@ impl Collector for ServerCollector {
             "Failed batches of several requests run again one request at a time (isolate_batch_failures).",
             &each(&|s| s.batches_split()),
         )?;
+        counter(
+            e,
+            "fastserve_instance_restarts",
+            "Worker processes of process-isolated instances restarted after they exited (a crash, a kill).",
+            &each(&|s| s.instance_restarts()),
+        )?;
+        let resident: Vec<(Labels, f64)> = models
+            .iter()
+            .flat_map(|(l, s, _)| {
+                s.instance_resident_bytes().into_iter().map(move |(seat, bytes)| {
+                    let mut labels = l.clone();
+                    labels.push(("instance", seat.to_string()));
+                    (labels, bytes as f64)
+                })
+            })
+            .collect();
+        gauge(
+            e,
+            "fastserve_instance_process_resident_bytes",
+            "Resident memory of each process-isolated instance's worker process, as of its last batch.",
+            &resident,
+        )?;
         let load_failures: Vec<(Labels, u64)> = self
             .state
             .registry
