@@ -282,6 +282,10 @@ class Server:
         self.stop()
 
 
+# How often the main thread wakes to run pending signal handlers (see StopSignals.wait).
+SIGNAL_CHECK_S = 0.2
+
+
 class StopSignals:
     """SIGINT and SIGTERM ask for a stop (logged) instead of killing the process, while in the
     ``with`` block; the previous handlers come back after it. Off the main thread (where Python
@@ -305,5 +309,8 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def wait(self) -> None:
-        """Blocks until a stop was asked for."""
-        self._stop.wait()
+        """Blocks until a stop was asked for. Waits in slices: Python runs a signal handler only
+        when the main thread runs bytecode, and a signal the kernel hands to one of the server's
+        own threads does not interrupt a wait without a timeout."""
+        while not self._stop.wait(SIGNAL_CHECK_S):
+            pass
