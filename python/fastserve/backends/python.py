@@ -182,24 +182,31 @@ def _instances(ctx: LoadContext, module: ModuleType, cupy: Any) -> list[Any]:
 def _instance(ctx: LoadContext, model_class: type, index: int, device_id: int | None, cupy: Any) -> Any:
     # Weights a GPU model creates in initialize() land on its own device.
     on_device = cupy.cuda.Device(device_id) if cupy is not None else contextlib.nullcontext()
+    return _construct(ctx, model_class, "execute(inputs)", ctx.initialize_args(index, device_id), on_device)
+
+
+def _construct(ctx: LoadContext, model_class: type, method: str, args: Any, on_device: Any) -> Any:
+    """``model_class()`` with ``initialize(args)`` called when it has one; any exception from them
+    (sys.exit() too) fails this model, not the server."""
+    what = model_class.__name__
     try:
         model = model_class()
         if not callable(getattr(model, "execute", None)):
-            raise LoadError("class Model has no execute(inputs) method")
+            raise LoadError(f"class {what} has no {method} method")
         initialize = getattr(model, "initialize", None)
         if callable(initialize):
             with on_device:
-                initialize(ctx.initialize_args(index, device_id))
+                initialize(args)
     except (LoadError, KeyboardInterrupt):
         raise
-    except BaseException as e:  # sys.exit() in initialize fails this model, not the server
+    except BaseException as e:
         log.exception(
             "initializing model '%s' version %s failed",
             ctx.name,
             ctx.version,
             extra=model_fields(ctx.name, ctx.version),
         )
-        raise LoadError(f"Model() or initialize() raised {type(e).__name__}: {e}") from None
+        raise LoadError(f"{what}() or initialize() raised {type(e).__name__}: {e}") from None
     return model
 
 
@@ -219,23 +226,7 @@ def _triton_instances(ctx: LoadContext, model_class: type) -> list[Any]:
             args = triton_python.initialize_args(
                 ctx.name, ctx.version, ctx.model_dir, cfg, index, device_id, cfg.max_batch_size or 0
             )
-            try:
-                model = model_class()
-                if not callable(getattr(model, "execute", None)):
-                    raise LoadError("class TritonPythonModel has no execute(requests) method")
-                initialize = getattr(model, "initialize", None)
-                if callable(initialize):
-                    initialize(args)
-            except (LoadError, KeyboardInterrupt):
-                raise
-            except BaseException as e:  # sys.exit() in initialize fails this model, not the server
-                log.exception(
-                    "initializing model '%s' version %s failed",
-                    ctx.name,
-                    ctx.version,
-                    extra=model_fields(ctx.name, ctx.version),
-                )
-                raise LoadError(f"TritonPythonModel() or initialize() raised {type(e).__name__}: {e}") from None
+            model = _construct(ctx, model_class, "execute(requests)", args, contextlib.nullcontext())
             instances.append(triton_python.TritonModel(model, label))
     except BaseException:
         finalize_instances(instances)
