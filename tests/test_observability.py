@@ -221,6 +221,11 @@ def test_access_log_lines_carry_the_request_id(start_server, repo: Path) -> None
     generated = anonymous.headers["X-Request-Id"]
     assert len(generated) == 16
     bad = infer_json(server.url, "nope", rows(1))
+    # A request the model fails still ran in a batch: its line says how (the batch is sent when full).
+    raised = requests.post(
+        f"{server.url}/v2/models/m/infer", json={"id": "raised", "inputs": rows(8, -1.0)}, timeout=10
+    )
+    assert raised.status_code == 500
     # gRPC goes through the same pipeline: its failures are logged too, with their gRPC code.
     grpc = grpcclient.InferenceServerClient(server.grpc_address)
     x = grpcclient.InferInput("X", [1, 1], "FP32")
@@ -242,6 +247,7 @@ def test_access_log_lines_carry_the_request_id(start_server, repo: Path) -> None
     assert {"queue_us", "compute_us", "duration_us"} <= by_id["my-id-7"].keys()
     assert by_id[generated]["status"] == 200
     assert by_id[bad.headers["X-Request-Id"]]["status"] == 404
+    assert (by_id["raised"]["status"], by_id["raised"]["batch_size"]) == (500, 8)
     ok = by_id["grpc-ok"]
     assert (ok["protocol"], ok["status"], ok["grpc_code"]) == ("grpc", 200, "Ok")
     failed = [r for r in access if r["protocol"] == "grpc" and r["grpc_code"] == "InvalidArgument"]

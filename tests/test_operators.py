@@ -235,6 +235,21 @@ def test_model_state_load_failure_and_build_info_metrics(start_server, tmp_path:
     assert metric(url, "fastserve_build_info", version=version) == 1.0
 
 
+def test_model_state_is_loading_while_the_load_runs(start_server, gated_repo: tuple[Path, Path]) -> None:
+    repo, fifo = gated_repo
+    server = start_server(repo, wait_loaded=False)
+    url = server.metrics_url
+
+    def state_of_slow(state: str) -> float | None:
+        return metric(url, "fastserve_model_state", model="slow", version="1", state=state)
+
+    wait_until(lambda: state_of_slow("loading") == 1.0, what="slow to be reported loading")
+    assert state_of_slow("ready") == 0.0
+    open_gate(fifo)
+    wait_until(lambda: state_of_slow("ready") == 1.0, what="slow to be reported ready")
+    assert state_of_slow("loading") == 0.0
+
+
 # --- KServe V1 / TensorFlow Serving REST --------------------------------------------------------
 
 

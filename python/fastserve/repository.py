@@ -323,7 +323,7 @@ class ModelRepository:
                 self._transient.pop((name, version), None)
             else:
                 self._transient[(name, version)] = transient
-            loading = [f"'{n}' version {v}" for (n, v), state in sorted(self._transient.items()) if state == "LOADING"]
+            loading = [(n, v) for (n, v), state in sorted(self._transient.items()) if state == "LOADING"]
         # A startup probe names what it waits for.
         self.core.set_loading(loading)
 

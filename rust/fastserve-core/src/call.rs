@@ -49,7 +49,7 @@ pub fn infer(
         Some(at) => wait_until(reply, at, model),
     };
     // Counted as the model's requests, as network ones are.
-    let answer = waited.and_then(|reply| reply);
+    let answer = waited.and_then(|reply| reply.map_err(ServeError::from));
     scheduler.stats().record_request(answer.as_ref().map(|_| ()), start.elapsed());
     Ok(answer?.outputs)
 }

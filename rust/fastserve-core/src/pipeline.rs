@@ -9,7 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -17,7 +17,7 @@ use crate::error::{Result, ServeError};
 use crate::observe::transport::Protocol;
 use crate::registry::ModelVersion;
 use crate::request::{
-    check_request_id, Delivery, Executed, InferRequest, InferResponse, Reply, RequestInfo, ResponseOutput,
+    check_request_id, Delivery, InferRequest, InferResponse, Reply, RequestInfo, ResponseOutput, Served,
     MAX_REQUEST_ID_BYTES,
 };
 use crate::scheduler::{QueueOptions, Scheduler, StreamReceiver};
@@ -38,15 +38,6 @@ pub struct Target {
     pub request_id: Option<String>,
     /// The client's own deadline (gRPC `grpc-timeout`).
     pub deadline: Option<Instant>,
-}
-
-/// How a request was served, for the access log.
-#[derive(Debug, Default, Clone, Copy)]
-struct Served {
-    queue: Duration,
-    compute: Duration,
-    /// Rows in the batch the request ran in.
-    batch_size: usize,
 }
 
 /// One inference call from the moment its target is known until its last response was sent.
@@ -130,9 +121,9 @@ impl Stream {
     fn end(&mut self, answer: std::result::Result<Reply, oneshot::error::RecvError>) -> Next {
         self.answered = true;
         let name = &self.scheduler.spec().name;
-        Next::End(
-            answer.unwrap_or_else(|_| Err(ServeError::unavailable(format!("model '{name}' stopped before answering")))),
-        )
+        Next::End(answer.unwrap_or_else(|_| {
+            Err(ServeError::unavailable(format!("model '{name}' stopped before answering")).into())
+        }))
     }
 }
 
@@ -255,17 +246,17 @@ impl<'a> Call<'a> {
         let outputs = match (outputs, executed) {
             (Some(outputs), _) => outputs,
             (None, Some(Ok(executed))) => {
-                self.served =
-                    Served { queue: executed.queue, compute: executed.phases.total(), batch_size: executed.batch_size };
+                self.served = executed.served;
                 if matches!(running.responses, Responses::Stream(_)) {
                     self.running = None;
                     return None;
                 }
                 executed.outputs
             }
-            (None, Some(Err(e))) => {
+            (None, Some(Err(failed))) => {
+                self.served = failed.served.unwrap_or_default();
                 self.running = None;
-                return Some(Err(e));
+                return Some(Err(failed.error));
             }
             (None, None) => return None,
         };
@@ -314,7 +305,7 @@ impl<'a> Call<'a> {
                 grpc_code = %grpc_code,
                 duration_us = elapsed.as_micros() as u64,
                 queue_us = self.served.queue.as_micros() as u64,
-                compute_us = self.served.compute.as_micros() as u64,
+                compute_us = self.served.phases.total().as_micros() as u64,
                 batch_size = self.served.batch_size,
                 "request"
             );
@@ -354,11 +345,12 @@ struct Pending {
 }
 
 impl Pending {
-    async fn answer(mut self) -> Result<Executed> {
+    async fn answer(mut self) -> Reply {
         let answer = (&mut self.reply).await;
         self.answered = true;
         let name = &self.scheduler.spec().name;
-        answer.map_err(|_| ServeError::unavailable(format!("model '{name}' stopped before answering")))?
+        answer
+            .unwrap_or_else(|_| Err(ServeError::unavailable(format!("model '{name}' stopped before answering")).into()))
     }
 }
 

@@ -11,17 +11,55 @@ use crate::observe::stats::Phases;
 use crate::tensor::datatype::DataType;
 use crate::tensor::{element_count, Tensor};
 
-/// A request's answer: the model's outputs for its own rows, and how it was served.
-#[derive(Debug)]
-pub struct Executed {
-    pub outputs: Vec<Tensor>,
+/// How a request was served once an instance took it: for its statistics and the access log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Served {
     pub queue: Duration,
     pub phases: Phases,
     /// Rows in the batch the request ran in.
     pub batch_size: usize,
 }
 
-pub type Reply = Result<Executed>;
+/// A request's answer: the model's outputs for its own rows, and how it was served.
+#[derive(Debug)]
+pub struct Executed {
+    pub outputs: Vec<Tensor>,
+    pub served: Served,
+}
+
+/// A request's error, with how it was served when it failed after leaving the queue (a failed
+/// batch's requests still waited and ran).
+#[derive(Debug, Clone)]
+pub struct Failed {
+    pub error: ServeError,
+    pub served: Option<Served>,
+}
+
+impl Failed {
+    pub fn after(error: ServeError, served: Served) -> Self {
+        Self { error, served: Some(served) }
+    }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl From<ServeError> for Failed {
+    fn from(error: ServeError) -> Self {
+        Self { error, served: None }
+    }
+}
+
+impl From<Failed> for ServeError {
+    fn from(failed: Failed) -> Self {
+        failed.error
+    }
+}
+
+pub type Reply = std::result::Result<Executed, Failed>;
 
 /// What a request asks of the queue, from its V2 parameters and its transport.
 #[derive(Debug, Clone, Default)]

@@ -232,8 +232,9 @@ impl CoreServer {
         self.server.state().set_starting(on);
     }
 
-    /// The model versions whose load is under way (`'m' version 1`), named by the readiness answer.
-    fn set_loading(&self, versions: Vec<String>) {
+    /// The model versions whose load is under way (name, version): named by the readiness answer,
+    /// `loading` in `fastserve_model_state`.
+    fn set_loading(&self, versions: Vec<(String, u64)>) {
         self.server.state().set_loading(versions);
     }
 

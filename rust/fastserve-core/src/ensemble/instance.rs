@@ -106,7 +106,9 @@ impl Instance for EnsembleInstance {
             let (i, submitted, answer) = waiter.block_on(first_answer(&mut running));
             let step = &self.plan.steps[i];
             let label = format!("ensemble '{}' {}", self.spec.name, step.label(i));
-            let answer = answer.unwrap_or_else(|| Err(ServeError::unavailable("the model stopped before answering")));
+            let answer = answer
+                .unwrap_or_else(|| Err(ServeError::unavailable("the model stopped before answering").into()))
+                .map_err(ServeError::from);
             // A step counts as a request of its model, as in Triton.
             submitted.stats.record_request(answer.as_ref().map(|_| ()), submitted.start.elapsed());
             let executed = answer.map_err(|e| e.context(&label))?;

@@ -52,7 +52,7 @@ impl Batcher {
     pub(super) fn fail_all(&self, backlog: &mut Backlog, error: &ServeError) {
         self.queued.fetch_sub(backlog.0.len(), Ordering::AcqRel);
         for job in backlog.0.drain(..) {
-            let _ = job.reply.send(Err(error.clone()));
+            let _ = job.reply.send(Err(error.clone().into()));
         }
     }
 

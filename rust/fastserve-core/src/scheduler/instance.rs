@@ -17,7 +17,7 @@ use super::sequence::assemble::take_states;
 use super::watchdog::{self, KillSwitch, Replies, Watch};
 use crate::error::{Result, ServeError};
 use crate::observe::stats::{ModelStats, Phases, ResponseTiming};
-use crate::request::{Executed, Reply, RequestInfo, SequenceTag};
+use crate::request::{Executed, Failed, Reply, RequestInfo, SequenceTag, Served};
 use crate::spec::ModelSpec;
 use crate::tensor::Tensor;
 
@@ -296,7 +296,7 @@ impl Seats {
         let running: Vec<Replies> = lock(&self.running).drain().map(|(_, r)| r).collect();
         for replies in running {
             for reply in watchdog::take(&replies).into_iter().flatten() {
-                let _ = reply.send(Err(error.clone()));
+                let _ = reply.send(Err(error.clone().into()));
             }
         }
     }
@@ -376,7 +376,10 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
     let (spec, stats) = (&*seats.spec, &*seats.stats);
     let mut clock = PhaseClock::new();
     let waits: Vec<Duration> = jobs.iter().map(|j| clock.start.saturating_duration_since(j.enqueued)).collect();
-    let total: usize = jobs.iter().map(|j| j.rows).sum();
+    let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
+    let total: usize = rows.iter().sum();
+    // Set when the batch failed and its requests ran one at a time: each then ran in a batch of its own rows.
+    let mut split = false;
     let callers: Vec<Vec<String>> = jobs.iter_mut().map(|j| std::mem::take(&mut j.callers)).collect();
     let ids: Vec<Option<String>> = jobs.iter_mut().map(|j| j.request_id.take()).collect();
     // The failed batch's request ids, for its log line (the model's traceback is logged once, by it).
@@ -399,6 +402,7 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
                 tracing::warn!(model = %spec.name, version = spec.version, batch = alone.len(), request_ids = %named(),
                     error = %e, "batch failed; running its requests one at a time");
                 stats.record_batch_split();
+                split = true;
                 let each = alone.into_iter().map(|r| {
                     run_requests(instance, spec, vec![r], &mut clock)
                         .and_then(|mut answers| answers.pop().unwrap_or_else(|| Err(e.clone())))
@@ -415,19 +419,24 @@ pub(super) fn run_batch(instance: &mut dyn Instance, seats: &Seats, id: u64, sea
         Ok(results) => {
             stats.record_batch(total, &waits, phases);
             stats.record_responses(results.iter().filter(|r| r.is_ok()).count());
-            for (((reply, result), queue), request_id) in replies.into_iter().zip(results).zip(waits).zip(&ids) {
+            let replies = replies.into_iter().zip(results).zip(waits).zip(&ids).zip(rows);
+            for ((((reply, result), queue), request_id), rows) in replies {
+                let served = Served { queue, phases, batch_size: if split { rows } else { total } };
                 if let Err(e) = &result {
                     let request_id = request_id.as_deref().unwrap_or("");
                     tracing::debug!(model = %spec.name, version = spec.version, request_id, error = %e, "request failed");
                 }
-                let _ = reply.send(result.map(|outputs| Executed { outputs, queue, phases, batch_size: total }));
+                let _ = reply.send(match result {
+                    Ok(outputs) => Ok(Executed { outputs, served }),
+                    Err(error) => Err(Failed::after(error, served)),
+                });
             }
         }
         Err(e) => {
             tracing::warn!(model = %spec.name, version = spec.version, batch_size = total, request_ids = %named(),
                 error = %e, "batch failed");
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+            for (reply, queue) in replies.into_iter().zip(waits) {
+                let _ = reply.send(Err(Failed::after(e.clone(), Served { queue, phases, batch_size: total })));
             }
         }
     }
@@ -551,12 +560,11 @@ fn run_stream(instance: &mut dyn Instance, seats: &Seats, id: u64, seat: usize, 
         Ok(()) => {}
     }
     for reply in replies {
-        let _ = reply.send(result.clone().map(|()| Executed {
-            outputs: Vec::new(),
-            queue: wait,
-            phases,
-            batch_size: rows,
-        }));
+        let served = Served { queue: wait, phases, batch_size: rows };
+        let _ = reply.send(match &result {
+            Ok(()) => Ok(Executed { outputs: Vec::new(), served }),
+            Err(error) => Err(Failed::after(error.clone(), served)),
+        });
     }
     true
 }

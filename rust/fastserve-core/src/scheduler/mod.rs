@@ -618,12 +618,12 @@ mod tests {
         let good = s.submit(request(&[3.0])).unwrap();
         gate_tx.send(()).unwrap();
         assert_eq!(values(first.await.unwrap()), vec![2.0]);
-        assert_eq!(bad.await.unwrap().unwrap_err(), ServeError::ModelError("boom".into()));
+        assert_eq!(bad.await.unwrap().unwrap_err().error, ServeError::ModelError("boom".into()));
         assert_eq!(values(good.await.unwrap()), vec![6.0]);
     }
 
     /// Two requests batched together behind a held first batch; one makes the model fail.
-    async fn batch_with_a_bad_request(isolate: bool) -> (Result<Executed>, Result<Executed>, u64, Vec<usize>) {
+    async fn batch_with_a_bad_request(isolate: bool) -> (Reply, Reply, u64, Vec<usize>) {
         let (seen_tx, seen) = crossbeam_channel::unbounded();
         let (gate_tx, gate_rx) = crossbeam_channel::unbounded();
         let inst = Doubler { seen: seen_tx, gate: Some(gate_rx), fail_on: Some(13.0) };
@@ -643,12 +643,16 @@ mod tests {
     #[tokio::test]
     async fn a_failed_batch_runs_its_requests_alone_so_only_the_bad_one_fails() {
         let (bad, good, splits, batches) = batch_with_a_bad_request(true).await;
-        assert_eq!(bad.unwrap_err(), ServeError::ModelError("boom".into()));
+        let bad = bad.unwrap_err();
+        assert_eq!(bad.error, ServeError::ModelError("boom".into()));
+        assert_eq!(bad.served.map(|s| s.batch_size), Some(1), "a failure says how it ran, for the access log");
         assert_eq!(values(good), vec![6.0]);
         assert_eq!((splits, batches), (1, vec![2, 1, 1]), "the batch of 2, then each request alone");
         // Off (models whose execute must not run twice): the whole batch fails, once.
         let (bad, good, splits, batches) = batch_with_a_bad_request(false).await;
-        assert!(bad.is_err() && good.is_err());
+        let (bad, good) = (bad.unwrap_err(), good.unwrap_err());
+        assert_eq!(bad.served.map(|s| s.batch_size), Some(2));
+        assert_eq!(good.served.map(|s| s.batch_size), Some(2));
         assert_eq!((splits, batches), (0, vec![2]));
     }
 
@@ -786,8 +790,8 @@ mod tests {
         let patient = s.submit(request(&[3.0])).unwrap();
         // Both expire while the only instance is still held, so they are answered before it frees.
         let err = short.await.unwrap().unwrap_err();
-        assert!(matches!(err, ServeError::QueueTimeout(_)) && err.to_string().contains("timed out in the queue"));
-        assert!(matches!(late.await.unwrap().unwrap_err(), ServeError::DeadlineExceeded(_)));
+        assert!(matches!(err.error, ServeError::QueueTimeout(_)) && err.to_string().contains("timed out in the queue"));
+        assert!(matches!(late.await.unwrap().unwrap_err().error, ServeError::DeadlineExceeded(_)));
         assert_eq!(s.pending(), 1);
         gate.send(()).unwrap();
         first.await.unwrap().unwrap();
@@ -810,7 +814,7 @@ mod tests {
         seen.recv().unwrap();
         let defaulted = s.submit(request(&[1.0])).unwrap();
         let overridden = s.submit_with(request(&[2.0]), own).unwrap();
-        assert!(matches!(defaulted.await.unwrap().unwrap_err(), ServeError::QueueTimeout(_)));
+        assert!(matches!(defaulted.await.unwrap().unwrap_err().error, ServeError::QueueTimeout(_)));
         gate_tx.send(()).unwrap();
         first.await.unwrap().unwrap();
         assert_eq!(values(overridden.await.unwrap()), vec![4.0]);
@@ -833,7 +837,7 @@ mod tests {
         seen.recv().unwrap();
         clock.advance(Duration::from_millis(300));
         let err = hung.await.unwrap().unwrap_err();
-        assert!(matches!(err, ServeError::ExecutionTimeout(_)), "{err}");
+        assert!(matches!(err.error, ServeError::ExecutionTimeout(_)), "{err}");
         assert!(err.to_string().contains("timed out after 300 ms; instance replaced"), "{err}");
         assert_eq!(values(s.submit(request(&[2.0])).unwrap().await.unwrap()), vec![4.0]);
         assert_eq!(*seats.lock().unwrap(), vec![0], "one replacement, in the hung instance's seat");
@@ -882,7 +886,9 @@ mod tests {
         let refused = loop {
             match s.submit(request(&[2.0])) {
                 Err(e) => break e,
-                Ok(rx) => assert!(matches!(rx.await.unwrap(), Err(ServeError::Unavailable(_)))),
+                Ok(rx) => {
+                    assert!(matches!(rx.await.unwrap().map_err(ServeError::from), Err(ServeError::Unavailable(_))))
+                }
             }
         };
         assert!(matches!(refused, ServeError::Unavailable(_)), "{refused}");
@@ -976,7 +982,10 @@ mod tests {
         let refused = loop {
             match s.submit(request(&[2.0])) {
                 Err(e) => break e,
-                Ok(rx) => assert!(matches!(rx.await.unwrap(), Err(ServeError::Unavailable(_)) | Ok(_))),
+                Ok(rx) => assert!(matches!(
+                    rx.await.unwrap().map_err(ServeError::from),
+                    Err(ServeError::Unavailable(_)) | Ok(_)
+                )),
             }
         };
         assert!(refused.to_string().contains("is unavailable: its worker kept dying"), "{refused}");
@@ -1036,6 +1045,6 @@ mod tests {
         });
         clock.advance(Duration::from_millis(300));
         stopper.join().unwrap();
-        assert!(matches!(reply.await.unwrap(), Err(ServeError::ExecutionTimeout(_))));
+        assert!(matches!(reply.await.unwrap().map_err(ServeError::from), Err(ServeError::ExecutionTimeout(_))));
     }
 }

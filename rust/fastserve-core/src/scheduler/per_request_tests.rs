@@ -143,7 +143,7 @@ async fn one_requests_failure_leaves_the_others_in_its_batch_answered() {
     assert_eq!(ids.len(), 4, "the queued requests formed one batch: {ids:?}");
     let [ok, error, missing, ok2] = replies;
     let ok = ok.await.unwrap().unwrap();
-    assert_eq!((floats(&ok.outputs[0]), ok.batch_size), (vec![20.0, 30.0], 5));
+    assert_eq!((floats(&ok.outputs[0]), ok.served.batch_size), (vec![20.0, 30.0], 5));
     assert_eq!(
         error.await.unwrap().unwrap_err().to_string(),
         ServeError::ModelError("negative: -1".into()).to_string()

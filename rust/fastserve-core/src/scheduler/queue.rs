@@ -11,7 +11,7 @@ use super::plan::Batchable;
 use crate::error::ServeError;
 use crate::observe::stats::ModelStats;
 pub use crate::request::QueueOptions;
-use crate::request::{Reply, RequestInfo, SequenceTag};
+use crate::request::{Failed, Reply, RequestInfo, SequenceTag, Served};
 use crate::tensor::Tensor;
 
 /// Why a queued request may expire.
@@ -100,7 +100,8 @@ impl Backlog {
                 tracing::debug!(model, cancelled, "dropped queued requests whose client went away");
             }
             for (job, why) in expired {
-                let _ = job.reply.send(Err(expiry_error(why, model)));
+                let served = Served { queue: now.saturating_duration_since(job.enqueued), ..Served::default() };
+                let _ = job.reply.send(Err(Failed::after(expiry_error(why, model), served)));
             }
         }
         self.0.iter().filter_map(|j| j.expires.map(|(at, _)| at)).min()

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::request::{SequenceId, SequenceTag};
+use crate::request::{Failed, SequenceId, SequenceTag};
 use crate::spec::TensorSpec;
 use crate::tensor::datatype::DataType;
 use crate::tensor::{Tensor, TensorData};
@@ -157,7 +157,10 @@ async fn an_idle_sequence_is_released_and_a_late_request_is_refused() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let late = submit(&s, 7, 1, false, false).await.unwrap();
-    assert!(matches!(&late, Err(ServeError::BadRequest(m)) if m.contains("not active")), "{late:?}");
+    assert!(
+        matches!(&late, Err(Failed { error: ServeError::BadRequest(m), .. }) if m.contains("not active")),
+        "{late:?}"
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::plan::BatchPolicy;
 use super::*;
+use crate::request::Failed;
 use crate::spec::TensorSpec;
 use crate::tensor::datatype::DataType;
 use crate::tensor::{Tensor, TensorData};
@@ -171,5 +172,5 @@ async fn a_bounded_shutdown_ends_a_stream_waiting_for_its_reader() {
     let (_, ended) = f.ended.recv_timeout(Duration::from_secs(60)).unwrap();
     assert!(matches!(&ended, Err(ServeError::Unavailable(m)) if m.contains("stopped while streaming")), "{ended:?}");
     let answer = rx.done.await.unwrap();
-    assert!(matches!(answer, Err(ServeError::Unavailable(_))), "{answer:?}");
+    assert!(matches!(answer, Err(Failed { error: ServeError::Unavailable(_), .. })), "{answer:?}");
 }

@@ -143,7 +143,7 @@ pub fn run(rx: Receiver<Watch>, timeout: Duration, clock: &Clock, model: &str, h
             let error =
                 ServeError::ExecutionTimeout(format!("model '{model}' execution timed out after {ms} ms; {outcome}"));
             for reply in replies {
-                let _ = reply.send(Err(error.clone()));
+                let _ = reply.send(Err(error.clone().into()));
             }
             match (stopping, may_replace) {
                 (true, _) => {}

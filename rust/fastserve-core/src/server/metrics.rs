@@ -2,6 +2,7 @@
 //! and `observe::transport` (per protocol), all plain atomics; this module only reads them when
 //! scraped and encodes with `prometheus-client` (Prometheus text, or OpenMetrics on request).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,10 +33,11 @@ impl fmt::Debug for ServerCollector {
 type Labels = Vec<(&'static str, String)>;
 
 /// The values of `fastserve_model_state`'s `state` label.
-const MODEL_STATES: [&str; 3] = ["ready", "unavailable", "failed"];
+const MODEL_STATES: [&str; 4] = ["loading", "ready", "unavailable", "failed"];
 
-const MODEL_STATE_HELP: &str = "1 for the state a model version is in (ready: serving; unavailable: registered but \
-     its instances stopped; failed: its last load failed), 0 for the others.";
+const MODEL_STATE_HELP: &str = "1 for the state a model version is in (loading: its load is under way and it does not \
+     serve yet; ready: serving; unavailable: registered but its instances stopped; failed: its last load failed), 0 \
+     for the others.";
 
 fn model_labels(name: &str, version: u64) -> Labels {
     vec![("model", name.to_string()), ("version", version.to_string())]
@@ -62,20 +64,29 @@ impl ServerCollector {
 
     /// One sample per model version and state: 1 for the state it is in, 0 for the others, so
     /// `fastserve_model_state{state="failed"} == 1` finds every version that failed to load.
+    /// A version that serves while its replacement loads stays `ready`.
     fn model_states(&self) -> Vec<(Labels, f64)> {
-        let mut out = Vec::new();
+        let mut current: BTreeMap<(String, u64), &str> =
+            self.state.loading().into_iter().map(|key| (key, "loading")).collect();
         for (name, entry) in self.state.registry.models() {
             for v in entry.versions.values() {
-                let current = match &v.state {
+                let state = match &v.state {
                     VersionState::Ready(s) if s.unavailable().is_none() => "ready",
                     VersionState::Ready(_) => "unavailable",
                     VersionState::Failed(_) => "failed",
                 };
-                for state in MODEL_STATES {
-                    let mut labels = model_labels(&name, v.version);
-                    labels.push(("state", state.to_string()));
-                    out.push((labels, f64::from(u8::from(state == current))));
+                let key = (name.clone(), v.version);
+                if state == "ready" || !current.contains_key(&key) {
+                    current.insert(key, state);
                 }
+            }
+        }
+        let mut out = Vec::new();
+        for ((name, version), now) in current {
+            for state in MODEL_STATES {
+                let mut labels = model_labels(&name, version);
+                labels.push(("state", state.to_string()));
+                out.push((labels, f64::from(u8::from(state == now))));
             }
         }
         out
@@ -392,5 +403,38 @@ pub fn encode(registry: &MetricRegistry, accept: &str) -> (String, &'static str)
     } else {
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
         (out, "text/plain; version=0.0.4; charset=utf-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{ModelVersion, Registry};
+    use crate::server::options::Limits;
+
+    fn states(collector: &ServerCollector) -> Vec<(String, u64, String)> {
+        let mut now: Vec<_> = collector
+            .model_states()
+            .into_iter()
+            .filter(|(_, value)| *value == 1.0)
+            .map(|(labels, _)| (labels[0].1.clone(), labels[1].1.parse().unwrap_or(0), labels[2].1.clone()))
+            .collect();
+        now.sort();
+        now
+    }
+
+    #[test]
+    fn a_version_whose_load_is_under_way_is_loading_until_it_serves_or_fails() {
+        let registry = Arc::new(Registry::new());
+        registry.insert(ModelVersion::failed("bad", 1, "bad file"));
+        let state = Arc::new(ServerState::new(registry, Limits::default(), false));
+        let collector = ServerCollector { state: state.clone(), host_cpu: Mutex::new(None) };
+        state.set_loading(vec![("new".into(), 2)]);
+        assert_eq!(states(&collector), [("bad".into(), 1, "failed".into()), ("new".into(), 2, "loading".into())]);
+        // A failed version loaded again is loading, not failed.
+        state.set_loading(vec![("bad".into(), 1)]);
+        assert_eq!(states(&collector), [("bad".into(), 1, "loading".into())]);
+        state.set_loading(Vec::new());
+        assert_eq!(states(&collector), [("bad".into(), 1, "failed".into())]);
     }
 }

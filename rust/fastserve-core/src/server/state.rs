@@ -69,7 +69,7 @@ pub struct ServerState {
     /// Set while the models given at startup load: live, not yet ready.
     starting: AtomicBool,
     /// The model versions whose load is under way (`'m' version 1`), for the readiness answer.
-    loading: RwLock<Vec<String>>,
+    loading: RwLock<Vec<(String, u64)>>,
     /// Ready only when every model version is (false: a failed model does not make it unready).
     strict_readiness: bool,
     repository: RwLock<Option<Arc<dyn RepositoryControl>>>,
@@ -160,8 +160,13 @@ impl ServerState {
     }
 
     /// The model versions whose load is under way, as the repository reports them.
-    pub fn set_loading(&self, versions: Vec<String>) {
+    pub fn set_loading(&self, versions: Vec<(String, u64)>) {
         *self.loading.write().unwrap_or_else(|p| p.into_inner()) = versions;
+    }
+
+    /// The model versions whose load is under way (name, version).
+    pub fn loading(&self) -> Vec<(String, u64)> {
+        self.loading.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The repository whose index is served (every control mode), or 403 when the server has
@@ -225,7 +230,8 @@ impl ServerState {
             reasons.push("the server is shutting down".to_string());
         }
         if self.starting.load(Ordering::Acquire) {
-            let loading = self.loading.read().unwrap_or_else(|p| p.into_inner()).join(", ");
+            let loading: Vec<String> = self.loading().iter().map(|(m, v)| format!("'{m}' version {v}")).collect();
+            let loading = loading.join(", ");
             reasons.push(if loading.is_empty() {
                 "the startup models are still loading".to_string()
             } else {
@@ -339,7 +345,7 @@ mod tests {
         assert_eq!(state.not_ready_reason(), None);
         state.set_starting(true);
         assert_eq!(state.not_ready_reason().as_deref(), Some("the startup models are still loading"));
-        state.set_loading(vec!["'slow' version 1".into()]);
+        state.set_loading(vec![("slow".into(), 1)]);
         assert_eq!(
             state.not_ready_reason().as_deref(),
             Some("the startup models are still loading (now: 'slow' version 1)")

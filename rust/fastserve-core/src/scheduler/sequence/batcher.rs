@@ -143,7 +143,7 @@ impl SequenceBatcher {
 
     fn reject(&self, job: Job, error: ServeError) {
         self.queued.fetch_sub(1, Ordering::AcqRel);
-        let _ = job.reply.send(Err(error));
+        let _ = job.reply.send(Err(error.into()));
     }
 
     /// Files a request under its sequence, in arrival order; a request for a sequence that is not
@@ -241,7 +241,7 @@ impl SequenceBatcher {
                 match job.expires {
                     _ if job.reply.is_closed() => self.stats.record_cancelled(1),
                     Some((at, why)) if at <= now => {
-                        let _ = job.reply.send(Err(expiry_error(why, &self.model)));
+                        let _ = job.reply.send(Err(expiry_error(why, &self.model).into()));
                     }
                     Some((at, _)) => {
                         next = Some(next.map_or(at, |n| n.min(at)));
@@ -443,7 +443,7 @@ impl SequenceBatcher {
             Ok(inputs) => inputs,
             Err(e) => {
                 for job in jobs {
-                    let _ = job.reply.send(Err(e.clone()));
+                    let _ = job.reply.send(Err(e.clone().into()));
                 }
                 return;
             }
@@ -466,7 +466,7 @@ impl SequenceBatcher {
         for seq in books.sequences.values_mut() {
             self.queued.fetch_sub(seq.pending.len(), Ordering::AcqRel);
             for job in seq.pending.drain(..) {
-                let _ = job.reply.send(Err(error.clone()));
+                let _ = job.reply.send(Err(error.clone().into()));
             }
         }
     }
