@@ -54,8 +54,34 @@ FEATURES = 64
 # Servers, in the order they run.
 FASTSERVE = "fastserve"
 NO_BATCH = "fastserve-nobatch"
+# The mlp with no config.toml: what a newcomer gets.
+DEFAULTS = "fastserve-defaults"
+# The same server, interface and body sizes, answering from a Python model that does nothing: every
+# other figure reads as "model time + this overhead".
+FLOOR = "fastserve-floor"
 FASTAPI = "fastapi"
-SERVERS = (FASTSERVE, NO_BATCH, FASTAPI)
+SERVERS = (FASTSERVE, NO_BATCH, DEFAULTS, FLOOR, FASTAPI)
+FLOOR_CONFIG = """backend = "python"
+max_batch_size = 64
+[dynamic_batching]
+max_queue_delay_us = 0
+max_queue_size = 4096
+[[input]]
+name = "INPUT0"
+datatype = "FP32"
+dims = [64]
+[[output]]
+name = "OUTPUT0"
+datatype = "FP32"
+dims = [10]
+"""
+FLOOR_MODEL = """import numpy as np
+
+
+class Model:
+    def execute(self, inputs):
+        return {"OUTPUT0": np.zeros((inputs["INPUT0"].shape[0], 10), np.float32)}
+"""
 PROTOCOLS = ("http", "binary", "grpc")
 CEILING_BATCHES = [1, 2, 4, 8, 16, 32, 64]
 
@@ -203,6 +229,40 @@ def no_batching_repository(dest: Path) -> Path:
     return repo
 
 
+def defaults_repository(dest: Path) -> Path:
+    """The mlp model without its config.toml: every setting at its default."""
+    repo = dest / "defaults"
+    shutil.copytree(EXAMPLES / MODEL, repo / MODEL)
+    (repo / MODEL / "config.toml").unlink()
+    return repo
+
+
+def floor_repository(dest: Path) -> Path:
+    """A model named like the mlp, with its interface, that answers zeros without computing."""
+    repo = dest / "floor"
+    (repo / MODEL / "1").mkdir(parents=True)
+    (repo / MODEL / "config.toml").write_text(FLOOR_CONFIG)
+    (repo / MODEL / "1" / "model.py").write_text(FLOOR_MODEL)
+    return repo
+
+
+def repository_of(name: str, tmp: Path) -> Path | None:
+    return {
+        FASTSERVE: lambda: EXAMPLES,
+        NO_BATCH: lambda: no_batching_repository(tmp),
+        DEFAULTS: lambda: defaults_repository(tmp),
+        FLOOR: lambda: floor_repository(tmp),
+    }.get(name, lambda: None)()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process and its waited-for children, from /proc (Linux)."""
+    with suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 def fastserve_cmd(repo: Path, *extra: str) -> list[str]:
     cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo), "--host", "127.0.0.1"]
     return [*cmd, "--http-port", "0", "--grpc-port", "0", "--no-metrics", "--log-level", "info", *extra]
@@ -248,7 +308,11 @@ def model_stats(url: str) -> dict:
 def stats_delta(before: dict, after: dict) -> dict:
     executions = after["execution_count"] - before["execution_count"]
     rows = after["inference_count"] - before["inference_count"]
-    out: dict[str, Any] = {"executions": executions, "mean_batch": rows / executions if executions else None}
+    out: dict[str, Any] = {
+        "executions": executions,
+        "rows": rows,
+        "mean_batch": rows / executions if executions else None,
+    }
     for key in ("queue_ns", "compute_infer_ns", "compute_input_ns", "compute_output_ns"):
         out[key.replace("_ns", "_us_per_request")] = (after[key] - before[key]) / 1000 / rows if rows else None
     out["compute_infer_us_per_execution"] = (
@@ -378,10 +442,128 @@ def batched_ceiling(ceiling: dict, mean_batch: float | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# One external client for both protocols (h2load): neither protocol is measured through our own
+# client, whose gRPC path costs more than its HTTP one.
+
+TIME_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def grpc_infer_body(rows: int = 1) -> bytes:
+    """The mlp request as one gRPC message: a length-prefixed, uncompressed ModelInferRequest."""
+    from tritonclient.grpc import service_pb2
+
+    x = np.asarray(json.loads(request_body(rows))["inputs"][0]["data"], dtype=np.float32)
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[rows, FEATURES])
+    request.raw_input_contents.append(x.tobytes())
+    message = request.SerializeToString()
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def check_grpc_body(server: Server, body: bytes) -> None:
+    """Sends h2load's exact message once through grpcio: a body the server refused would make
+    h2load count fast failures (it sees HTTP 200 and no grpc-status) as requests served."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        reply = service_pb2.ModelInferResponse.FromString(infer(body[5:], timeout=10))
+    if not reply.raw_output_contents:
+        raise RuntimeError(f"the gRPC body h2load would send got no output: {reply}")
+
+
+def h2load_time_us(text: str) -> float:
+    value = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    return float(value.group(1)) * TIME_UNITS[value.group(2)] if value else float("nan")
+
+
+def run_h2load(args: argparse.Namespace, url: str, body: bytes, c: int, headers: list[str], h1: bool) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".body") as f:
+        f.write(body)
+        f.flush()
+        duration, warmup = f"{args.duration_s * 1000:.0f}ms", f"{args.warmup_s * 1000:.0f}ms"
+        cmd = ["h2load", "-c", str(c), "-m", "1", "-D", duration, "--warm-up-time", warmup]
+        cmd += ["-d", f.name, *(["--h1"] if h1 else []), *[x for h in headers for x in ("-H", h)], url]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration_s + args.warmup_s + 60)
+    out = done.stdout
+    rate = re.search(r"finished in \S+, ([\d.]+) req/s", out)
+    counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", out)
+    timing = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", out)
+    if done.returncode != 0 or not rate or not counts:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr.strip()} {out[-500:]}")
+    return {
+        "requests_per_s": float(rate.group(1)),
+        "succeeded": int(counts.group(3)),
+        "failed": int(counts.group(4)),
+        "mean_latency_us": h2load_time_us(timing.group(3)) if timing else None,
+        "max_latency_us": h2load_time_us(timing.group(2)) if timing else None,
+    }
+
+
+def external_client(args: argparse.Namespace, servers: dict[str, Server], c: int) -> dict | None:
+    """HTTP/1.1 JSON and gRPC batch-1 at `c` connections, both from h2load."""
+    if shutil.which("h2load") is None:
+        log("h2load not found (Debian: apt-get install nghttp2-client): skipping the same-client comparison")
+        return None
+    grpc_body = grpc_infer_body()
+    out: dict[str, Any] = {"concurrency": c, "client": "h2load", "servers": {}}
+    for name in (FASTSERVE, FLOOR):
+        server = servers.get(name)
+        if server is None:
+            continue
+        check_grpc_body(server, grpc_body)
+        http = run_h2load(
+            args,
+            f"{server.url}/v2/models/{MODEL}/infer",
+            request_body().encode(),
+            c,
+            ["content-type: application/json"],
+            h1=True,
+        )
+        grpc = run_h2load(
+            args,
+            f"http://{server.grpc_url}/inference.GRPCInferenceService/ModelInfer",
+            grpc_body,
+            c,
+            ["content-type: application/grpc", "te: trailers"],
+            h1=False,
+        )
+        ratio = grpc["requests_per_s"] / http["requests_per_s"] if http["requests_per_s"] else None
+        out["servers"][name] = {"http": http, "grpc": grpc, "grpc_over_http": ratio}
+        log(
+            f"h2load {name} c={c}: HTTP JSON {http['requests_per_s']:.0f} req/s, "
+            f"gRPC {grpc['requests_per_s']:.0f} req/s ({fmt(ratio)})"
+        )
+    main = out["servers"].get(FASTSERVE)
+    out["grpc_over_http"] = main["grpc_over_http"] if main else None
+    return out
+
+
+def external_markdown(external: dict) -> str:
+    lines = [
+        f"Same external client for both protocols (h2load, {external['concurrency']} connections, batch-1):",
+        "",
+        "| server | HTTP/1.1 JSON req/s | gRPC req/s | gRPC / HTTP | HTTP mean ms | gRPC mean ms | failed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in external["servers"].items():
+        http, grpc = r["http"], r["grpc"]
+        mean = [fmt(x["mean_latency_us"] / 1000 if x["mean_latency_us"] else None) for x in (http, grpc)]
+        lines.append(
+            f"| {name} | {http['requests_per_s']:.0f} | {grpc['requests_per_s']:.0f} | {fmt(r['grpc_over_http'])} "
+            f"| {mean[0]} | {mean[1]} | {http['failed'] + grpc['failed']} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 
 
 def point_ceiling(point: dict, ceiling: dict) -> float | None:
+    if point["server"] == FLOOR:
+        return None
     if point["protocol"] == "http":
         return ceiling["ort_json_rows_per_s"]
     if point["server"] == NO_BATCH:
@@ -422,9 +604,9 @@ def fmt(v: Any, spec: str = ".2f") -> str:
 def markdown_table(points: list[dict]) -> str:
     head = (
         "| server | protocol | conns | rows/req | req/s | rows/s | p50 ms | p90 ms | p99 ms | p99/p50 | mean batch "
-        "| x FastAPI | x ceiling | errors |"
+        "| server CPU us/req | x FastAPI | x ceiling | errors |"
     )
-    rows = [head, "|" + "---|" * 14]
+    rows = [head, "|" + "---|" * 15]
     for p in points:
         lat = p["latency_us"]
         stats = p.get("stats") or {}
@@ -432,12 +614,13 @@ def markdown_table(points: list[dict]) -> str:
             f"| {p['server']} | {p['protocol']} | {p['concurrency']} | {p['rows']} | {p['requests_per_s']:.0f} "
             f"| {p['rows_per_s']:.0f} | {lat['p50'] / 1000:.2f} | {lat['p90'] / 1000:.2f} | {lat['p99'] / 1000:.2f} "
             f"| {fmt(p['p99_over_p50'], '.1f')} | {fmt(stats.get('mean_batch'), '.1f')} "
-            f"| {fmt(p['vs_fastapi'])} | {fmt(p['vs_ceiling'])} | {p['errors']} |"
+            f"| {fmt(p.get('server_cpu_us_per_request'), '.0f')} | {fmt(p['vs_fastapi'])} | {fmt(p['vs_ceiling'])} "
+            f"| {p['errors']} |"
         )
     return "\n".join(rows)
 
 
-def evaluate_targets(points: list[dict], ceilings: dict[int, dict]) -> list[dict]:
+def evaluate_targets(points: list[dict], ceilings: dict[int, dict], external: dict | None) -> list[dict]:
     out = []
     ceiling = ceilings.get(16)
 
@@ -475,7 +658,19 @@ def evaluate_targets(points: list[dict], ceilings: dict[int, dict]) -> list[dict
         p = find(points, FASTSERVE, proto, 64)
         if p and p["p99_over_p50"] is not None:
             # Lower is better: expressed as goal/actual so that >= 1 means met.
-            add(f"{proto} @64: p99 <= 3x p50", 3.0 / p["p99_over_p50"], 1.0, f"p99/p50 = {p['p99_over_p50']:.2f}")
+            add(f"{proto} @64: p99 <= 2x p50", 2.0 / p["p99_over_p50"], 1.0, f"p99/p50 = {p['p99_over_p50']:.2f}")
+    for server in (DEFAULTS, FASTSERVE):
+        p, floor = find(points, server, "http", 1), find(points, FLOOR, "http", 1)
+        if p and floor and floor["latency_us"]["p50"]:
+            over = p["latency_us"]["p50"] / floor["latency_us"]["p50"]
+            add(f"{server} JSON @1: p50 <= 1.5x the floor's", 1.5 / over, 1.0, f"p50 / floor p50 = {over:.2f}")
+    if external:
+        add(
+            f"gRPC @{external['concurrency']} >= 90% of HTTP JSON req/s, same external client",
+            external["grpc_over_http"],
+            0.9,
+            "h2load, fastserve mlp",
+        )
     return out
 
 
@@ -577,6 +772,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra binary/gRPC points at the top concurrency with this many rows/request",
     )
     p.add_argument("--skip-build", action="store_true", help="use the already built loadgen")
+    p.add_argument(
+        "--no-h2load",
+        dest="h2load",
+        action="store_false",
+        help="skip the HTTP-vs-gRPC comparison driven by h2load (Debian: nghttp2-client)",
+    )
     p.add_argument("--loadgen", type=Path, help="path of the fastserve-loadgen binary")
     p.add_argument("--out", type=Path, default=ROOT / "benches" / "results", help="output directory")
     p.add_argument("--no-plot", action="store_true")
@@ -603,15 +804,23 @@ def measure_point(args: argparse.Namespace, loadgen: Path, server: Server, proto
     url = server.grpc_url if proto == "grpc" else server.url
     before = model_stats(server.url) if server.name != FASTAPI else None
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else None
+    cpu_before = cpu_seconds(server.proc.pid)
     r = run_loadgen(loadgen, url, proto, c, rows=rows, duration_s=args.duration_s, warmup_s=args.warmup_s)
+    cpu_after = cpu_seconds(server.proc.pid)
     r["server"] = server.name
     r["loadavg_1m_before"] = float(load) if load else None
+    r["server_cpu_us_per_request"] = None
     if before is not None:
         r["stats"] = stats_delta(before, model_stats(server.url))
+        # The statistics count warmup and measured requests alike, as the CPU figures do.
+        served = r["stats"]["rows"] / rows
+        if cpu_before is not None and cpu_after is not None and served:
+            r["server_cpu_us_per_request"] = (cpu_after - cpu_before) * 1e6 / served
     lat = r["latency_us"]
     log(
         f"{server.name:18} {proto:6} c={c:<3} rows={rows:<3} {r['rows_per_s']:9.0f} rows/s"
-        f"  p50 {lat['p50'] / 1000:6.2f} ms  p99 {lat['p99'] / 1000:6.2f} ms  errors {r['errors']}  load {load}"
+        f"  p50 {lat['p50'] / 1000:6.2f} ms  p99 {lat['p99'] / 1000:6.2f} ms"
+        f"  cpu {fmt(r['server_cpu_us_per_request'], '.0f')} us/req  errors {r['errors']}  load {load}"
     )
     return r
 
@@ -652,14 +861,14 @@ def main(argv: list[str] | None = None) -> int:
     points: list[dict] = []
     ceilings: dict[int, dict] = {}
     idle = None
+    external: dict | None = None
     with tempfile.TemporaryDirectory(prefix="fastserve-bench-") as tmp, ExitStack() as stack:
         # All servers stay up and the levels are interleaved (every server, then the in-process
         # ceiling, at one concurrency before the next), so the ratios at a level come from
         # measurements taken within a minute of each other on a machine whose load varies.
         servers: dict[str, Server] = {}
         for name in args.servers:
-            repo = EXAMPLES if name == FASTSERVE else no_batching_repository(Path(tmp)) if name == NO_BATCH else None
-            servers[name] = server = stack.enter_context(started(name, repo))
+            servers[name] = server = stack.enter_context(started(name, repository_of(name, Path(tmp))))
             log(f"{name} up at {server.url}" + (f" (gRPC {server.grpc_url})" if server.grpc_port else ""))
         for c in args.concurrency:
             for name, server in servers.items():
@@ -670,17 +879,21 @@ def main(argv: list[str] | None = None) -> int:
                     points.append(measure_point(args, loadgen, servers[FASTSERVE], proto, c, rows=args.rows))
             log(f"in-process ceiling (c={c} round) at batch sizes {CEILING_BATCHES}")
             ceilings[c] = measure_ceiling(args.ceiling_s, CEILING_BATCHES)
+        if FASTSERVE in servers and args.h2load:
+            external = external_client(args, servers, max(args.concurrency))
         if FASTSERVE in servers and args.idle_connections:
             log(f"opening {args.idle_connections} idle keep-alive connections")
             idle = idle_connections_rss(loadgen, servers[FASTSERVE], args.idle_connections)
             log(f"idle connections: {idle}")
     annotate(points, ceilings)
-    targets = evaluate_targets(points, ceilings)
+    targets = evaluate_targets(points, ceilings, external)
     conditions["end"] = machine()
     elapsed = time.monotonic() - t0
     table = markdown_table(points)
     ceiling_md = ceilings_markdown(ceilings)
     report = f"{table}\n\n{ceiling_md}\n\n{targets_markdown(targets)}\n"
+    if external:
+        report += "\n" + external_markdown(external) + "\n"
     if idle:
         report += (
             f"\nIdle keep-alive connections: {idle['held']} held, RSS {idle['rss_kib_before']} KiB before, "
@@ -697,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         "points": points,
         "targets": targets,
         "idle_connections": idle,
+        "external_client": external,
         "elapsed_s": elapsed,
     }
     (args.out / "latest.json").write_text(json.dumps(result, indent=1, default=str))
