@@ -3,15 +3,24 @@ narrow them. ORT releases the GIL inside ``run``, so instances execute in parall
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import ConfigError, parameter_int
+from ..logs import model_fields
 from ..tensor import Tensor
 from . import DEFAULT_MAX_BATCH_SIZE, LoadContext, LoadedModel, LoadError, check_gpus, reconcile
+
+log = logging.getLogger(__name__)
+
+# A full batch that runs faster than this gains nothing from splitting it over threads: waking the
+# pool costs about as much, and the cores are better left to the network threads and to batching.
+SMALL_BATCH_S = 0.001
 
 ORT_TO_V2 = {
     "tensor(bool)": "BOOL",
@@ -27,6 +36,20 @@ ORT_TO_V2 = {
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
+}
+
+
+# The numeric ORT input types the load-time probe can feed zeros of.
+ORT_TYPES: dict[str, Any] = {
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(float16)": np.float16,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
 }
 
 
@@ -180,6 +203,28 @@ def _model_tensors(nodes: list[Any], batching: bool, what: str) -> list[Tensor]:
     return out
 
 
+def _full_batch_seconds(session: Any, rows: int) -> float | None:
+    """The median time of a few runs of `session` on zeros, `rows` in every dynamic dimension (the
+    batch dimension, and 1 in the others); None for a model that cannot be run on zeros."""
+    feed = {}
+    for node in session.get_inputs():
+        dtype = ORT_TYPES.get(node.type)
+        if dtype is None:
+            return None
+        shape = [(rows if i == 0 else 1) if _is_dynamic(d) else int(d) for i, d in enumerate(node.shape)]
+        feed[node.name] = np.zeros(shape, dtype)
+    times = []
+    try:
+        session.run(None, feed)
+        for _ in range(5):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+    except Exception:
+        return None
+    return sorted(times)[len(times) // 2]
+
+
 def load(ctx: LoadContext) -> LoadedModel:
     import onnxruntime as ort
 
@@ -200,16 +245,16 @@ def load(ctx: LoadContext) -> LoadedModel:
     cpu_instances = 1 if kind == "gpu" else len(placements)
     intra_threads = _threads(params, "intra_op_num_threads", max(1, (os.cpu_count() or 1) // cpu_instances))
     inter_threads = _threads(params, "inter_op_num_threads", 1)
-    sessions = []
-    for device_id in placements:
+    # ORT's pool threads spin between runs by default: that burns the cores the network threads need
+    # (on 2 cores it halved throughput for the example MLP), so a server turns spinning off.
+    spinning = params.get("intra_op_allow_spinning", False)
+    if not isinstance(spinning, bool):
+        raise LoadError(f"parameters.intra_op_allow_spinning must be true or false, not {spinning!r}")
+
+    def session_on(device_id: int | None, threads: int) -> Any:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_threads
+        options.intra_op_num_threads = threads
         options.inter_op_num_threads = inter_threads
-        # ORT's pool threads spin between runs by default: that burns the cores the network threads need
-        # (on 2 cores it halved throughput for the example MLP), so a server turns spinning off.
-        spinning = params.get("intra_op_allow_spinning", False)
-        if not isinstance(spinning, bool):
-            raise LoadError(f"parameters.intra_op_allow_spinning must be true or false, not {spinning!r}")
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             session = ort.InferenceSession(
@@ -225,8 +270,9 @@ def load(ctx: LoadContext) -> LoadedModel:
             )
         if tensorrt and "TensorrtExecutionProvider" not in session.get_providers():
             raise LoadError(f"ONNX Runtime could not start the TensorRT execution provider on device {device_id}")
-        sessions.append(session)
+        return session
 
+    sessions = [session_on(device_id, intra_threads) for device_id in placements]
     first = sessions[0]
     nodes_in, nodes_out = first.get_inputs(), first.get_outputs()
     batchable = all(len(n.shape) >= 1 and _is_dynamic(n.shape[0]) for n in [*nodes_in, *nodes_out])
@@ -239,6 +285,19 @@ def load(ctx: LoadContext) -> LoadedModel:
             f"the model has inputs {[(n.name, n.shape) for n in nodes_in]}"
         )
     batching = max_batch_size > 0
+    if kind != "gpu" and intra_threads > 1 and "intra_op_num_threads" not in params:
+        seconds = _full_batch_seconds(first, max(1, max_batch_size))
+        if seconds is not None and seconds < SMALL_BATCH_S:
+            log.info(
+                "model '%s': a full batch runs in %.3f ms on %d intra-op threads, so each instance uses 1 "
+                "(a model this small gains nothing from more; [parameters] intra_op_num_threads chooses)",
+                ctx.name,
+                seconds * 1000,
+                intra_threads,
+                extra=model_fields(ctx.name, ctx.version),
+            )
+            sessions = [session_on(device_id, 1) for device_id in placements]
+            first = sessions[0]
     inputs = reconcile(cfg.inputs, _model_tensors(nodes_in, batching, "input"), "input", subset_ok=False)
     outputs = reconcile(cfg.outputs, _model_tensors(nodes_out, batching, "output"), "output", subset_ok=True)
     output_names = [t.name for t in outputs]

@@ -102,7 +102,9 @@ impl Batcher {
             // Once closing, only a deadline or an idle instance moves things on; a Wake for a
             // withdrawn request is seen at the next pass.
             let msgs = if matches!(closing, Closing::By(_)) { &no_msgs } else { &self.rx };
-            let idle = if have_instance { &no_idle } else { &self.idle_rx };
+            // With nothing queued the idle instances' tokens stay in their channel, where a new
+            // request can take one and go to that instance directly (see `direct`).
+            let idle = if have_instance || backlog.0.is_empty() { &no_idle } else { &self.idle_rx };
             let timer = wake.map_or_else(crossbeam_channel::never, crossbeam_channel::at);
             crossbeam_channel::select! {
                 recv(msgs) -> msg => match msg {

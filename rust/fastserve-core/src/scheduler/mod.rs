@@ -7,6 +7,7 @@
 
 mod batcher;
 pub mod calls;
+mod direct;
 mod instance;
 pub mod options;
 #[cfg(test)]
@@ -29,6 +30,7 @@ use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
 
 use self::batcher::Batcher;
+use self::direct::Direct;
 pub use self::instance::{
     execute_concatenated, Instance, InstanceFactory, InstanceReport, ModelRequest, PerRequest, PhaseClock,
 };
@@ -117,6 +119,9 @@ pub struct Scheduler {
     /// Its instances take a batch's requests one by one and are shown each request's
     /// [`crate::request::RequestInfo`].
     per_request: bool,
+    /// The way past the batcher when nothing is queued and an instance is idle (None: every
+    /// request goes through the batcher).
+    direct: Option<Direct>,
 }
 
 /// A check of whether a version can serve now: None when it can, else why not.
@@ -193,6 +198,7 @@ impl Scheduler {
         }
         let mut supervisors = Vec::with_capacity(2);
         let watch_tx = watch.as_ref().map(|(_, tx, _)| tx.clone());
+        let mut direct = None;
         if let Some(plan) = sequence_plan {
             let batcher = SequenceBatcher {
                 rx,
@@ -209,16 +215,21 @@ impl Scheduler {
             };
             supervisors.push(spawn(format!("fs-seq-{label}"), move || batcher.run())?);
         } else {
+            let batch_tx = seat_tx.into_iter().next().ok_or_else(|| ServeError::Internal("no batch channel".into()))?;
+            // A decoupled model runs one request per execute(), whatever its max_batch_size.
+            let policy = if spec.decoupled {
+                BatchPolicy { max_batch_size: 0, ..config.policy.clone() }
+            } else {
+                config.policy.clone()
+            };
+            if policy.sends_a_lone_request_at_once() {
+                direct = Some(Direct::new(idle_rx.clone(), batch_tx.clone()));
+            }
             let batcher = Batcher {
                 rx,
                 idle_rx,
-                batch_tx: seat_tx.into_iter().next().ok_or_else(|| ServeError::Internal("no batch channel".into()))?,
-                // A decoupled model runs one request per execute(), whatever its max_batch_size.
-                policy: if spec.decoupled {
-                    BatchPolicy { max_batch_size: 0, ..config.policy.clone() }
-                } else {
-                    config.policy.clone()
-                },
+                batch_tx,
+                policy,
                 queued: queued.clone(),
                 stats: stats.clone(),
                 model: spec.name.clone(),
@@ -246,6 +257,7 @@ impl Scheduler {
             seats,
             readiness: OnceLock::new(),
             per_request,
+            direct,
         }))
     }
 
@@ -330,7 +342,8 @@ impl Scheduler {
         if let Some(e) = self.seats.broken_error() {
             return Err(e);
         }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.config.max_queue_size {
+        let queued_before = self.queued.fetch_add(1, Ordering::AcqRel);
+        if queued_before >= self.config.max_queue_size {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(ServeError::QueueFull(format!(
                 "model '{}' version {} has {} requests queued, its max_queue_size",
@@ -358,6 +371,17 @@ impl Scheduler {
             enqueued,
             level,
             expires,
+        };
+        // Nothing queued before it: it overtakes no one by skipping the batcher.
+        let job = match (&self.direct, queued_before) {
+            (Some(direct), 0) => match direct.send(job) {
+                None => {
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                    return Ok(rx);
+                }
+                Some(job) => job,
+            },
+            _ => job,
         };
         if self.tx.send(Msg::Job(job)).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
@@ -405,6 +429,9 @@ impl Scheduler {
     /// are left running, including instances abandoned earlier as hung.
     pub fn shutdown_by(&self, deadline: Option<Instant>) -> usize {
         if !self.closing.swap(true, Ordering::AcqRel) {
+            if let Some(direct) = &self.direct {
+                direct.close();
+            }
             let _ = self.tx.send(Msg::Close(deadline));
         }
         let give_up = deadline.map(|d| d.max(Instant::now()) + SHUTDOWN_GRACE);

@@ -19,6 +19,14 @@ pub struct BatchPolicy {
     pub preferred_batch_sizes: Vec<usize>,
 }
 
+impl BatchPolicy {
+    /// Whether the batcher sends a request that finds the queue empty and an instance idle alone
+    /// and at once ([`plan_batch`] with nothing else queued).
+    pub fn sends_a_lone_request_at_once(&self) -> bool {
+        self.max_batch_size == 0 || self.max_queue_delay.is_zero()
+    }
+}
+
 /// What the batcher needs to know of a queued request.
 pub trait Batchable {
     fn rows(&self) -> usize;
