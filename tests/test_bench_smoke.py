@@ -57,8 +57,20 @@ def test_harness_pieces(tmp_path: Path) -> None:
     run.annotate([point], {64: ceiling})
     assert point["ceiling_rows_per_s"] > 0 and point["p99_over_p50"] == 2.0
     assert "| fastserve | binary | 64 | 1 |" in run.markdown_table([point])
-    targets = run.evaluate_targets([point], {64: ceiling})
+    targets = run.evaluate_targets([point], {64: ceiling}, None)
     assert any(t["target"].startswith("binary @64") for t in targets)
+
+
+def test_floor_and_defaults_servers(tmp_path: Path) -> None:
+    """The serving floor answers the mlp's interface, the defaults copy has no config.toml, and the
+    gRPC message h2load would send is one the server answers."""
+    run = load_run()
+    assert not (run.defaults_repository(tmp_path) / "mlp" / "config.toml").exists()
+    with run.started(run.FLOOR, run.floor_repository(tmp_path)) as server:
+        run.check_grpc_body(server, run.grpc_infer_body())
+        assert run.model_stats(server.url)["inference_count"] == 1
+        cpu = run.cpu_seconds(server.proc.pid)
+        assert cpu is not None and cpu > 0
 
 
 def test_quick_run_end_to_end(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 
 use crate::convert::NumpyCache;
+use crate::thread_state::attach;
 
 pub struct PyInstance {
     model: Py<PyAny>,
@@ -84,7 +85,7 @@ impl PyInstance {
     /// The model's exception as the request's error; its traceback goes to the log once (the
     /// batch's request ids are logged with the failed batch).
     fn raised(&self, e: &PyErr) -> ServeError {
-        let traceback = Python::attach(|py| e.traceback(py).and_then(|tb| tb.format().ok())).unwrap_or_default();
+        let traceback = attach(|py| e.traceback(py).and_then(|tb| tb.format().ok())).unwrap_or_default();
         tracing::warn!(model = %self.label, error = %e, traceback = %traceback.trim_end(), "execute() raised");
         ServeError::ModelError(self.public(format!("{} raised {}", self.label, e)))
     }
@@ -221,7 +222,7 @@ impl PyInstance {
 /// for its worker without the GIL).
 fn kill_switch(method: Py<PyAny>, label: String) -> KillSwitch {
     Arc::new(move || {
-        Python::attach(|py| {
+        attach(|py| {
             if let Err(e) = method.call0(py) {
                 tracing::warn!(model = %label, error = %e, "killing the instance's worker process failed");
             }
@@ -240,7 +241,7 @@ impl Instance for PyInstance {
         if !self.reports {
             return InstanceReport::default();
         }
-        Python::attach(|py| {
+        attach(|py| {
             let report = self
                 .model
                 .bind(py)
@@ -262,7 +263,7 @@ impl Instance for PyInstance {
 
     /// One GIL acquisition per batch: build the input dict, call `execute`, read the outputs.
     fn execute(&mut self, inputs: Vec<Tensor>, clock: &mut PhaseClock) -> Result<Vec<Tensor>, ServeError> {
-        Python::attach(|py| {
+        attach(|py| {
             let args = self
                 .numpy
                 .inputs_to_dict(py, inputs)
@@ -292,7 +293,7 @@ impl Instance for PyInstance {
             return execute_concatenated(self, spec, requests, clock);
         }
         let count = requests.len();
-        Python::attach(|py| {
+        attach(|py| {
             let built = |e: PyErr| ServeError::Internal(format!("cannot build model inputs: {e}"));
             let (inputs, infos) = (PyList::empty(py), PyList::empty(py));
             for r in requests {
@@ -358,37 +359,37 @@ impl PyInstance {
         emit: &mut dyn FnMut(Vec<Tensor>) -> Result<(), ServeError>,
     ) -> Result<(), ServeError> {
         clock.infer_started();
-        let produced = Python::attach(|py| self.begin(py, inputs, info))?;
+        let produced = attach(|py| self.begin(py, inputs, info))?;
         if let Produced::One(outputs) = produced {
             clock.infer_finished();
             return emit(outputs);
         }
         let result = loop {
-            match Python::attach(|py| self.next_response(py, &produced)) {
+            match attach(|py| self.next_response(py, &produced)) {
                 Ok(Some(outputs)) => {
                     if let Err(e) = emit(outputs) {
-                        Python::attach(|py| self.close(py, &produced));
+                        attach(|py| self.close(py, &produced));
                         break Err(e);
                     }
                 }
                 Ok(None) => break Ok(()),
                 // A bad response (not a dict, wrong tensors): the generator is still suspended.
                 Err(e) => {
-                    Python::attach(|py| self.close(py, &produced));
+                    attach(|py| self.close(py, &produced));
                     break Err(e);
                 }
             }
         };
         clock.infer_finished();
         // The generator object is released with the GIL held.
-        Python::attach(|_| drop(produced));
+        attach(|_| drop(produced));
         result
     }
 }
 
 impl Drop for PyInstance {
     fn drop(&mut self) {
-        Python::attach(|py| {
+        attach(|py| {
             if let Some(event_loop) = self.event_loop.take() {
                 let _ = event_loop.bind(py).call_method0("close");
             }

@@ -4,6 +4,7 @@ mod call;
 mod convert;
 mod instance;
 mod repository;
+mod thread_state;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
