@@ -17,7 +17,13 @@ use crate::observe::stats::ModelStats;
 /// Forms batches from the backlog whenever an instance is idle, and expires queued requests
 /// on time even while every instance is busy.
 pub(super) struct Batcher {
+    /// The requests. Heard only while the batcher holds an idle instance or nothing at all:
+    /// while every instance is busy, requests wait in the channel without waking the batcher
+    /// for each one, and are taken in when an instance is free.
     pub(super) rx: Receiver<Msg>,
+    /// Heard at once, always: shutdown, withdrawn requests, requests that can expire, a broken
+    /// version.
+    pub(super) signals: Receiver<Msg>,
     pub(super) idle_rx: Receiver<usize>,
     pub(super) batch_tx: Sender<Batch>,
     pub(super) policy: BatchPolicy,
@@ -39,12 +45,8 @@ pub(crate) enum Closing {
 impl Batcher {
     /// Moves everything already waiting in the channel into the backlog without blocking.
     pub(super) fn pull_ready(&self, backlog: &mut Backlog, closing: &mut Closing) {
-        while let Ok(msg) = self.rx.try_recv() {
-            match msg {
-                Msg::Job(j) => backlog.push(j),
-                Msg::Wake => {}
-                Msg::Close(deadline) => *closing = Closing::By(deadline),
-            }
+        for msg in self.signals.try_iter().chain(self.rx.try_iter()) {
+            take(msg, backlog, closing);
         }
     }
 
@@ -101,16 +103,20 @@ impl Batcher {
             }
             // Once closing, only a deadline or an idle instance moves things on; a Wake for a
             // withdrawn request is seen at the next pass.
-            let msgs = if matches!(closing, Closing::By(_)) { &no_msgs } else { &self.rx };
+            let open = matches!(closing, Closing::No);
+            let msgs = if open && (have_instance || backlog.0.is_empty()) { &self.rx } else { &no_msgs };
+            let signals = if open { &self.signals } else { &no_msgs };
             // With nothing queued the idle instances' tokens stay in their channel, where a new
             // request can take one and go to that instance directly (see `direct`).
             let idle = if have_instance || backlog.0.is_empty() { &no_idle } else { &self.idle_rx };
             let timer = wake.map_or_else(crossbeam_channel::never, crossbeam_channel::at);
             crossbeam_channel::select! {
                 recv(msgs) -> msg => match msg {
-                    Ok(Msg::Job(j)) => backlog.push(j),
-                    Ok(Msg::Wake) => {}
-                    Ok(Msg::Close(deadline)) => closing = Closing::By(deadline),
+                    Ok(msg) => take(msg, &mut backlog, &mut closing),
+                    Err(_) => closing = Closing::By(None),
+                },
+                recv(signals) -> msg => match msg {
+                    Ok(msg) => take(msg, &mut backlog, &mut closing),
                     Err(_) => closing = Closing::By(None),
                 },
                 recv(idle) -> ready => match ready {
@@ -125,5 +131,13 @@ impl Batcher {
         if let Some(watch) = &self.watch {
             let _ = watch.send(Watch::Stop);
         }
+    }
+}
+
+fn take(msg: Msg, backlog: &mut Backlog, closing: &mut Closing) {
+    match msg {
+        Msg::Job(j) => backlog.push(j),
+        Msg::Wake => {}
+        Msg::Close(deadline) => *closing = Closing::By(deadline),
     }
 }

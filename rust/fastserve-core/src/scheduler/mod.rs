@@ -108,6 +108,8 @@ pub struct Scheduler {
     spec: Arc<ModelSpec>,
     stats: Arc<ModelStats>,
     tx: Sender<Msg>,
+    /// Wakes the batcher (see `Batcher::signals`).
+    signal: Sender<Msg>,
     queued: Arc<AtomicUsize>,
     config: SchedulerConfig,
     closing: AtomicBool,
@@ -159,6 +161,11 @@ impl Scheduler {
             None => None,
         };
         let (tx, rx) = crossbeam_channel::unbounded();
+        // What the dynamic batcher must hear at once even while no instance is free (shutdown, a
+        // withdrawn or expiring request, a broken version); the sequence batcher hears everything
+        // on one channel.
+        let (signal, signals) =
+            if sequence_plan.is_some() { (tx.clone(), rx.clone()) } else { crossbeam_channel::unbounded() };
         let (idle_tx, idle_rx) = crossbeam_channel::unbounded();
         // The sequence batcher sends each instance its own batches; the dynamic batcher shares one
         // channel among them.
@@ -187,7 +194,7 @@ impl Scheduler {
             abandoned: AtomicUsize::new(0),
             max_abandoned: config.max_abandoned_instances,
             broken: OnceLock::new(),
-            wake: tx.clone(),
+            wake: signal.clone(),
             clock: config.clock.clone(),
             ending: tokio::sync::watch::channel(false).0,
             execution_timeout: config.execution_timeout,
@@ -227,6 +234,7 @@ impl Scheduler {
             }
             let batcher = Batcher {
                 rx,
+                signals,
                 idle_rx,
                 batch_tx,
                 policy,
@@ -250,6 +258,7 @@ impl Scheduler {
             spec,
             stats,
             tx,
+            signal,
             queued,
             config,
             closing: AtomicBool::new(false),
@@ -383,9 +392,14 @@ impl Scheduler {
             },
             _ => job,
         };
+        let expires = job.expires.is_some();
         if self.tx.send(Msg::Job(job)).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(self.closing_error());
+        }
+        if expires {
+            // Its expiry is timed even while every instance is busy.
+            let _ = self.signal.send(Msg::Wake);
         }
         Ok(rx)
     }
@@ -405,7 +419,7 @@ impl Scheduler {
 
     /// Tells the batcher that a queued request's client went away (its reply receiver is gone).
     pub fn withdrawn(&self) {
-        let _ = self.tx.send(Msg::Wake);
+        let _ = self.signal.send(Msg::Wake);
     }
 
     /// Ends the streams of a decoupled model running now or later: each stops at its next
@@ -432,7 +446,7 @@ impl Scheduler {
             if let Some(direct) = &self.direct {
                 direct.close();
             }
-            let _ = self.tx.send(Msg::Close(deadline));
+            let _ = self.signal.send(Msg::Close(deadline));
         }
         let give_up = deadline.map(|d| d.max(Instant::now()) + SHUTDOWN_GRACE);
         let mut left = Vec::new();
