@@ -61,6 +61,9 @@ DEFAULTS = "fastserve-defaults"
 FLOOR = "fastserve-floor"
 FASTAPI = "fastapi"
 SERVERS = (FASTSERVE, NO_BATCH, DEFAULTS, FLOOR, FASTAPI)
+# With --before-python, these also run from that interpreter's fastserve, named e.g. "fastserve@before".
+BEFORE = "@before"
+COMPARED = (FASTSERVE, DEFAULTS, FLOOR)
 FLOOR_CONFIG = """backend = "python"
 max_batch_size = 64
 [dynamic_batching]
@@ -263,12 +266,17 @@ def cpu_seconds(pid: int) -> float | None:
     return None
 
 
-def fastserve_cmd(repo: Path, *extra: str) -> list[str]:
-    cmd = [sys.executable, "-m", "fastserve", "serve", "--model-repository", str(repo), "--host", "127.0.0.1"]
+def base_name(server: str) -> str:
+    """The server a "@before" twin stands for."""
+    return server.removesuffix(BEFORE)
+
+
+def fastserve_cmd(repo: Path, *extra: str, python: str = sys.executable) -> list[str]:
+    cmd = [python, "-m", "fastserve", "serve", "--model-repository", str(repo), "--host", "127.0.0.1"]
     return [*cmd, "--http-port", "0", "--grpc-port", "0", "--no-metrics", "--log-level", "info", *extra]
 
 
-def start_server(name: str, repo: Path | None = None) -> Server:
+def start_server(name: str, repo: Path | None = None, python: str = sys.executable) -> Server:
     if name == FASTAPI:
         port = free_port()
         cmd = [sys.executable, str(ROOT / "benches" / "baseline_fastapi.py"), "--port", str(port)]
@@ -276,14 +284,14 @@ def start_server(name: str, repo: Path | None = None) -> Server:
         server.wait_ready(from_log=False)
     else:
         assert repo is not None
-        server = Server(name, fastserve_cmd(repo))
+        server = Server(name, fastserve_cmd(repo, python=python))
         server.wait_ready()
     return server
 
 
 @contextmanager
-def started(name: str, repo: Path | None = None) -> Iterator[Server]:
-    server = start_server(name, repo)
+def started(name: str, repo: Path | None = None, python: str = sys.executable) -> Iterator[Server]:
+    server = start_server(name, repo, python)
     try:
         yield server
     finally:
@@ -508,7 +516,7 @@ def external_client(args: argparse.Namespace, servers: dict[str, Server], c: int
         return None
     grpc_body = grpc_infer_body()
     out: dict[str, Any] = {"concurrency": c, "client": "h2load", "servers": {}}
-    for name in (FASTSERVE, FLOOR):
+    for name in (FASTSERVE, FLOOR, FASTSERVE + BEFORE, FLOOR + BEFORE):
         server = servers.get(name)
         if server is None:
             continue
@@ -562,11 +570,11 @@ def external_markdown(external: dict) -> str:
 
 
 def point_ceiling(point: dict, ceiling: dict) -> float | None:
-    if point["server"] == FLOOR:
+    if base_name(point["server"]) == FLOOR:
         return None
     if point["protocol"] == "http":
         return ceiling["ort_json_rows_per_s"]
-    if point["server"] == NO_BATCH:
+    if base_name(point["server"]) == NO_BATCH:
         return ceiling["ort_single_row_runs_per_s"]
     return batched_ceiling(ceiling, (point.get("stats") or {}).get("mean_batch") or 1.0)
 
@@ -618,6 +626,30 @@ def markdown_table(points: list[dict]) -> str:
             f"| {p['errors']} |"
         )
     return "\n".join(rows)
+
+
+def before_after_markdown(points: list[dict]) -> str:
+    """Each point of a compared server next to its "@before" twin's, measured minutes apart."""
+    lines = [
+        "Before/after, same run (after / before; req/s above 1 and p50, p99, CPU below 1 are better):",
+        "",
+        "| server | protocol | conns | rows/req | req/s before | req/s after | x req/s | p50 ms before | p50 ms after "
+        "| p99 ms before | p99 ms after | CPU us/req before | CPU us/req after |",
+        "|" + "---|" * 13,
+    ]
+    for p in points:
+        b = find(points, p["server"] + BEFORE, p["protocol"], p["concurrency"], p["rows"])
+        if b is None:
+            continue
+        lat, blat = p["latency_us"], b["latency_us"]
+        ratio = p["requests_per_s"] / b["requests_per_s"] if b["requests_per_s"] else None
+        lines.append(
+            f"| {p['server']} | {p['protocol']} | {p['concurrency']} | {p['rows']} | {b['requests_per_s']:.0f} "
+            f"| {p['requests_per_s']:.0f} | {fmt(ratio)} | {blat['p50'] / 1000:.2f} | {lat['p50'] / 1000:.2f} "
+            f"| {blat['p99'] / 1000:.2f} | {lat['p99'] / 1000:.2f} | {fmt(b.get('server_cpu_us_per_request'), '.0f')} "
+            f"| {fmt(p.get('server_cpu_us_per_request'), '.0f')} |"
+        )
+    return "\n".join(lines) if len(lines) > 4 else ""
 
 
 def evaluate_targets(points: list[dict], ceilings: dict[int, dict], external: dict | None) -> list[dict]:
@@ -779,6 +811,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the HTTP-vs-gRPC comparison driven by h2load (Debian: nghttp2-client)",
     )
     p.add_argument("--loadgen", type=Path, help="path of the fastserve-loadgen binary")
+    p.add_argument(
+        "--before-python",
+        help="the Python of another fastserve install (e.g. the previous commit in its own virtualenv): "
+        f"{', '.join(COMPARED)} also run from it, named NAME{BEFORE}, and a before/after table is printed",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benches" / "results", help="output directory")
     p.add_argument("--no-plot", action="store_true")
     a = p.parse_args(argv)
@@ -867,16 +904,20 @@ def main(argv: list[str] | None = None) -> int:
         # ceiling, at one concurrency before the next), so the ratios at a level come from
         # measurements taken within a minute of each other on a machine whose load varies.
         servers: dict[str, Server] = {}
-        for name in args.servers:
-            servers[name] = server = stack.enter_context(started(name, repository_of(name, Path(tmp))))
+        launches = [(name, repository_of(name, Path(tmp)), sys.executable) for name in args.servers]
+        if args.before_python:
+            launches += [(name + BEFORE, repo, args.before_python) for name, repo, _ in launches if name in COMPARED]
+        for name, repo, python in launches:
+            servers[name] = server = stack.enter_context(started(name, repo, python))
             log(f"{name} up at {server.url}" + (f" (gRPC {server.grpc_url})" if server.grpc_port else ""))
         for c in args.concurrency:
             for name, server in servers.items():
                 for proto in ["http"] if name == FASTAPI else args.protocols:
                     points.append(measure_point(args, loadgen, server, proto, c))
-            if FASTSERVE in servers and args.rows > 1 and c == max(args.concurrency):
-                for proto in (p for p in args.protocols if p != "http"):
-                    points.append(measure_point(args, loadgen, servers[FASTSERVE], proto, c, rows=args.rows))
+            for name in (FASTSERVE, FASTSERVE + BEFORE):
+                if name in servers and args.rows > 1 and c == max(args.concurrency):
+                    for proto in (p for p in args.protocols if p != "http"):
+                        points.append(measure_point(args, loadgen, servers[name], proto, c, rows=args.rows))
             log(f"in-process ceiling (c={c} round) at batch sizes {CEILING_BATCHES}")
             ceilings[c] = measure_ceiling(args.ceiling_s, CEILING_BATCHES)
         if FASTSERVE in servers and args.h2load:
@@ -892,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(points)
     ceiling_md = ceilings_markdown(ceilings)
     report = f"{table}\n\n{ceiling_md}\n\n{targets_markdown(targets)}\n"
+    if compared := before_after_markdown(points):
+        report += "\n" + compared + "\n"
     if external:
         report += "\n" + external_markdown(external) + "\n"
     if idle:

@@ -60,6 +60,13 @@ def test_harness_pieces(tmp_path: Path) -> None:
     targets = run.evaluate_targets([point], {64: ceiling}, None)
     assert any(t["target"].startswith("binary @64") for t in targets)
 
+    # A "@before" twin (--before-python) is paired with its server point by point.
+    assert run.before_after_markdown([point]) == ""
+    before = {**point, "server": run.FASTSERVE + run.BEFORE, "requests_per_s": 50.0}
+    run.annotate([point, before], {64: ceiling})
+    assert before["ceiling_rows_per_s"] == point["ceiling_rows_per_s"]
+    assert "| fastserve | binary | 64 | 1 | 50 | 100 | 2.00 |" in run.before_after_markdown([point, before])
+
 
 def test_floor_and_defaults_servers(tmp_path: Path) -> None:
     """The serving floor answers the mlp's interface, the defaults copy has no config.toml, and the

@@ -248,6 +248,12 @@ def test_access_log_lines_carry_the_request_id(start_server, repo: Path) -> None
     assert by_id[generated]["status"] == 200
     assert by_id[bad.headers["X-Request-Id"]]["status"] == 404
     assert (by_id["raised"]["status"], by_id["raised"]["batch_size"]) == (500, 8)
+    assert by_id["raised"]["compute_us"] > 0  # it ran: its figures are the real ones
+    # The model's traceback is logged, and the failed batch with its request ids.
+    raised_logs = [r for r in records if r.get("message") == "execute() raised"]
+    assert raised_logs, "the model's exception is logged"
+    assert all("negative" in r["error"] and 'raise ValueError("negative")' in r["traceback"] for r in raised_logs)
+    assert any("raised" in r["request_ids"] for r in records if r.get("message") == "batch failed")
     ok = by_id["grpc-ok"]
     assert (ok["protocol"], ok["status"], ok["grpc_code"]) == ("grpc", 200, "Ok")
     failed = [r for r in access if r["protocol"] == "grpc" and r["grpc_code"] == "InvalidArgument"]

@@ -168,6 +168,54 @@ def test_os_exit_fails_only_its_request_over_grpc(repo, tmp_path, start_server):
     assert int(result.as_numpy("PID")[0, 0]) not in (first, server.proc.pid)
 
 
+def listening_sockets() -> set[str]:
+    """Inodes of the machine's listening TCP sockets."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if Path(table).exists():
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    inodes.add(fields[9])
+    return inodes
+
+
+def sockets_of(pid: int) -> set[str]:
+    """Inodes of the sockets process ``pid`` holds open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    return inodes
+
+
+def test_a_worker_killed_from_outside_fails_only_its_request(repo, tmp_path, start_server):
+    """SIGKILL from outside (what the OOM killer sends) while a batch runs: that request fails, the
+    worker is restarted, and no worker ever held the server's listening sockets."""
+    write_model(repo, "victim", config(tmp_path / "pids"), MODEL)
+    server = start_server(repo)
+    first = answer(post(server.url, "victim", 1.0))[1]
+    listening = listening_sockets()
+    assert sockets_of(server.proc.pid) & listening, "the server's listeners are seen"
+    assert not sockets_of(first) & listening, "a worker inherits no listening socket"
+
+    running: list[requests.Response] = []
+    hung = threading.Thread(target=lambda: running.append(post(server.url, "victim", -9.0)))
+    hung.start()
+    wait_until(lambda: (tmp_path / f"hung-{first}").exists(), what="the worker to run the batch")
+    os.kill(first, signal.SIGKILL)
+    hung.join(HANG_GUARD_S)
+    assert running[0].status_code == 500, running[0].text
+    assert "model instance process exited with signal 9" in running[0].json()["error"]
+    y, second = answer(post(server.url, "victim", 2.0))
+    assert y == [4.0, 4.0] and second not in (first, server.proc.pid)
+    assert not sockets_of(second) & listening_sockets()
+
+
 def test_a_hung_worker_is_killed_at_execution_timeout_and_replaced(repo, tmp_path, start_server):
     # Far above any normal execute() here, so only the hung call reaches it.
     write_model(repo, "hangs", config(tmp_path / "pids", extra="execution_timeout_ms = 1000"), MODEL)

@@ -496,7 +496,9 @@ def test_one_requests_error_fails_only_that_request_in_its_batch(server: Server,
     assert sorted(shared.batches[1]) == [(1, 2), (1, 2), (2, 2)], "each request keeps its own rows, in one batch"
     np.testing.assert_array_equal(ok, np.full((2, 2), 20.0))
     assert isinstance(negative, InferenceServerException) and "negative input -5" in negative.message()
+    assert negative.status() == "400", "TritonError.INVALID_ARG is the client's error, as in Triton"
     assert isinstance(missing, InferenceServerException) and "did not return output 'Y'" in missing.message()
+    assert missing.status() == "500"
 
 
 def test_an_exception_in_execute_fails_the_batch_and_the_server_keeps_serving(server: Server) -> None:

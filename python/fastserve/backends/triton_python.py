@@ -110,7 +110,7 @@ class TritonModel:
         return result
 
     def execute_requests(self, inputs: list[dict[str, np.ndarray]], infos: list[RequestInfo]) -> list[Any]:
-        """Each request's outputs (a dict), or its error message (a str). Raises when the model
+        """Each request's outputs (a dict), or its error (a code name and message). Raises when the model
         does (the whole batch fails, as in Triton) or answers with the wrong number of responses."""
         requests = [_request(i, info) for i, info in zip(inputs, infos, strict=True)]
         responses = self._call_execute(requests)
@@ -144,6 +144,8 @@ class TritonModel:
         answer = self.execute_requests([inputs], [("", "{}", [], 0, 0)])[0]
         if isinstance(answer, str):
             raise pb_utils.TritonModelException(answer)
+        if isinstance(answer, tuple):
+            raise pb_utils.TritonModelException(answer[1])
         return dict(answer)
 
     def finalize(self) -> None:
@@ -162,10 +164,26 @@ def _request(
     return pb_utils._received(inputs, request_id, parameters, outputs, correlation_id, flags, sender)
 
 
+# The core takes a request's error as (Triton's code name, message): the code picks the status.
+_CODE_NAMES = {
+    getattr(pb_utils.TritonError, name): name
+    for name in (
+        "UNKNOWN",
+        "INTERNAL",
+        "NOT_FOUND",
+        "INVALID_ARG",
+        "UNAVAILABLE",
+        "UNSUPPORTED",
+        "ALREADY_EXISTS",
+        "CANCELLED",
+    )
+}
+
+
 def _answer(response: Any) -> Any:
     if not isinstance(response, pb_utils.InferenceResponse):
         return f"execute() returned {type(response).__name__} for a request, not an InferenceResponse"
     error = response.error()
     if error is not None:
-        return error.message()
+        return (_CODE_NAMES.get(error.code(), "INTERNAL"), error.message())
     return {t._name: t._array for t in response.output_tensors()}

@@ -70,6 +70,20 @@ impl ServeError {
         Self::Unavailable(msg.into())
     }
 
+    /// A model's error for one of its requests, by the name of a Triton error code (Python
+    /// backend's `TritonError` codes), with Triton's statuses: `INVALID_ARG`, `UNKNOWN`,
+    /// `ALREADY_EXISTS` and `CANCELLED` are the client's (400), `NOT_FOUND` 404, `UNAVAILABLE` 503,
+    /// `UNSUPPORTED` 501; `INTERNAL` and anything else the model's failure (500).
+    pub fn from_model_code(code: &str, message: String) -> Self {
+        match code {
+            "INVALID_ARG" | "UNKNOWN" | "ALREADY_EXISTS" | "CANCELLED" => Self::BadRequest(message),
+            "NOT_FOUND" => Self::NotFound(message),
+            "UNAVAILABLE" => Self::Unavailable(message),
+            "UNSUPPORTED" => Self::Unsupported(message),
+            _ => Self::ModelError(message),
+        }
+    }
+
     /// The same error, its message prefixed with where it happened (e.g. an ensemble step).
     pub fn context(self, at: &str) -> Self {
         let with = |m: String| format!("{at}: {m}");
@@ -161,6 +175,19 @@ impl From<ServeError> for tonic::Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_models_error_codes_have_tritons_statuses() {
+        let status = |code: &str| ServeError::from_model_code(code, "m".into()).http_status().as_u16();
+        assert_eq!(
+            ["INVALID_ARG", "UNKNOWN", "ALREADY_EXISTS", "CANCELLED", "NOT_FOUND", "UNAVAILABLE", "UNSUPPORTED"]
+                .map(status),
+            [400, 400, 400, 400, 404, 503, 501]
+        );
+        assert_eq!(status("INTERNAL"), 500);
+        assert_eq!(status("made-up"), 500);
+        assert_eq!(ServeError::from_model_code("INVALID_ARG", "m".into()).to_string(), "m");
+    }
 
     #[test]
     fn statuses_follow_the_v2_protocol() {

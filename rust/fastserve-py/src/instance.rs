@@ -282,7 +282,8 @@ impl Instance for PyInstance {
     }
 
     /// One GIL acquisition per batch: a list of per-request input dicts (zero-copy, as
-    /// `execute`'s) and their infos in, a list of per-request output dicts or error messages out.
+    /// `execute`'s) and their infos in, a list of per-request output dicts or errors out (a message,
+    /// or a Triton error code name and a message).
     fn execute_requests(
         &mut self,
         spec: &ModelSpec,
@@ -309,9 +310,13 @@ impl Instance for PyInstance {
             let list = result.cast::<PyList>().map_err(not_a_list)?;
             let mut answers = Vec::with_capacity(count);
             for item in list.iter() {
-                answers.push(match item.cast::<PyString>() {
-                    Ok(message) => Err(ServeError::ModelError(self.public(format!("{}: {message}", self.label)))),
-                    Err(_) => self.numpy.outputs_from_dict(&item),
+                let failed = |message: String| self.public(format!("{}: {message}", self.label));
+                answers.push(if let Ok(message) = item.cast::<PyString>() {
+                    Err(ServeError::ModelError(failed(message.to_string())))
+                } else if let Ok((code, message)) = item.extract::<(String, String)>() {
+                    Err(ServeError::from_model_code(&code, failed(message)))
+                } else {
+                    self.numpy.outputs_from_dict(&item)
                 });
             }
             Ok(answers)
