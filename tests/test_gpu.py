@@ -128,7 +128,7 @@ def test_python_gpu_model_without_cupy_is_a_load_error(start_server, tmp_path: P
 
         reason = 'device = "gpu" needs a CUDA device'
     except ImportError:
-        reason = "device = \"gpu\" needs CuPy (pip install 'fastserve[gpu]')"
+        reason = "device = \"gpu\" needs CuPy (pip install 'fastserve-engine[gpu]')"
     r = requests.get(f"{server.url}/v2/models/bad/ready", timeout=10)
     assert r.status_code == 400
     error = r.json()["error"]

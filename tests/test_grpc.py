@@ -268,7 +268,7 @@ def test_unsupported_rpcs_say_so(example_server: ServerProcess) -> None:
             s.RepositoryModelUnload,
             service_pb2.RepositoryModelUnloadRequest(model_name="mlp"),
             grpc.StatusCode.PERMISSION_DENIED,
-            "disabled",
+            "explicit model load / unload is not allowed",
         ),
         (
             s.CudaSharedMemoryRegister,

@@ -228,8 +228,8 @@ def test_access_log_lines_carry_the_request_id(start_server, repo: Path) -> None
     assert raised.status_code == 500
     # gRPC goes through the same pipeline: its failures are logged too, with their gRPC code.
     grpc = grpcclient.InferenceServerClient(server.grpc_address)
-    x = grpcclient.InferInput("X", [1, 1], "FP32")
-    x.set_data_from_numpy(np.ones((1, 1), dtype=np.float32))
+    x = grpcclient.InferInput("X", [8, 1], "FP32")  # a full batch: it runs without waiting
+    x.set_data_from_numpy(np.ones((8, 1), dtype=np.float32))
     grpc.infer("m", [x], request_id="grpc-ok")
     wrong = grpcclient.InferInput("X", [1, 3], "FP32")
     wrong.set_data_from_numpy(np.ones((1, 3), dtype=np.float32))
@@ -253,6 +253,7 @@ def test_access_log_lines_carry_the_request_id(start_server, repo: Path) -> None
     raised_logs = [r for r in records if r.get("message") == "execute() raised"]
     assert raised_logs, "the model's exception is logged"
     assert all("negative" in r["error"] and 'raise ValueError("negative")' in r["traceback"] for r in raised_logs)
+    assert all((r["model"], r["version"]) == ("m", 1) for r in raised_logs), "model and version are fields"
     assert any("raised" in r["request_ids"] for r in records if r.get("message") == "batch failed")
     ok = by_id["grpc-ok"]
     assert (ok["protocol"], ok["status"], ok["grpc_code"]) == ("grpc", 200, "Ok")

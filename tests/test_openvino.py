@@ -14,7 +14,7 @@ import tritonclient.http as httpclient
 
 from conftest import EXAMPLES, write_model
 
-ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'fastserve[openvino]')")
+ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'fastserve-engine[openvino]')")
 
 MLP = EXAMPLES / "mlp" / "1" / "model.onnx"
 

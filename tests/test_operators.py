@@ -85,6 +85,7 @@ def test_repository_index_is_readable_in_mode_none(example_server: ServerProcess
     load = requests.post(f"{example_server.url}/v2/repository/models/mlp/load", timeout=10)
     assert load.status_code == 403
     assert "--model-control-mode explicit or poll" in load.json()["error"]
+    assert load.json()["error"].startswith("explicit model load / unload is not allowed"), "Triton's wording"
 
 
 # --- grpc.health.v1.Health ----------------------------------------------------------------------
@@ -156,6 +157,8 @@ def test_grpc_health_not_serving_while_draining(start_server, tmp_path: Path) ->
         stopper = threading.Thread(target=server.terminate, daemon=True)
         stopper.start()
         assert next(watch).status == NOT_SERVING, "draining: probes must take the pod out of rotation"
+        # The watch then ends, so a watching client does not hold the shutdown to its drain timeout.
+        assert next(watch, None) is None
         open_gate(fifo)
         request.join(HANG_GUARD_S)
         stopper.join(HANG_GUARD_S)

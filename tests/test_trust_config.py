@@ -223,7 +223,7 @@ def test_onnxruntime_thread_parameters_are_checked(start_server, tmp_path: Path,
 
 
 def test_openvino_thread_parameters_are_checked(start_server, tmp_path: Path) -> None:
-    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'fastserve[openvino]')")
+    pytest.importorskip("openvino", reason="openvino is not installed (pip install 'fastserve-engine[openvino]')")
     onnx_model(tmp_path, "threads", 'backend = "openvino"\n[parameters]\ninference_num_threads = 4096\n')
     onnx_model(tmp_path, "streams", 'backend = "openvino"\n[parameters]\nnum_streams = 2.0\n')
     server = start_server(tmp_path)

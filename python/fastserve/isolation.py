@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .logs import model_fields
+
 if TYPE_CHECKING:
     from .backends import LoadContext, LoadedModel
 
@@ -255,8 +257,9 @@ class ProcessInstance:
     the version unavailable. ``fastserve_kill`` (the watchdog, at ``execution_timeout_ms``) kills
     the worker; ``fastserve_report`` tells the core its restarts and memory after each batch."""
 
-    def __init__(self, label: str, spec: dict[str, Any], max_failures: int) -> None:
-        self.label = label
+    def __init__(self, name: str, version: int, seat: int, spec: dict[str, Any], max_failures: int) -> None:
+        self.label = f"model '{name}' version {version} instance {seat}"
+        self._log_fields = model_fields(name, version)
         self._spec = json.dumps({**spec, "sys_path": list(sys.path)}, default=str).encode()
         self._max_failures = max_failures
         self._failures = 0
@@ -344,7 +347,7 @@ class ProcessInstance:
             return InstanceProcessExited("model instance process was killed after execution_timeout_ms")
         why = exit_description(returncode)
         self._failed(why)
-        log.warning("%s: %s; it is restarted for the next batch", self.label, why)
+        log.warning("%s: %s; it is restarted for the next batch", self.label, why, extra=self._log_fields)
         return InstanceProcessExited(why)
 
     def _failed(self, why: str) -> None:
@@ -466,8 +469,7 @@ def load(ctx: LoadContext) -> LoadedModel:
                 "index": index,
                 "device_id": device_id,
             }
-            label = f"model '{ctx.name}' version {ctx.version} instance {index}"
-            instances.append(ProcessInstance(label, spec, cfg.max_instance_failures))
+            instances.append(ProcessInstance(ctx.name, ctx.version, index, spec, cfg.max_instance_failures))
     except BaseException:
         finalize_instances(instances)
         raise
@@ -485,5 +487,4 @@ def for_object(name: str, version: int, model: Any, seat: int, max_failures: int
             f"model '{name}': isolation = \"process\" creates each instance in its worker, so pass a class "
             "or factory defined at the top level of an importable module (not an object, a lambda or __main__)"
         )
-    label = f"model '{name}' version {version} instance {seat}"
-    return ProcessInstance(label, {"kind": "object", "factory": [module, qualname]}, max_failures)
+    return ProcessInstance(name, version, seat, {"kind": "object", "factory": [module, qualname]}, max_failures)

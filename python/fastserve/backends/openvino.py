@@ -161,7 +161,8 @@ def load(ctx: LoadContext) -> LoadedModel:
     try:
         import openvino as ov
     except ImportError:
-        raise LoadError("backend \"openvino\" needs the openvino package (pip install 'fastserve[openvino]')") from None
+        needs = "backend \"openvino\" needs the openvino package (pip install 'fastserve-engine[openvino]')"
+        raise LoadError(needs) from None
 
     cfg = ctx.config
     if cfg.instance_group.kind != "cpu":

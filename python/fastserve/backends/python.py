@@ -117,7 +117,7 @@ def _cupy(gpus: list[int]) -> Any:
         import cupy
     except Exception as e:
         raise LoadError(
-            f"device = \"gpu\" needs CuPy (pip install 'fastserve[gpu]'); importing cupy failed: {e}"
+            f"device = \"gpu\" needs CuPy (pip install 'fastserve-engine[gpu]'); importing cupy failed: {e}"
         ) from None
     try:
         visible = cupy.cuda.runtime.getDeviceCount()

@@ -5,6 +5,7 @@
 //! one by one instead: a list of per-request input dicts in, a list of per-request output dicts or
 //! error messages out; its decoupled form is `execute_stream(inputs, info)`.
 
+use std::fmt;
 use std::sync::Arc;
 
 use fastserve_core::request::{RequestInfo, SequenceId, SequenceTag};
@@ -20,9 +21,22 @@ use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use crate::convert::NumpyCache;
 use crate::thread_state::attach;
 
+/// The model version an instance serves: written into messages, logged as `model` and `version`.
+#[derive(Clone, Debug)]
+pub struct Label {
+    pub name: String,
+    pub version: u64,
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "model '{}' version {}", self.name, self.version)
+    }
+}
+
 pub struct PyInstance {
     model: Py<PyAny>,
-    label: String,
+    label: Label,
     numpy: NumpyCache,
     /// Directory prefixes never shown to clients (error messages carry no server paths).
     private_paths: Arc<Vec<String>>,
@@ -54,7 +68,7 @@ enum Produced {
 }
 
 impl PyInstance {
-    pub fn new(py: Python<'_>, model: Py<PyAny>, label: String, private_paths: Arc<Vec<String>>) -> PyResult<Self> {
+    pub fn new(py: Python<'_>, model: Py<PyAny>, label: Label, private_paths: Arc<Vec<String>>) -> PyResult<Self> {
         if !model.bind(py).hasattr("execute")? {
             return Err(pyo3::exceptions::PyTypeError::new_err(format!(
                 "{label}: the model object has no execute() method"
@@ -86,7 +100,7 @@ impl PyInstance {
     /// batch's request ids are logged with the failed batch).
     fn raised(&self, e: &PyErr) -> ServeError {
         let traceback = attach(|py| e.traceback(py).and_then(|tb| tb.format().ok())).unwrap_or_default();
-        tracing::warn!(model = %self.label, error = %e, traceback = %traceback.trim_end(), "execute() raised");
+        tracing::warn!(model = %self.label.name, version = self.label.version, error = %e, traceback = %traceback.trim_end(), "execute() raised");
         ServeError::ModelError(self.public(format!("{} raised {}", self.label, e)))
     }
 
@@ -213,18 +227,18 @@ impl PyInstance {
             Produced::One(_) => Ok(()),
         };
         if let Err(e) = closed {
-            tracing::warn!(model = %self.label, error = %e, "closing the generator raised");
+            tracing::warn!(model = %self.label.name, version = self.label.version, error = %e, "closing the generator raised");
         }
     }
 }
 
 /// Calls the instance's kill method from the watchdog's thread (the instance's own thread waits
 /// for its worker without the GIL).
-fn kill_switch(method: Py<PyAny>, label: String) -> KillSwitch {
+fn kill_switch(method: Py<PyAny>, label: Label) -> KillSwitch {
     Arc::new(move || {
         attach(|py| {
             if let Err(e) = method.call0(py) {
-                tracing::warn!(model = %label, error = %e, "killing the instance's worker process failed");
+                tracing::warn!(model = %label.name, version = label.version, error = %e, "killing the instance's worker process failed");
             }
         })
     })
@@ -254,7 +268,7 @@ impl Instance for PyInstance {
                     unavailable: unavailable.map(|reason| self.public(reason)),
                 },
                 Err(e) => {
-                    tracing::warn!(model = %self.label, error = %e, "the instance's report is unreadable");
+                    tracing::warn!(model = %self.label.name, version = self.label.version, error = %e, "the instance's report is unreadable");
                     InstanceReport::default()
                 }
             }
@@ -401,7 +415,7 @@ impl Drop for PyInstance {
             let model = self.model.bind(py);
             if model.hasattr("finalize").unwrap_or(false) {
                 if let Err(e) = model.call_method0("finalize") {
-                    tracing::warn!(model = %self.label, error = %e, "finalize() raised");
+                    tracing::warn!(model = %self.label.name, version = self.label.version, error = %e, "finalize() raised");
                 }
             }
         });

@@ -19,7 +19,7 @@ use fastserve_core::{DataType, ServeError};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::instance::PyInstance;
+use crate::instance::{Label, PyInstance};
 
 /// `(name, datatype, dims, reshape, optional)` as the Python layer passes tensor specs
 /// (`fastserve.Tensor.as_tuple`).
@@ -42,7 +42,7 @@ fn tensor_specs(what: &str, list: Vec<SpecTuple>) -> PyResult<Vec<TensorSpec>> {
 
 /// Replacement instances for hung ones: `factory(seat)` returns a fresh model object. Called on
 /// the watchdog thread, never on the request path.
-fn replacement_factory(factory: Py<PyAny>, label: String, private: Arc<Vec<String>>) -> InstanceFactory {
+fn replacement_factory(factory: Py<PyAny>, label: Label, private: Arc<Vec<String>>) -> InstanceFactory {
     Arc::new(move |seat| {
         Python::attach(|py| {
             let model = factory
@@ -125,7 +125,7 @@ impl CoreServer {
             inputs: tensor_specs("input", inputs)?,
             outputs: tensor_specs("output", outputs)?,
         });
-        let label = format!("model '{name}' version {version}");
+        let label = Label { name: name.clone(), version };
         let private = Arc::new(self.private_paths.read().unwrap_or_else(|p| p.into_inner()).clone());
         let instances = instances
             .into_iter()

@@ -7,14 +7,23 @@
 //! The statuses live in `tonic-health`'s reporter and follow the server's state: the registry
 //! signals every change of the models and of the server's lifecycle; a slow periodic refresh also
 //! catches what happens inside a model (instances that stop).
+//!
+//! Watch streams end once the server drains, right after they said NOT_SERVING: a client that
+//! watches (gRPC client-side health checking) would otherwise hold its connection open, and the
+//! shutdown with it, until the drain timeout.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 use crate::server::state::ServerState;
@@ -39,10 +48,52 @@ pub fn statuses(state: &ServerState) -> HashMap<String, ServingStatus> {
 /// The health service of a gRPC listener, kept in step with `state` by a task that ends when
 /// `shutdown` flips. The server reads NOT_SERVING until the task first looked at the state.
 pub async fn service(state: Arc<ServerState>, shutdown: watch::Receiver<bool>) -> HealthServer<impl Health> {
-    let (reporter, server) = tonic_health::server::health_reporter();
+    let reporter = HealthReporter::new();
     reporter.set_service_status("", ServingStatus::NotServing).await;
-    tokio::spawn(follow(state, reporter, shutdown));
-    server
+    let inner = HealthService::from_health_reporter(reporter.clone());
+    tokio::spawn(follow(state, reporter, shutdown.clone()));
+    HealthServer::new(Draining { inner, shutdown })
+}
+
+/// The health service, its Watch streams ended by the drain (see the module's notes).
+struct Draining {
+    inner: HealthService,
+    shutdown: watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl Health for Draining {
+    async fn check(&self, request: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = ReceiverStream<Result<HealthCheckResponse, Status>>;
+
+    async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let mut statuses = self.inner.watch(request).await?.into_inner();
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            let (mut last, mut draining) = (None, false);
+            loop {
+                tokio::select! {
+                    next = statuses.next() => {
+                        let Some(next) = next else { return };
+                        last = next.as_ref().ok().map(|r| r.status);
+                        if tx.send(next).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ = async { shutdown.wait_for(|&s| s).await.map(|_| ()) }, if !draining => draining = true,
+                    _ = tx.closed() => return,
+                }
+                if draining && last == Some(WireStatus::NotServing as i32) {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 }
 
 /// Keeps `reporter` in step with `state` until `shutdown` flips; only changes are reported, so a
@@ -67,8 +118,10 @@ async fn follow(state: Arc<ServerState>, mut reporter: HealthReporter, mut shutd
             _ = shutdown.wait_for(|&s| s) => true,
         };
         if stop {
-            // Draining: say so to the watchers before the listener closes.
-            reporter.set_service_status("", ServingStatus::NotServing).await;
+            // Draining: say so to the watchers of every service before the listener closes.
+            for name in known.keys() {
+                reporter.set_service_status(name, ServingStatus::NotServing).await;
+            }
             return;
         }
     }

@@ -182,8 +182,8 @@ impl ServerState {
         let control = self.repository_index()?;
         if !self.repository_writable.load(Ordering::Acquire) {
             return Err(ServeError::Forbidden(
-                "the repository API is disabled for loads and unloads: start the server with --model-control-mode \
-                 explicit or poll (its index is readable in every mode)"
+                "explicit model load / unload is not allowed in model control mode 'none': start the \
+                 server with --model-control-mode explicit or poll (the index is readable in every mode)"
                     .into(),
             ));
         }
