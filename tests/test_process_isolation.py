@@ -8,6 +8,7 @@ being served; hung workers are killed; no worker outlives the server, even one k
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -20,7 +21,7 @@ import tritonclient.http as httpclient
 from fastserve import Server, Tensor
 from tritonclient.utils import InferenceServerException
 
-from conftest import write_model
+from conftest import EXAMPLES, write_model
 from helpers import HANG_GUARD_S, wait_until
 
 # X < 0 picks a failure: -1 segfaults, -3 calls os._exit(3), -9 hangs. Every instance writes its
@@ -372,3 +373,56 @@ def test_add_model_takes_isolation_too() -> None:
         assert outputs["Y"] == [3.0, 4.0] and outputs["PID"][0] != os.getpid()
         worker = outputs["PID"][0]
     wait_until(lambda: not alive(worker), what="the embedded server's worker to stop")
+
+
+def test_an_onnx_model_answers_from_worker_processes_as_in_process(tmp_path, start_server):
+    """Every backend may run isolated: the example ONNX model in 2 workers answers as ONNX Runtime
+    does in this process, and the worker that ran it reports its memory."""
+    ort = pytest.importorskip("onnxruntime")
+    repo = tmp_path / "onnx"
+    shutil.copytree(EXAMPLES / "mlp", repo / "mlp")
+    cfg = repo / "mlp" / "config.toml"
+    text = cfg.read_text()
+    assert 'count = 1\nkind = "cpu"' in text
+    cfg.write_text(text.replace('count = 1\nkind = "cpu"', 'count = 2\nkind = "cpu"\nisolation = "process"'))
+    server = start_server(repo)
+    x = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
+    expected = ort.InferenceSession(str(repo / "mlp" / "1" / "model.onnx")).run(None, {"INPUT0": x})[0]
+    client = httpclient.InferenceServerClient(server.address)
+    given = httpclient.InferInput("INPUT0", [3, 64], "FP32")
+    given.set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("mlp", [given]).as_numpy("OUTPUT0"), expected, rtol=1e-5, atol=1e-6)
+    metrics = requests.get(server.metrics_url, timeout=HANG_GUARD_S).text
+    # A worker reports its memory after each batch it ran: the one that answered is listed.
+    assert 'fastserve_instance_process_resident_bytes{model="mlp",version="1",instance=' in metrics
+
+
+FINALIZING = """
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class Model:
+    def initialize(self, args):
+        self.mark = Path(args["parameters"]["mark"])
+
+    def execute(self, inputs):
+        x = inputs["X"]
+        return {"Y": x, "PID": np.full((x.shape[0], 1), os.getpid(), dtype=np.int64)}
+
+    def finalize(self):
+        self.mark.write_text(str(os.getpid()))
+"""
+
+
+def test_finalize_runs_in_the_worker_at_shutdown(repo, tmp_path, start_server):
+    mark = tmp_path / "finalized"
+    cfg = config(tmp_path / "pids").replace(f'pid_dir = "{tmp_path / "pids"}"', f'mark = "{mark}"')
+    write_model(repo, "fin", cfg, FINALIZING)
+    server = start_server(repo)
+    assert post(server.url, "fin", 1.0).status_code == 200
+    assert server.terminate() == 0
+    assert mark.exists(), "finalize ran before the worker stopped"
+    assert int(mark.read_text()) != server.proc.pid, "in the worker, not in the server"
