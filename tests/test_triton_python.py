@@ -129,6 +129,9 @@ BATCHED_MODEL = """
                     responses.append(pb_utils.InferenceResponse(error=error))
                 elif x[0, 0] == 99:
                     responses.append(pb_utils.InferenceResponse([]))
+                elif x[0, 0] == 77:
+                    error = pb_utils.TritonError("row 77 exists", pb_utils.TritonError.ALREADY_EXISTS)
+                    responses.append(pb_utils.InferenceResponse(error=error))
                 else:
                     responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", x * 10)]))
             return responses
@@ -499,6 +502,17 @@ def test_one_requests_error_fails_only_that_request_in_its_batch(server: Server,
     assert negative.status() == "400", "TritonError.INVALID_ARG is the client's error, as in Triton"
     assert isinstance(missing, InferenceServerException) and "did not return output 'Y'" in missing.message()
     assert missing.status() == "500"
+
+
+def test_error_codes_without_an_http_status_keep_their_grpc_code(server: Server) -> None:
+    x = np.full((1, 2), 77.0, dtype=np.float32)
+    with pytest.raises(InferenceServerException) as over_http:
+        http(server).infer("batched", [fp32_input(httpclient, "X", x)])
+    with pytest.raises(InferenceServerException) as over_grpc:
+        grpc(server).infer("batched", [fp32_input(grpcclient, "X", x)])
+    # Triton: HTTP has no status for ALREADY_EXISTS (400); gRPC has the code itself.
+    assert over_http.value.status() == "400" and "row 77 exists" in over_http.value.message()
+    assert over_grpc.value.status() == "StatusCode.ALREADY_EXISTS", over_grpc.value.status()
 
 
 def test_an_exception_in_execute_fails_the_batch_and_the_server_keeps_serving(server: Server) -> None:

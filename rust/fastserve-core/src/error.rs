@@ -46,6 +46,10 @@ pub enum ServeError {
     /// The model itself failed while executing.
     #[error("{0}")]
     ModelError(String),
+    /// A model refused one request with a Triton code that has no HTTP status of its own
+    /// (UNKNOWN, ALREADY_EXISTS, CANCELLED): 400 over HTTP and that code over gRPC, as Triton.
+    #[error("{message}")]
+    ModelRefused { code: tonic::Code, message: String },
     /// The client went away (closed its connection, cancelled its call) while its request ran.
     #[error("{0}")]
     Cancelled(String),
@@ -72,11 +76,15 @@ impl ServeError {
 
     /// A model's error for one of its requests, by the name of a Triton error code (Python
     /// backend's `TritonError` codes), with Triton's statuses: `INVALID_ARG`, `UNKNOWN`,
-    /// `ALREADY_EXISTS` and `CANCELLED` are the client's (400), `NOT_FOUND` 404, `UNAVAILABLE` 503,
-    /// `UNSUPPORTED` 501; `INTERNAL` and anything else the model's failure (500).
+    /// `ALREADY_EXISTS` and `CANCELLED` are the client's (HTTP 400; over gRPC each its own code),
+    /// `NOT_FOUND` 404, `UNAVAILABLE` 503, `UNSUPPORTED` 501; `INTERNAL` and anything else the
+    /// model's failure (500).
     pub fn from_model_code(code: &str, message: String) -> Self {
         match code {
-            "INVALID_ARG" | "UNKNOWN" | "ALREADY_EXISTS" | "CANCELLED" => Self::BadRequest(message),
+            "INVALID_ARG" => Self::BadRequest(message),
+            "UNKNOWN" => Self::ModelRefused { code: tonic::Code::Unknown, message },
+            "ALREADY_EXISTS" => Self::ModelRefused { code: tonic::Code::AlreadyExists, message },
+            "CANCELLED" => Self::ModelRefused { code: tonic::Code::Cancelled, message },
             "NOT_FOUND" => Self::NotFound(message),
             "UNAVAILABLE" => Self::Unavailable(message),
             "UNSUPPORTED" => Self::Unsupported(message),
@@ -101,6 +109,7 @@ impl ServeError {
             Self::DeadlineExceeded(m) => Self::DeadlineExceeded(with(m)),
             Self::ExecutionTimeout(m) => Self::ExecutionTimeout(with(m)),
             Self::ModelError(m) => Self::ModelError(with(m)),
+            Self::ModelRefused { code, message } => Self::ModelRefused { code, message: with(message) },
             Self::Cancelled(m) => Self::Cancelled(with(m)),
             Self::Internal(m) => Self::Internal(with(m)),
         }
@@ -109,7 +118,7 @@ impl ServeError {
     /// The HTTP status of the KServe V2 REST protocol for this error.
     pub fn http_status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::ModelRefused { .. } => StatusCode::BAD_REQUEST,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             // Queue and execution timeouts are transient: a retry may well succeed.
             Self::Unavailable(_) | Self::QueueFull(_) | Self::QueueTimeout(_) | Self::ExecutionTimeout(_) => {
@@ -131,6 +140,7 @@ impl ServeError {
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
             Self::BadRequest(_) => tonic::Code::InvalidArgument,
+            Self::ModelRefused { code, .. } => *code,
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Unavailable(_) | Self::QueueFull(_) | Self::QueueTimeout(_) | Self::ExecutionTimeout(_) => {
                 tonic::Code::Unavailable
@@ -149,7 +159,7 @@ impl ServeError {
     /// A short, stable label for metrics and logs.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::BadRequest(_) | Self::PayloadTooLarge(_) => "bad_request",
+            Self::BadRequest(_) | Self::PayloadTooLarge(_) | Self::ModelRefused { .. } => "bad_request",
             Self::NotFound(_) => "not_found",
             Self::Unavailable(_) => "unavailable",
             Self::RequestTimeout(_) => "request_timeout",
@@ -185,6 +195,18 @@ mod tests {
             [400, 400, 400, 400, 404, 503, 501]
         );
         assert_eq!(status("INTERNAL"), 500);
+        let grpc = |code: &str| ServeError::from_model_code(code, "m".into()).grpc_code();
+        assert_eq!(
+            ["INVALID_ARG", "UNKNOWN", "ALREADY_EXISTS", "CANCELLED", "UNSUPPORTED", "INTERNAL"].map(grpc),
+            [
+                tonic::Code::InvalidArgument,
+                tonic::Code::Unknown,
+                tonic::Code::AlreadyExists,
+                tonic::Code::Cancelled,
+                tonic::Code::Unimplemented,
+                tonic::Code::Internal
+            ]
+        );
         assert_eq!(status("made-up"), 500);
         assert_eq!(ServeError::from_model_code("INVALID_ARG", "m".into()).to_string(), "m");
     }
