@@ -433,7 +433,8 @@ print("abandoned", server.serve_forever(), flush=True)
 """
 
 
-def test_serve_forever_logs_without_setup_and_stops_on_sigterm() -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_forever_logs_without_setup_and_stops_on_a_signal(stop: signal.Signals) -> None:
     proc = subprocess.Popen([sys.executable, "-c", EMBEDDED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stderr is not None
@@ -454,11 +455,11 @@ def test_serve_forever_logs_without_setup_and_stops_on_sigterm() -> None:
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         assert seen.wait(GUARD_S), "no access log line without any logging set-up:\n" + "".join(lines)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop)
         assert proc.wait(timeout=GUARD_S) == 0
         reader.join(timeout=GUARD_S)
         assert proc.stdout.read().strip() == "abandoned 0"
-        assert any("received SIGTERM, draining" in line for line in lines), "".join(lines)
+        assert any(f"received {stop.name}, draining" in line for line in lines), "".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()
