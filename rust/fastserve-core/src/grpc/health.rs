@@ -79,9 +79,13 @@ impl Health for Draining {
                 tokio::select! {
                     next = statuses.next() => {
                         let Some(next) = next else { return };
-                        last = next.as_ref().ok().map(|r| r.status);
-                        if tx.send(next).await.is_err() {
-                            return;
+                        let status = next.as_ref().ok().map(|r| r.status);
+                        // The reporter may set a status again unchanged: watchers hear changes only.
+                        if status.is_none() || status != last {
+                            last = status;
+                            if tx.send(next).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     _ = async { shutdown.wait_for(|&s| s).await.map(|_| ()) }, if !draining => draining = true,
@@ -119,7 +123,7 @@ async fn follow(state: Arc<ServerState>, mut reporter: HealthReporter, mut shutd
         };
         if stop {
             // Draining: say so to the watchers of every service before the listener closes.
-            for name in known.keys() {
+            for (name, _) in known.iter().filter(|(_, status)| **status != ServingStatus::NotServing) {
                 reporter.set_service_status(name, ServingStatus::NotServing).await;
             }
             return;
