@@ -566,8 +566,8 @@ def external_markdown(external: dict) -> str:
     for name, r in external["servers"].items():
         http, grpc = r["http"], r["grpc"]
         mean = [fmt(x["mean_latency_us"] / 1000 if x["mean_latency_us"] else None) for x in (http, grpc)]
-        failed = sum(x[p]["failed"] for x in r.get("rounds", [r]) for p in ("http", "grpc"))
-        each = ", ".join(fmt(x["grpc_over_http"]) for x in r.get("rounds", [r]))
+        failed = sum(x[p]["failed"] for x in r["rounds"] for p in ("http", "grpc"))
+        each = ", ".join(fmt(x["grpc_over_http"]) for x in r["rounds"])
         lines.append(
             f"| {name} | {http['requests_per_s']:.0f} | {grpc['requests_per_s']:.0f} | {fmt(r['grpc_over_http'])} "
             f"| {each} | {mean[0]} | {mean[1]} | {failed} |"

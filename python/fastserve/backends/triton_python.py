@@ -165,19 +165,7 @@ def _request(
 
 
 # The core takes a request's error as (Triton's code name, message): the code picks the status.
-_CODE_NAMES = {
-    getattr(pb_utils.TritonError, name): name
-    for name in (
-        "UNKNOWN",
-        "INTERNAL",
-        "NOT_FOUND",
-        "INVALID_ARG",
-        "UNAVAILABLE",
-        "UNSUPPORTED",
-        "ALREADY_EXISTS",
-        "CANCELLED",
-    )
-}
+_CODE_NAMES = {code: name for name, code in vars(pb_utils.TritonError).items() if name.isupper()}
 
 
 def _answer(response: Any) -> Any:

@@ -327,8 +327,14 @@ impl Instance for PyInstance {
                 let failed = |message: String| self.public(format!("{}: {message}", self.label));
                 answers.push(if let Ok(message) = item.cast::<PyString>() {
                     Err(ServeError::ModelError(failed(message.to_string())))
-                } else if let Ok((code, message)) = item.extract::<(String, String)>() {
-                    Err(ServeError::from_model_code(&code, failed(message)))
+                } else if let Ok(error) = item.cast::<PyTuple>() {
+                    // Checked by type first: a failed extract on every answered request would build a PyErr.
+                    match error.extract::<(String, String)>() {
+                        Ok((code, message)) => Err(ServeError::from_model_code(&code, failed(message))),
+                        Err(_) => Err(ServeError::ModelError(failed(
+                            "a request's error must be a (code name, message) tuple of strings".into(),
+                        ))),
+                    }
                 } else {
                     self.numpy.outputs_from_dict(&item)
                 });
