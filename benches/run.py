@@ -7,7 +7,10 @@ a noisy machine.
 
 Builds ``fastserve-loadgen`` (release), then, one server at a time on 127.0.0.1 (port 0, the bound
 ports read from the log): fastserve on ``examples/models`` (mlp: ``max_batch_size = 64``), fastserve
-on a temporary copy with ``max_batch_size = 0`` (no batching), and ``benches/baseline_fastapi.py``.
+on a temporary copy with ``max_batch_size = 0`` (no batching), the mlp on defaults, the serving floor
+(a model that does nothing), the transport floors (``fastserve-transport-floor``: hyper, or tonic for
+gRPC, answering a fixed reply: what the protocols cost before any fastserve code), and
+``benches/baseline_fastapi.py``.
 All three stay up and the concurrency levels are interleaved: at each level every server is
 measured over each protocol, then the in-process ceiling (ORT single-row runs/s, ORT plus JSON
 decode/encode per row, batched ORT rows/s at 1..64 rows, interpolated at the mean batch size the
@@ -25,6 +28,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -59,8 +63,14 @@ DEFAULTS = "fastserve-defaults"
 # The same server, interface and body sizes, answering from a Python model that does nothing: every
 # other figure reads as "model time + this overhead".
 FLOOR = "fastserve-floor"
+# The HTTP libraries alone (`fastserve-transport-floor`, built with the loadgen): hyper answering a
+# fixed mlp reply over HTTP/1.1 and gRPC, so each protocol's cost before any fastserve code is known;
+# the "-tonic" twin serves its gRPC through tonic and prost, as fastserve does.
+TRANSPORT = "transport-floor"
+TRANSPORT_TONIC = "transport-floor-tonic"
+TRANSPORTS = (TRANSPORT, TRANSPORT_TONIC)
 FASTAPI = "fastapi"
-SERVERS = (FASTSERVE, NO_BATCH, DEFAULTS, FLOOR, FASTAPI)
+SERVERS = (FASTSERVE, NO_BATCH, DEFAULTS, FLOOR, TRANSPORT, TRANSPORT_TONIC, FASTAPI)
 # With --before-python, these also run from that interpreter's fastserve, named e.g. "fastserve@before".
 BEFORE = "@before"
 COMPARED = (FASTSERVE, DEFAULTS, FLOOR)
@@ -129,20 +139,32 @@ def run_loadgen(loadgen: Path, url: str, protocol: str, concurrency: int, **opts
 
 class Server:
     """A server subprocess on 127.0.0.1. fastserve is started with port 0 and its ports are parsed
-    from the log; the baseline gets a free port picked here. Always stop() it (or use `started`)."""
+    from the log; the transport floor prints its ports as its first stdout line; the baseline gets a
+    free port picked here. Always stop() it (or use `started`)."""
 
-    def __init__(self, name: str, cmd: list[str], port: int | None = None) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int | None = None, ports_on_stdout: bool = False) -> None:
         self.name = name
         self.lines: list[str] = []
         self.http_port = port
         self.grpc_port: int | None = None
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
-        )
+        stdout = subprocess.PIPE if ports_on_stdout else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         self._listening = threading.Event()
         self._pump = threading.Thread(target=self._read, daemon=True)
         self._pump.start()
+        if ports_on_stdout:
+            self._read_ports()
+
+    def _read_ports(self) -> None:
+        """`http=PORT grpc=PORT`, printed once both listeners are bound (EOF if it failed to start)."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        ports = re.fullmatch(r"http=(\d+) grpc=(\d+)\s*", line)
+        if not ports:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start: {line!r}" + "".join(self.lines[-30:]))
+        self.http_port, self.grpc_port = int(ports.group(1)), int(ports.group(2))
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -249,8 +271,10 @@ def floor_repository(dest: Path) -> Path:
     return repo
 
 
-def repository_of(name: str, tmp: Path) -> Path | None:
+def repository_of(name: str, tmp: Path, loadgen: Path) -> Path | None:
     return {
+        TRANSPORT: lambda: transport_floor_path(loadgen),
+        TRANSPORT_TONIC: lambda: transport_floor_path(loadgen),
         FASTSERVE: lambda: EXAMPLES,
         NO_BATCH: lambda: no_batching_repository(tmp),
         DEFAULTS: lambda: defaults_repository(tmp),
@@ -276,8 +300,18 @@ def fastserve_cmd(repo: Path, *extra: str, python: str = sys.executable) -> list
     return [*cmd, "--http-port", "0", "--grpc-port", "0", "--no-metrics", "--log-level", "info", *extra]
 
 
+def transport_floor_path(loadgen: Path) -> Path:
+    """The transport floor is a second binary of the loadgen's crate, built beside it."""
+    return loadgen.with_name("fastserve-transport-floor")
+
+
 def start_server(name: str, repo: Path | None = None, python: str = sys.executable) -> Server:
-    if name == FASTAPI:
+    """`repo` is the model repository (fastserve), or the binary (the transport floors)."""
+    if name in TRANSPORTS:
+        assert repo is not None
+        cmd = [str(repo), "--grpc-server", "tonic" if name == TRANSPORT_TONIC else "hyper"]
+        server = Server(name, cmd, ports_on_stdout=True)
+    elif name == FASTAPI:
         port = free_port()
         cmd = [sys.executable, str(ROOT / "benches" / "baseline_fastapi.py"), "--port", str(port)]
         server = Server(name, cmd, port=port)
@@ -407,7 +441,7 @@ def rate(fn: Callable[[], None], seconds: float, max_iterations: int = 10_000_00
     return best
 
 
-def request_body(rows: int = 1) -> bytes:
+def request_body(rows: int = 1) -> str:
     data = [(i % 17) * 0.125 - 1.0 for i in range(rows * FEATURES)]
     return json.dumps({"inputs": [{"name": "INPUT0", "shape": [rows, FEATURES], "datatype": "FP32", "data": data}]})
 
@@ -486,7 +520,12 @@ def h2load_time_us(text: str) -> float:
     return float(value.group(1)) * TIME_UNITS[value.group(2)] if value else float("nan")
 
 
-def run_h2load(args: argparse.Namespace, url: str, body: bytes, c: int, headers: list[str], h1: bool) -> dict:
+def run_h2load(
+    args: argparse.Namespace, server: Server, url: str, body: bytes, c: int, headers: list[str], h1: bool
+) -> dict:
+    """One h2load point, with the CPU per request of the server and of h2load itself (they share
+    the machine's cores, so a protocol that costs the client more leaves the server less)."""
+    cpu_before, client_before = cpu_seconds(server.proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.NamedTemporaryFile(suffix=".body") as f:
         f.write(body)
         f.flush()
@@ -500,8 +539,18 @@ def run_h2load(args: argparse.Namespace, url: str, body: bytes, c: int, headers:
     timing = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", out)
     if done.returncode != 0 or not rate or not counts:
         raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr.strip()} {out[-500:]}")
+    cpu_after, client_after = cpu_seconds(server.proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU covers the warmup too, taken to run at the measured rate.
+    served = float(rate.group(1)) * (args.duration_s + args.warmup_s)
+    client_s = sum(getattr(client_after, f) - getattr(client_before, f) for f in ("ru_utime", "ru_stime"))
     return {
         "requests_per_s": float(rate.group(1)),
+        "server_cpu_us_per_request": (
+            (cpu_after - cpu_before) * 1e6 / served
+            if cpu_before is not None and cpu_after is not None and served
+            else None
+        ),
+        "client_cpu_us_per_request": client_s * 1e6 / served if served else None,
         "succeeded": int(counts.group(3)),
         "failed": int(counts.group(4)),
         "mean_latency_us": h2load_time_us(timing.group(3)) if timing else None,
@@ -516,7 +565,7 @@ def external_client(args: argparse.Namespace, servers: dict[str, Server], c: int
         return None
     grpc_body = grpc_infer_body()
     out: dict[str, Any] = {"concurrency": c, "client": "h2load", "servers": {}}
-    for name in (FASTSERVE, FLOOR, FASTSERVE + BEFORE, FLOOR + BEFORE):
+    for name in (FASTSERVE, FLOOR, *TRANSPORTS, FASTSERVE + BEFORE, FLOOR + BEFORE):
         server = servers.get(name)
         if server is None:
             continue
@@ -526,6 +575,7 @@ def external_client(args: argparse.Namespace, servers: dict[str, Server], c: int
         for _ in range(args.h2load_rounds):
             http = run_h2load(
                 args,
+                server,
                 f"{server.url}/v2/models/{MODEL}/infer",
                 request_body().encode(),
                 c,
@@ -534,6 +584,7 @@ def external_client(args: argparse.Namespace, servers: dict[str, Server], c: int
             )
             grpc = run_h2load(
                 args,
+                server,
                 f"http://{server.grpc_url}/inference.GRPCInferenceService/ModelInfer",
                 grpc_body,
                 c,
@@ -551,6 +602,10 @@ def external_client(args: argparse.Namespace, servers: dict[str, Server], c: int
         out["servers"][name] = {**ranked[len(ranked) // 2], "rounds": rounds}
     main = out["servers"].get(FASTSERVE)
     out["grpc_over_http"] = main["grpc_over_http"] if main else None
+    # What the libraries alone allow: each floor's gRPC against its own hyper HTTP/1.1.
+    for key, name in (("transport_grpc_over_http", TRANSPORT), ("tonic_grpc_over_http", TRANSPORT_TONIC)):
+        floor = out["servers"].get(name)
+        out[key] = floor["grpc_over_http"] if floor else None
     return out
 
 
@@ -560,17 +615,21 @@ def external_markdown(external: dict) -> str:
         "alternating rounds, the round with the median ratio shown):",
         "",
         "| server | HTTP/1.1 JSON req/s | gRPC req/s | gRPC / HTTP | every round | HTTP mean ms | gRPC mean ms "
-        "| failed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server CPU us/req HTTP, gRPC | h2load CPU us/req HTTP, gRPC | failed |",
+        "|" + "---|" * 10,
     ]
     for name, r in external["servers"].items():
         http, grpc = r["http"], r["grpc"]
         mean = [fmt(x["mean_latency_us"] / 1000 if x["mean_latency_us"] else None) for x in (http, grpc)]
+        cpu = {
+            k: ", ".join(fmt(x.get(f"{k}_cpu_us_per_request"), ".0f") for x in (http, grpc))
+            for k in ("server", "client")
+        }
         failed = sum(x[p]["failed"] for x in r["rounds"] for p in ("http", "grpc"))
         each = ", ".join(fmt(x["grpc_over_http"]) for x in r["rounds"])
         lines.append(
             f"| {name} | {http['requests_per_s']:.0f} | {grpc['requests_per_s']:.0f} | {fmt(r['grpc_over_http'])} "
-            f"| {each} | {mean[0]} | {mean[1]} | {failed} |"
+            f"| {each} | {mean[0]} | {mean[1]} | {cpu['server']} | {cpu['client']} | {failed} |"
         )
     return "\n".join(lines)
 
@@ -580,7 +639,7 @@ def external_markdown(external: dict) -> str:
 
 
 def point_ceiling(point: dict, ceiling: dict) -> float | None:
-    if base_name(point["server"]) == FLOOR:
+    if base_name(point["server"]) in (FLOOR, *TRANSPORTS):
         return None
     if point["protocol"] == "http":
         return ceiling["ort_json_rows_per_s"]
@@ -697,10 +756,13 @@ def evaluate_targets(points: list[dict], ceilings: dict[int, dict], external: di
         if on and off and off["rows_per_s"]:
             add(f"{proto} @64: batching on/off", on["rows_per_s"] / off["rows_per_s"], 3.0, "rows/s ratio")
     for proto in PROTOCOLS:
-        p = find(points, FASTSERVE, proto, 64)
+        p, transport = find(points, FASTSERVE, proto, 64), find(points, TRANSPORT, proto, 64)
         if p and p["p99_over_p50"] is not None:
             # Lower is better: expressed as goal/actual so that >= 1 means met.
-            add(f"{proto} @64: p99 <= 2x p50", 2.0 / p["p99_over_p50"], 1.0, f"p99/p50 = {p['p99_over_p50']:.2f}")
+            detail = f"p99/p50 = {p['p99_over_p50']:.2f}"
+            if transport and transport["p99_over_p50"] is not None:
+                detail += f"; transport floor {transport['p99_over_p50']:.2f}"
+            add(f"{proto} @64: p99 <= 2x p50", 2.0 / p["p99_over_p50"], 1.0, detail)
     for server in (DEFAULTS, FASTSERVE):
         p, floor = find(points, server, "http", 1), find(points, FLOOR, "http", 1)
         if p and floor and floor["latency_us"]["p50"]:
@@ -711,7 +773,10 @@ def evaluate_targets(points: list[dict], ceilings: dict[int, dict], external: di
             f"gRPC @{external['concurrency']} >= 90% of HTTP JSON req/s, same external client",
             external["grpc_over_http"],
             0.9,
-            "h2load, fastserve mlp",
+            "h2load, fastserve mlp; the transports alone: hyper "
+            + fmt(external.get("transport_grpc_over_http"))
+            + ", tonic "
+            + fmt(external.get("tonic_grpc_over_http")),
         )
     return out
 
@@ -853,9 +918,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def protocols_of(server: str, protocols: list[str]) -> list[str]:
+    """The baseline speaks JSON only; the transport floor answers JSON and gRPC (not binary), and its
+    tonic twin differs from it in gRPC only."""
+    if server == FASTAPI:
+        return ["http"]
+    if server in TRANSPORTS:
+        return [p for p in protocols if p == "grpc" or (p == "http" and server == TRANSPORT)]
+    return protocols
+
+
 def measure_point(args: argparse.Namespace, loadgen: Path, server: Server, proto: str, c: int, rows: int = 1) -> dict:
     url = server.grpc_url if proto == "grpc" else server.url
-    before = model_stats(server.url) if server.name != FASTAPI else None
+    before = model_stats(server.url) if base_name(server.name) not in (FASTAPI, *TRANSPORTS) else None
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else None
     cpu_before = cpu_seconds(server.proc.pid)
     r = run_loadgen(loadgen, url, proto, c, rows=rows, duration_s=args.duration_s, warmup_s=args.warmup_s)
@@ -867,8 +942,11 @@ def measure_point(args: argparse.Namespace, loadgen: Path, server: Server, proto
         r["stats"] = stats_delta(before, model_stats(server.url))
         # The statistics count warmup and measured requests alike, as the CPU figures do.
         served = r["stats"]["rows"] / rows
-        if cpu_before is not None and cpu_after is not None and served:
-            r["server_cpu_us_per_request"] = (cpu_after - cpu_before) * 1e6 / served
+    else:
+        # No statistics API: the warmup is taken to run at the measured rate.
+        served = r["requests_per_s"] * (args.duration_s + args.warmup_s)
+    if cpu_before is not None and cpu_after is not None and served:
+        r["server_cpu_us_per_request"] = (cpu_after - cpu_before) * 1e6 / served
     lat = r["latency_us"]
     log(
         f"{server.name:18} {proto:6} c={c:<3} rows={rows:<3} {r['rows_per_s']:9.0f} rows/s"
@@ -904,6 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     loadgen = args.loadgen or (loadgen_path() if args.skip_build else build_loadgen())
     if not loadgen.exists():
         raise SystemExit(f"no loadgen at {loadgen}: run `cargo build --release -p fastserve-loadgen`")
+    if not transport_floor_path(loadgen).exists():
+        log(f"no {transport_floor_path(loadgen)} (built with the loadgen): skipping the transport floors")
+        args.servers = [s for s in args.servers if s not in TRANSPORTS]
     if FASTAPI in args.servers:
         try:
             import fastapi  # noqa: F401
@@ -920,7 +1001,7 @@ def main(argv: list[str] | None = None) -> int:
         # ceiling, at one concurrency before the next), so the ratios at a level come from
         # measurements taken within a minute of each other on a machine whose load varies.
         servers: dict[str, Server] = {}
-        launches = [(name, repository_of(name, Path(tmp)), sys.executable) for name in args.servers]
+        launches = [(name, repository_of(name, Path(tmp), loadgen), sys.executable) for name in args.servers]
         if args.before_python:
             launches += [(name + BEFORE, repo, args.before_python) for name, repo, _ in launches if name in COMPARED]
         for name, repo, python in launches:
@@ -928,7 +1009,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name} up at {server.url}" + (f" (gRPC {server.grpc_url})" if server.grpc_port else ""))
         for c in args.concurrency:
             for name, server in servers.items():
-                for proto in ["http"] if name == FASTAPI else args.protocols:
+                for proto in protocols_of(name, args.protocols):
                     points.append(measure_point(args, loadgen, server, proto, c))
             for name in (FASTSERVE, FASTSERVE + BEFORE):
                 if name in servers and args.rows > 1 and c == max(args.concurrency):

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from conftest import ROOT
@@ -80,18 +81,49 @@ def test_floor_and_defaults_servers(tmp_path: Path) -> None:
         assert cpu is not None and cpu > 0
 
 
+def debug_loadgen(run) -> Path:
+    """The loadgen and the transport floor, built in debug (benchmarks proper use release)."""
+    subprocess.run(["cargo", "build", "-q", "-p", "fastserve-loadgen"], cwd=ROOT, check=True, timeout=1200)
+    return run.target_dir() / "debug" / "fastserve-loadgen"
+
+
+def test_transport_floors_answer_as_the_mlp(tmp_path: Path) -> None:
+    """Both transport floors answer the mlp's JSON request and the gRPC message h2load would send
+    (the tonic one decoding it), so the clients count real answers; bad arguments are refused."""
+    run = load_run()
+    binary = run.transport_floor_path(debug_loadgen(run))
+    request = run.request_body().encode()
+    for name in run.TRANSPORTS:
+        with run.started(name, binary) as server:
+            assert server.http_port and server.grpc_port
+            run.check_grpc_body(server, run.grpc_infer_body())
+            post = urllib.request.Request(f"{server.url}/v2/models/mlp/infer", data=request, method="POST")
+            with urllib.request.urlopen(post, timeout=10) as reply:
+                assert json.loads(reply.read())["outputs"][0]["shape"] == [1, 10]
+        assert server.proc.poll() is not None
+    done = subprocess.run([str(binary), "--grpc-server", "other"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "usage" in done.stderr
+
+
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
     run = load_run()
-    subprocess.run(["cargo", "build", "-q", "-p", "fastserve-loadgen"], cwd=ROOT, check=True, timeout=1200)
-    loadgen = run.target_dir() / "debug" / "fastserve-loadgen"
-    cmd = [sys.executable, str(RUN_PY), "--quick", "--skip-build", "--loadgen", str(loadgen), "--servers", "fastserve"]
-    cmd += ["--protocols", "http,binary,grpc", "--concurrency", "2", "--duration-s", "0.5", "--warmup-s", "0.2"]
-    cmd += ["--ceiling-s", "0.05", "--no-plot", "--out", str(tmp_path)]
+    loadgen = debug_loadgen(run)
+    cmd = [sys.executable, str(RUN_PY), "--quick", "--skip-build", "--loadgen", str(loadgen)]
+    cmd += ["--servers", f"fastserve,{run.TRANSPORT}", "--protocols", "http,binary,grpc", "--concurrency", "2"]
+    cmd += ["--duration-s", "0.5", "--warmup-s", "0.2", "--ceiling-s", "0.05", "--no-plot", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "latest.json").read_text())
-    assert {p["protocol"] for p in result["points"]} == {"http", "binary", "grpc"}
+    assert {(p["server"], p["protocol"]) for p in result["points"]} == {
+        ("fastserve", "http"),
+        ("fastserve", "binary"),
+        ("fastserve", "grpc"),
+        # The transport floor answers JSON, not the binary extension.
+        (run.TRANSPORT, "http"),
+        (run.TRANSPORT, "grpc"),
+    }
     for p in result["points"]:
         assert p["requests"] > 0 and p["rows_per_s"] > 0, p
         assert p["errors"] == 0, p["error_samples"]
-    assert "| fastserve | grpc | 2 | 1 |" in (tmp_path / "latest.md").read_text()
+    report = (tmp_path / "latest.md").read_text()
+    assert "| fastserve | grpc | 2 | 1 |" in report and f"| {run.TRANSPORT} | grpc | 2 | 1 |" in report

@@ -1,4 +1,4 @@
-//! Generates the gRPC client for `inference.GRPCInferenceService` from the project's proto, with
+//! Generates the gRPC client (and, for the transport floor, the server) for `inference.GRPCInferenceService` from the project's proto, with
 //! the vendored protoc, so building the load generator needs nothing installed by hand.
 
 use std::path::PathBuf;
@@ -8,7 +8,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = protos.join("grpc_predict_v2.proto");
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
-        .build_server(false)
+        // The transport floor's tonic mode serves ModelInfer only; the other methods answer UNIMPLEMENTED.
+        .generate_default_stubs(true)
         // Tensor payloads as `Bytes`: the prepared request is cloned per call without copying.
         .bytes(".inference")
         .compile_protos(&[proto], &[protos])?;
