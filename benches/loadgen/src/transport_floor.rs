@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use prost::Message;
@@ -56,10 +56,6 @@ impl Body for GrpcReply {
 
     fn is_end_stream(&self) -> bool {
         self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 
@@ -142,9 +138,10 @@ fn main() -> std::io::Result<()> {
     let (mut threads, mut tonic) = (1usize, false);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--threads", Some(n)) if n.parse::<usize>().is_ok_and(|n| n > 0) => threads = n.parse().unwrap_or(1),
-            ("--grpc-server", Some(s)) if s == "hyper" || s == "tonic" => tonic = s == "tonic",
+        let value = args.next().unwrap_or_default();
+        match (arg.as_str(), value.as_str()) {
+            ("--threads", n) if n.parse::<usize>().is_ok_and(|n| n > 0) => threads = n.parse().unwrap_or(1),
+            ("--grpc-server", "hyper" | "tonic") => tonic = value == "tonic",
             _ => {
                 eprintln!("usage: fastserve-transport-floor [--threads N] [--grpc-server hyper|tonic]");
                 std::process::exit(2);
