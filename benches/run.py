@@ -290,6 +290,17 @@ def cpu_seconds(pid: int) -> float | None:
     return None
 
 
+def cpu_us_per_request(before: float | None, after: float | None, served: float) -> float | None:
+    """Server CPU between two `cpu_seconds` readings, per request served in between."""
+    return (after - before) * 1e6 / served if before is not None and after is not None and served else None
+
+
+def served_at_rate(args: argparse.Namespace, requests_per_s: float) -> float:
+    """Requests over warmup and measurement when only the measured rate is known (no statistics API):
+    the CPU readings cover both, and the warmup is taken to run at the measured rate."""
+    return requests_per_s * (args.duration_s + args.warmup_s)
+
+
 def base_name(server: str) -> str:
     """The server a "@before" twin stands for."""
     return server.removesuffix(BEFORE)
@@ -540,17 +551,12 @@ def run_h2load(
     if done.returncode != 0 or not rate or not counts:
         raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr.strip()} {out[-500:]}")
     cpu_after, client_after = cpu_seconds(server.proc.pid), resource.getrusage(resource.RUSAGE_CHILDREN)
-    # CPU covers the warmup too, taken to run at the measured rate.
-    served = float(rate.group(1)) * (args.duration_s + args.warmup_s)
+    served = served_at_rate(args, float(rate.group(1)))
     client_s = sum(getattr(client_after, f) - getattr(client_before, f) for f in ("ru_utime", "ru_stime"))
     return {
         "requests_per_s": float(rate.group(1)),
-        "server_cpu_us_per_request": (
-            (cpu_after - cpu_before) * 1e6 / served
-            if cpu_before is not None and cpu_after is not None and served
-            else None
-        ),
-        "client_cpu_us_per_request": client_s * 1e6 / served if served else None,
+        "server_cpu_us_per_request": cpu_us_per_request(cpu_before, cpu_after, served),
+        "client_cpu_us_per_request": cpu_us_per_request(0.0, client_s, served),
         "succeeded": int(counts.group(3)),
         "failed": int(counts.group(4)),
         "mean_latency_us": h2load_time_us(timing.group(3)) if timing else None,
@@ -937,16 +943,13 @@ def measure_point(args: argparse.Namespace, loadgen: Path, server: Server, proto
     cpu_after = cpu_seconds(server.proc.pid)
     r["server"] = server.name
     r["loadavg_1m_before"] = float(load) if load else None
-    r["server_cpu_us_per_request"] = None
     if before is not None:
         r["stats"] = stats_delta(before, model_stats(server.url))
         # The statistics count warmup and measured requests alike, as the CPU figures do.
         served = r["stats"]["rows"] / rows
     else:
-        # No statistics API: the warmup is taken to run at the measured rate.
-        served = r["requests_per_s"] * (args.duration_s + args.warmup_s)
-    if cpu_before is not None and cpu_after is not None and served:
-        r["server_cpu_us_per_request"] = (cpu_after - cpu_before) * 1e6 / served
+        served = served_at_rate(args, r["requests_per_s"])
+    r["server_cpu_us_per_request"] = cpu_us_per_request(cpu_before, cpu_after, served)
     lat = r["latency_us"]
     log(
         f"{server.name:18} {proto:6} c={c:<3} rows={rows:<3} {r['rows_per_s']:9.0f} rows/s"
